@@ -1,0 +1,193 @@
+"""One error hierarchy for the whole product.
+
+Two branches decide how an entry point answers:
+
+* ``AuthFailed``: we found out and the answer is no (wrong PIN, revoked, untrusted,
+  unknown user). PAM_AUTH_ERR.
+* ``Undecided``: we could not find out (no card, responder down, directory down).
+  PAM_AUTHINFO_UNAVAIL, so a stack may fall through to another method.
+
+``PinLocked`` is its own branch (PAM_MAXTRIES). Anything that is not an ``SvmmError`` is a
+bug and maps to PAM_SYSTEM_ERR. The tables from these classes to PAM codes and exit codes
+live in ``pam_svmm.pam.codes`` and ``pam_svmm.cli.main`` and nowhere else.
+
+Every error carries ``reason``: a short stable token for the audit trail and tests, and a
+message for people. Messages never contain secrets.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class SvmmError(Exception):
+    """Base of every error the product raises on purpose."""
+
+    reason: str = "error"
+
+    def __init__(self, message: str = "", *, reason: str | None = None) -> None:
+        super().__init__(message or self.__class__.__doc__ or self.reason)
+        if reason is not None:
+            self.reason = reason
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.reason
+
+
+class ConfigError(SvmmError):
+    """The configuration is invalid; the message names the key."""
+
+    reason = "config_invalid"
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"configuration: {key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+# --- the answer is "no" -------------------------------------------------------------------
+
+
+class AuthFailed(SvmmError):
+    """Authentication failed."""
+
+    reason = "auth_failed"
+
+
+class PinIncorrect(AuthFailed):
+    """The PIN was wrong; ``tries`` tells what the token reports about the remaining tries."""
+
+    reason = "pin_incorrect"
+
+    def __init__(self, tries: PinTries, message: str = "") -> None:
+        super().__init__(message or f"wrong PIN ({tries.describe()})")
+        self.tries = tries
+
+
+class PinInvalid(AuthFailed):
+    """The PIN was rejected as malformed (length or characters) by the token."""
+
+    reason = "pin_invalid"
+
+
+class ProofOfPossessionFailed(AuthFailed):
+    """The card's signature over the challenge does not verify with the certificate's key."""
+
+    reason = "proof_of_possession_failed"
+
+
+class CertificateInvalid(AuthFailed):
+    """The certificate is malformed, expired, not yet valid, or lacks a required usage."""
+
+    reason = "certificate_invalid"
+
+
+class CertificateUntrusted(AuthFailed):
+    """No chain from the certificate to a configured trust anchor."""
+
+    reason = "certificate_untrusted"
+
+
+class CertificateRevoked(AuthFailed):
+    """A certificate in the chain is revoked."""
+
+    reason = "certificate_revoked"
+
+
+class UnknownUser(AuthFailed):
+    """No identity could be mapped from the certificate."""
+
+    reason = "unknown_user"
+
+
+class UserMismatch(AuthFailed):
+    """The card belongs to someone other than the user asking to log in."""
+
+    reason = "user_mismatch"
+
+
+class HostNotVouched(AuthFailed):
+    """Mutual authentication: the card's anchor does not vouch for this host."""
+
+    reason = "host_not_vouched"
+
+
+class NoUsableCertificate(AuthFailed):
+    """A card is present but none of its certificates passes policy for this user."""
+
+    reason = "no_usable_certificate"
+
+
+# --- we could not find out ----------------------------------------------------------------
+
+
+class Undecided(SvmmError):
+    """The decision could not be made (information unavailable)."""
+
+    reason = "undecided"
+
+
+class NoCard(Undecided):
+    """No card (token) is present."""
+
+    reason = "no_card"
+
+
+class TokenError(Undecided):
+    """The card or its module failed in a way that is not an answer about the user."""
+
+    reason = "token_error"
+
+
+class RevocationUnknown(Undecided):
+    """Revocation status could not be established under a rule that requires it."""
+
+    reason = "revocation_unknown"
+
+
+class FetchError(Undecided):
+    """A network fetch (CRL, OCSP) failed or timed out."""
+
+    reason = "fetch_failed"
+
+
+class LoginTimeout(Undecided):
+    """The login exceeded its total time budget."""
+
+    reason = "login_timeout"
+
+
+class ConversationFailed(Undecided):
+    """The PAM conversation failed or the user cancelled the prompt."""
+
+    reason = "conversation_failed"
+
+
+# --- locked ------------------------------------------------------------------------------
+
+
+class PinLocked(SvmmError):
+    """The PIN is locked; only an administrator (PUK / SO) can unblock it."""
+
+    reason = "pin_locked"
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+class PinTries(enum.Enum):
+    """What a token says about the remaining PIN tries (CKF_USER_PIN_* flags)."""
+
+    UNKNOWN = "unknown"
+    COUNT_LOW = "count_low"
+    FINAL_TRY = "final_try"
+    LOCKED = "locked"
+
+    def describe(self) -> str:
+        return {
+            PinTries.UNKNOWN: "tries left not reported",
+            PinTries.COUNT_LOW: "few tries left",
+            PinTries.FINAL_TRY: "one try left before the PIN locks",
+            PinTries.LOCKED: "PIN locked",
+        }[self]

@@ -1,0 +1,162 @@
+"""PAM glue: pamh -> plain values -> services -> one PAM code. Never raises into pam_python.
+
+Module arguments (after the shim's path in the PAM rule):
+    config=PATH   the TOML file (default /etc/svmm/svmm.toml)
+    venv=PATH     read by the shim only
+"""
+
+from __future__ import annotations
+
+import syslog
+from dataclasses import dataclass
+from typing import Any
+
+from .. import config as config_mod
+from ..errors import ConversationFailed
+from ..services.auth import LoginRequest
+from .codes import pam_code_name
+
+# One LoginService per config file per process: `login` and `sudo` authenticate once,
+# but a display manager's long-lived process authenticates many times.
+_services: dict[tuple[str, int], Any] = {}
+# Users this process authenticated by card, for pam_sm_acct_mgmt / setcred.
+_card_users: set[str] = set()
+
+
+@dataclass(frozen=True)
+class ModuleArgs:
+    config: str | None = None
+
+    @classmethod
+    def parse(cls, argv: list[str]) -> ModuleArgs:
+        cfg = None
+        for arg in argv[1:]:
+            if arg.startswith("config="):
+                cfg = arg[len("config=") :]
+        return cls(config=cfg)
+
+
+def _service(args: ModuleArgs) -> Any:
+    from ..services.login import LoginService
+
+    path = config_mod.resolve_path(args.config)
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError:
+        mtime = 0
+    key = (str(path), mtime)
+    svc = _services.get(key)
+    if svc is None:
+        svc = LoginService(config_mod.load(path))
+        _services.clear()
+        _services[key] = svc
+    return svc
+
+
+class PamPrompter:
+    """The PAM conversation as a Prompter."""
+
+    def __init__(self, pamh: Any) -> None:
+        self.pamh = pamh
+
+    def _say(self, style: int, text: str) -> Any:
+        try:
+            return self.pamh.conversation(self.pamh.Message(style, text))
+        except self.pamh.exception as e:
+            raise ConversationFailed(f"PAM conversation failed ({e.pam_result})") from None
+
+    def ask_secret(self, prompt: str) -> str:
+        resp = self._say(self.pamh.PAM_PROMPT_ECHO_OFF, prompt)
+        if resp is None or resp.resp is None:
+            raise ConversationFailed("no PIN was entered")
+        return resp.resp
+
+    def info(self, text: str) -> None:
+        self._say(self.pamh.PAM_TEXT_INFO, text)
+
+    def error(self, text: str) -> None:
+        self._say(self.pamh.PAM_ERROR_MSG, text)
+
+
+def _code(pamh: Any, error: BaseException) -> int:
+    return int(getattr(pamh, pam_code_name(error)))
+
+
+def _log_unexpected(where: str, error: BaseException) -> None:
+    syslog.openlog("svmm", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
+    syslog.syslog(syslog.LOG_ERR, f"pam_svmm {where}: internal error {type(error).__name__}")
+
+
+def _tell_user(pamh: Any, error: BaseException) -> None:
+    from ..errors import SvmmError
+
+    if not isinstance(error, SvmmError):
+        return
+    try:
+        PamPrompter(pamh).error(error.message)
+    except ConversationFailed:
+        pass  # the application has no way to show it; the code still says no
+
+
+def pam_sm_authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
+    try:
+        args = ModuleArgs.parse(argv)
+        svc = _service(args)
+        request = LoginRequest(
+            service=pamh.service or "",
+            host=svc.host_name(),
+            pam_user=pamh.user or None,
+            tty=pamh.tty or "",
+            rhost=pamh.rhost or "",
+        )
+        result = svc.card_login(request, PamPrompter(pamh))
+        if pamh.user != result.user:
+            pamh.user = result.user
+        _card_users.add(result.user)
+        return int(pamh.PAM_SUCCESS)
+    except Exception as error:
+        from ..errors import SvmmError
+
+        if not isinstance(error, SvmmError):
+            _log_unexpected("authenticate", error)
+        _tell_user(pamh, error)
+        return _code(pamh, error)
+
+
+def pam_sm_setcred(pamh: Any, flags: int, argv: list[str]) -> int:
+    # No credentials to establish at this layer (volume keys come with the session).
+    try:
+        return int(pamh.PAM_SUCCESS if (pamh.user or "") in _card_users else pamh.PAM_IGNORE)
+    except Exception as error:
+        _log_unexpected("setcred", error)
+        return _code(pamh, error)
+
+
+def pam_sm_acct_mgmt(pamh: Any, flags: int, argv: list[str]) -> int:
+    try:
+        # This module vouches only for accounts it authenticated by card; for others (a
+        # password login through another module) it has nothing to say.
+        if (pamh.user or "") in _card_users:
+            return int(pamh.PAM_SUCCESS)
+        return int(pamh.PAM_IGNORE)
+    except Exception as error:
+        _log_unexpected("acct_mgmt", error)
+        return _code(pamh, error)
+
+
+def pam_sm_open_session(pamh: Any, flags: int, argv: list[str]) -> int:
+    return int(pamh.PAM_SUCCESS)
+
+
+def pam_sm_close_session(pamh: Any, flags: int, argv: list[str]) -> int:
+    return int(pamh.PAM_SUCCESS)
+
+
+__all__ = [
+    "ModuleArgs",
+    "pam_sm_acct_mgmt",
+    "pam_sm_authenticate",
+    "pam_sm_close_session",
+    "pam_sm_open_session",
+    "pam_sm_setcred",
+]

@@ -1,0 +1,62 @@
+"""The file a PAM rule names: makes the product's virtualenv importable and hands over.
+
+    auth required pam_python.so /usr/lib/svmm/pam_svmm.py [venv=/opt/svmm/venv] [config=PATH]
+
+pam_python runs this with Debian's /usr/bin/python3, so the venv made from that interpreter
+is added to sys.path. If the product cannot be imported the answer is PAM_SYSTEM_ERR: an
+import failure must never become a success (or a silent ignore).
+"""
+
+import site
+import sys
+
+DEFAULT_VENV = "/opt/svmm/venv"
+
+
+def _venv(argv):
+    for arg in argv[1:]:
+        if arg.startswith("venv="):
+            return arg[len("venv="):]
+    return DEFAULT_VENV
+
+
+def _entry(argv):
+    root = _venv(argv)
+    lib = "%s/lib/python%d.%d/site-packages" % (root, sys.version_info[0], sys.version_info[1])
+    if lib not in sys.path:
+        site.addsitedir(lib)
+    from pam_svmm.pam import entry
+
+    return entry
+
+
+def _call(name, pamh, flags, argv):
+    try:
+        entry = _entry(argv)
+    except Exception as e:  # noqa: BLE001 - reported, and refused
+        import syslog
+
+        syslog.openlog("svmm", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
+        syslog.syslog(syslog.LOG_ERR, "pam_svmm cannot be imported: %s" % type(e).__name__)
+        return pamh.PAM_SYSTEM_ERR
+    return getattr(entry, name)(pamh, flags, argv)
+
+
+def pam_sm_authenticate(pamh, flags, argv):
+    return _call("pam_sm_authenticate", pamh, flags, argv)
+
+
+def pam_sm_setcred(pamh, flags, argv):
+    return _call("pam_sm_setcred", pamh, flags, argv)
+
+
+def pam_sm_acct_mgmt(pamh, flags, argv):
+    return _call("pam_sm_acct_mgmt", pamh, flags, argv)
+
+
+def pam_sm_open_session(pamh, flags, argv):
+    return _call("pam_sm_open_session", pamh, flags, argv)
+
+
+def pam_sm_close_session(pamh, flags, argv):
+    return _call("pam_sm_close_session", pamh, flags, argv)

@@ -1,0 +1,284 @@
+"""The card login pipeline: card -> PIN -> signed challenge -> chain -> revocation -> identity.
+
+It takes plain values (a LoginRequest, a Prompter) and returns a LoginResult or raises one
+of the errors in ``pam_svmm.errors``. It knows nothing about pamh; the PAM entry and the
+CLI both call it, and so will the resident service.
+
+Order matters for the card's PIN counter and for trust:
+1. certificates are read from the card without a PIN, and one is *selected* (offline chain
+   and mapping checks) so that we never spend a PIN try on a card that cannot log in;
+2. the PIN is asked, the card signs a fresh challenge bound to host and service, and the
+   signature is verified with the selected certificate's key (proof of possession) before
+   anything about the certificate is *trusted*;
+3. the chain is validated at the login's time, revocation is checked, and the identity from
+   the certificate is bound to PAM_USER.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+
+from ..config import Config
+from ..domain import certpolicy, challenge, mapping
+from ..domain.audit_record import CardFacts
+from ..errors import (
+    AuthFailed,
+    CertificateInvalid,
+    LoginTimeout,
+    NoCard,
+    NoUsableCertificate,
+    PinLocked,
+    PinTries,
+    SvmmError,
+    UserMismatch,
+)
+
+
+class Prompter(Protocol):
+    """The user's side of the conversation (PAM conversation, terminal, ...)."""
+
+    def ask_secret(self, prompt: str) -> str: ...  # echo off; raises ConversationFailed
+
+    def info(self, text: str) -> None: ...
+
+    def error(self, text: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoginRequest:
+    service: str
+    host: str
+    pam_user: str | None = None  # None: the card decides who logs in
+    tty: str = ""
+    rhost: str = ""
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    user: str
+    rule: str  # the mapping rule that produced the user
+    card: CardFacts
+    chain: tuple[x509.Certificate, ...]
+    notes: tuple[str, ...] = ()  # e.g. revocation soft-failed, for the audit trail
+
+
+@dataclass
+class Candidate:
+    """A certificate on a token, parsed and checked offline (before any PIN)."""
+
+    token: object  # adapters.token.TokenInfo
+    card_cert: object  # adapters.token.CardCertificate
+    cert: x509.Certificate
+    chain: list[x509.Certificate]
+    identity: mapping.MappedIdentity
+
+    def facts(self) -> CardFacts:
+        return card_facts(self.cert, self.token)
+
+
+def card_facts(cert: x509.Certificate, token: object | None = None) -> CardFacts:
+    return CardFacts(
+        fingerprint=certpolicy.fingerprint(cert),
+        serial=f"{cert.serial_number:x}",
+        issuer=cert.issuer.rfc4514_string(),
+        subject=cert.subject.rfc4514_string(),
+        token=getattr(token, "label", ""),
+        token_serial=getattr(token, "serial", ""),
+    )
+
+
+@dataclass
+class Attempt:
+    """What the pipeline learned so far; the audit record is written from it either way."""
+
+    card: CardFacts = field(default_factory=CardFacts)
+    user: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+class Deadline:
+    """The login's total time budget (invariant 7)."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._end = clock() + seconds
+
+    def remaining(self) -> float:
+        return self._end - self._clock()
+
+    def check(self, step: str) -> float:
+        left = self.remaining()
+        if left <= 0:
+            raise LoginTimeout(f"login took too long (at step: {step})")
+        return left
+
+
+def load_pem_bundle(paths: Sequence[Path]) -> list[x509.Certificate]:
+    """Certificates from PEM files and folders of PEM files (the trust configuration)."""
+    out: list[x509.Certificate] = []
+    for p in paths:
+        files = sorted(q for q in p.iterdir() if q.is_file()) if p.is_dir() else [p]
+        for f in files:
+            out.extend(x509.load_pem_x509_certificates(f.read_bytes()))
+    return out
+
+
+class CardAuthenticator:
+    """Runs the pipeline. Collaborators are passed in so the resident service can share them."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        module: object,  # adapters.token.Pkcs11Module
+        revocation: object,  # services.revocation.RevocationChecker
+        mapper: mapping.IdentityMapper,
+        anchors: Sequence[x509.Certificate],
+        intermediates: Sequence[x509.Certificate] = (),
+        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        from ..domain.pkcs11_uri import parse_uri
+
+        self.config = config
+        self.module = module
+        self.revocation = revocation
+        self.mapper = mapper
+        self.anchors = list(anchors)
+        self.intermediates = list(intermediates)
+        self.policy = certpolicy.CertPolicy.from_config(config.trust)
+        self.uri = parse_uri(config.pkcs11.uri)
+        self.now = now
+        self.random = random
+
+    # --- public ---------------------------------------------------------------------------
+
+    def authenticate(self, request: LoginRequest, prompter: Prompter, attempt: Attempt) -> LoginResult:
+        deadline = Deadline(self.config.auth.login_timeout)
+        at = self.now()
+        token, candidates = self._select(request, at, deadline)
+        chosen = candidates[0]
+        attempt.card = chosen.facts()
+        attempt.user = chosen.identity.username
+
+        with self.module.session(token) as session:  # type: ignore[attr-defined]
+            self._login(session, token, prompter, deadline)
+            deadline.check("challenge")
+            ch = challenge.new_challenge(
+                request.host, request.service, at=at, nonce=self.random(self.config.auth.challenge_bytes)
+            )
+            data = ch.to_be_signed()
+            scheme, signature = session.sign(chosen.card_cert.id, data)  # type: ignore[attr-defined]
+        challenge.verify_possession(chosen.cert, scheme, data, signature)
+
+        # Trust decisions, now that the card has proved it holds the key. The chain was
+        # built offline during selection at the same instant `at`; it is only relied on now.
+        chain = chosen.chain
+        deadline.check("revocation")
+        for _cert, decision in self.revocation.check(chain, at=at, deadline=deadline):  # type: ignore[attr-defined]
+            note = getattr(decision, "note", "")
+            if note:
+                attempt.notes.append(note)
+        user = mapping.check_user(request.pam_user, chosen.identity)
+        attempt.user = user
+        return LoginResult(
+            user=user,
+            rule=chosen.identity.rule,
+            card=attempt.card,
+            chain=tuple(chain),
+            notes=tuple(attempt.notes),
+        )
+
+    # --- steps ----------------------------------------------------------------------------
+
+    def _tokens(self, deadline: Deadline) -> list[object]:
+        tokens = self.module.tokens(self.uri)  # type: ignore[attr-defined]
+        if not tokens and self.config.pkcs11.wait_for_card > 0:
+            wait = min(self.config.pkcs11.wait_for_card, deadline.remaining())
+            self.module.wait_for_token(self.uri, wait)  # type: ignore[attr-defined]
+            tokens = self.module.tokens(self.uri)  # type: ignore[attr-defined]
+        if not tokens:
+            raise NoCard("no smart card found")
+        return tokens
+
+    def _select(
+        self, request: LoginRequest, at: dt.datetime, deadline: Deadline
+    ) -> tuple[object, list[Candidate]]:
+        """Pick the token and certificate that pass policy and belong to the user.
+
+        No PIN is involved. When nothing qualifies, raise the most telling reason: a valid
+        card of someone else is a UserMismatch, otherwise the first certificate's problem.
+        """
+        first_error: SvmmError | None = None
+        mismatch: UserMismatch | None = None
+        for token in self._tokens(deadline):
+            deadline.check("reading certificates")
+            card_certs = self.module.certificates(token, self.uri)  # type: ignore[attr-defined]
+            parsed: list[tuple[object, x509.Certificate]] = []
+            for cc in card_certs:
+                try:
+                    parsed.append((cc, certpolicy.parse_certificate(cc.der)))  # type: ignore[attr-defined]
+                except CertificateInvalid as e:
+                    first_error = first_error or e
+            # CA certificates on the card may serve as intermediates (never as anchors).
+            ca_certs = [c for _, c in parsed if _is_ca(c)]
+            candidates: list[Candidate] = []
+            for cc, cert in parsed:
+                if _is_ca(cert):
+                    continue
+                try:
+                    chain = certpolicy.validate_chain(
+                        cert, [*self.intermediates, *ca_certs], self.anchors, at=at, policy=self.policy
+                    )
+                    ident = self.mapper.map(cert)
+                    if request.pam_user is not None:
+                        mapping.check_user(request.pam_user, ident)
+                except UserMismatch as e:
+                    mismatch = mismatch or e
+                    continue
+                except AuthFailed as e:
+                    first_error = first_error or e
+                    continue
+                candidates.append(Candidate(token, cc, cert, chain, ident))
+            if candidates:
+                return token, candidates
+        if mismatch is not None:
+            raise mismatch
+        if first_error is not None:
+            raise first_error
+        raise NoUsableCertificate("the card holds no certificate usable for login")
+
+    def _login(self, session: object, token: object, prompter: Prompter, deadline: Deadline) -> None:
+        tries = getattr(token, "pin_tries", PinTries.UNKNOWN)
+        if tries is PinTries.LOCKED:
+            raise PinLocked(f"the PIN of card '{token.label}' is locked")  # type: ignore[attr-defined]
+        if tries is PinTries.FINAL_TRY:
+            prompter.error("Warning: this is the final PIN try before the card locks.")
+        elif tries is PinTries.COUNT_LOW:
+            prompter.error("Warning: few PIN tries are left on this card.")
+        deadline.check("PIN")
+        if getattr(token, "protected_auth_path", False) and self.config.pkcs11.allow_pinpad:
+            prompter.info(f"Enter the PIN for '{token.label}' on the reader's keypad.")  # type: ignore[attr-defined]
+            session.login(None)  # type: ignore[attr-defined]
+            return
+        pin = prompter.ask_secret(self.config.pkcs11.pin_prompt.format(token=token.label))  # type: ignore[attr-defined]
+        deadline.check("PIN")
+        try:
+            session.login(pin)  # type: ignore[attr-defined]
+        finally:
+            del pin
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False

@@ -1,0 +1,193 @@
+"""Wires the login pipeline from configuration and audits every attempt.
+
+`LoginService` is what entry points hold: the PAM module builds one per process (per config
+file), the CLI one per command, and the resident service keeps one alive so the PKCS#11
+module, anchors and CRL indexes stay loaded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+
+from cryptography import x509
+
+from ..adapters.audit_log import AuditLog
+from ..config import Config
+from ..domain import mapping
+from ..domain.audit_record import AuditRecord, CardFacts, Outcome
+from ..errors import AuthFailed, PinLocked, SvmmError, Undecided
+from .auth import Attempt, CardAuthenticator, LoginRequest, LoginResult, Prompter, load_pem_bundle
+
+
+@dataclass(frozen=True)
+class CertificateVerdict:
+    user: str
+    rule: str
+    chain: tuple[x509.Certificate, ...]
+    notes: tuple[str, ...]
+
+
+def outcome_of(error: BaseException) -> Outcome:
+    if isinstance(error, AuthFailed | PinLocked):
+        return Outcome.FAILURE
+    if isinstance(error, Undecided):
+        return Outcome.UNDECIDED
+    return Outcome.ERROR
+
+
+def reason_of(error: BaseException) -> str:
+    return error.reason if isinstance(error, SvmmError) else f"internal:{type(error).__name__}"
+
+
+class LoginService:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self.config = config
+        self.now = now
+
+    # Collaborators are built on first use: a login needs all of them, `svmm card list`
+    # needs only the module, and nothing is loaded at import time.
+    @cached_property
+    def module(self) -> object:
+        from ..adapters.token import Pkcs11Module
+
+        return Pkcs11Module(self.config.pkcs11.module)
+
+    @cached_property
+    def anchors(self) -> list[x509.Certificate]:
+        from ..errors import ConfigError
+
+        if not self.config.trust.anchors:
+            raise ConfigError("trust.anchors", "no trust anchor configured")
+        try:
+            anchors = load_pem_bundle(self.config.trust.anchors)
+        except (OSError, ValueError) as e:
+            raise ConfigError("trust.anchors", f"cannot load: {e}") from None
+        if not anchors:
+            raise ConfigError("trust.anchors", "the files hold no certificate")
+        return anchors
+
+    @cached_property
+    def intermediates(self) -> list[x509.Certificate]:
+        d = self.config.trust.intermediates_dir
+        if d is None or not d.exists():
+            return []
+        return load_pem_bundle([d])
+
+    @cached_property
+    def revocation(self) -> object:
+        from .revocation import build_checker
+
+        return build_checker(self.config.revocation)
+
+    @cached_property
+    def mapper(self) -> mapping.IdentityMapper:
+        return mapping.CertificateMapper(self.config.mapping.rules)
+
+    @cached_property
+    def audit(self) -> AuditLog:
+        return AuditLog(self.config.audit.path, syslog_mirror=self.config.audit.syslog)
+
+    def authenticator(self) -> CardAuthenticator:
+        return CardAuthenticator(
+            self.config,
+            module=self.module,
+            revocation=self.revocation,
+            mapper=self.mapper,
+            anchors=self.anchors,
+            intermediates=self.intermediates,
+            now=self.now,
+            random=os.urandom,
+        )
+
+    def host_name(self) -> str:
+        return self.config.auth.host_name or os.uname().nodename
+
+    # --- checks without a card -----------------------------------------------------------
+
+    def verify_certificate(
+        self,
+        cert: x509.Certificate,
+        *,
+        extra_intermediates: list[x509.Certificate] | None = None,
+        at: dt.datetime | None = None,
+        step: Callable[[str, str], None] = lambda name, detail: None,
+    ) -> CertificateVerdict:
+        """The checks a login applies to a certificate, minus the card (`svmm cert verify`).
+
+        ``step`` is told each check that passed; the first failure raises its error.
+        """
+        from ..domain import certpolicy
+
+        at = at or self.now()
+        policy = certpolicy.CertPolicy.from_config(self.config.trust)
+        chain = certpolicy.validate_chain(
+            cert, [*self.intermediates, *(extra_intermediates or [])], self.anchors,
+            at=at, policy=policy,
+        )
+        step("chain", " -> ".join(c.subject.rfc4514_string() for c in chain))
+        notes: list[str] = []
+        for checked, decision in self.revocation.check(chain, at=at):  # type: ignore[attr-defined]
+            note = getattr(decision, "note", "") or getattr(decision, "detail", "")
+            step("revocation", f"{checked.subject.rfc4514_string()}: {note or 'good'}")
+            if getattr(decision, "note", ""):
+                notes.append(decision.note)
+        ident = self.mapper.map(cert)
+        step("identity", f"{ident.username} (rule {ident.rule})")
+        return CertificateVerdict(user=ident.username, rule=ident.rule, chain=tuple(chain),
+                                  notes=tuple(notes))
+
+    # --- the login ------------------------------------------------------------------------
+
+    def card_login(self, request: LoginRequest, prompter: Prompter) -> LoginResult:
+        """Authenticate with the card; write one audit record whatever happens."""
+        attempt = Attempt(user=request.pam_user or "")
+        try:
+            result = self.authenticator().authenticate(request, prompter, attempt)
+        except BaseException as e:
+            self._audit("auth", request, attempt, outcome_of(e), reason_of(e), _detail(e))
+            raise
+        self._audit("auth", request, attempt, Outcome.SUCCESS, "ok", "; ".join(result.notes))
+        return result
+
+    def _audit(
+        self,
+        event: str,
+        request: LoginRequest,
+        attempt: Attempt,
+        outcome: Outcome,
+        reason: str,
+        detail: str = "",
+    ) -> None:
+        self.audit.write(
+            AuditRecord(
+                event=event,
+                outcome=outcome,
+                reason=reason,
+                time=self.now(),
+                host=request.host,
+                service=request.service,
+                user=attempt.user,
+                requested_user=request.pam_user or "",
+                method="card",
+                card=attempt.card if attempt.card else CardFacts(),
+                tty=request.tty,
+                rhost=request.rhost,
+                detail=detail,
+            )
+        )
+
+
+def _detail(error: BaseException) -> str:
+    # Our messages never hold secrets (errors.py); anything else is named by type only.
+    if isinstance(error, SvmmError):
+        return error.message
+    return type(error).__name__
