@@ -139,13 +139,16 @@ class Token:
     conf: Path  # the SOFTHSM2_CONF every login must see
     label: str
     module: str = SOFTHSM_MODULE
+    provisioned_by: str = ""
 
 
 def provision_token(workdir: Path, lab: Lab, pin: str, so_pin: str) -> Token:
     """A fresh SoftHSM2 token in ``workdir`` holding the lab user's certificate and key.
 
-    Done in a child process through PyKCS11 (softhsm2-util and pkcs11-tool only take PINs
-    on argv or a terminal, and PINs stay out of argv); the PINs travel on its stdin.
+    Done in a child process (so the bench never loads the PKCS#11 module itself) with
+    pam_svmm.adapters.token.provision_card when it imports, else with PyKCS11 directly.
+    Not with softhsm2-util / pkcs11-tool: they take PINs only on argv or a terminal, and
+    PINs stay out of argv. The PINs travel on the child's stdin.
     """
     tokens = workdir / "tokens"
     tokens.mkdir(parents=True, exist_ok=True)
@@ -155,25 +158,46 @@ def provision_token(workdir: Path, lab: Lab, pin: str, so_pin: str) -> Token:
         "slots.removable = false\n"
     )
     env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
-    request = json.dumps({"pin": pin, "so_pin": so_pin, "label": TOKEN_LABEL,
-                          "module": SOFTHSM_MODULE, "cert": str(lab.user_cert),
-                          "key": str(lab.user_key)})
-    proc = subprocess.run(
-        [_python(), "-c", "import bench._fixtures as f; f._provision_child()"],
-        input=request, capture_output=True, text=True, env=env, cwd=_repo_root(), timeout=60,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise FixtureError(f"token provisioning failed: {proc.stderr.strip()[-500:]}")
-    return Token(conf=conf, label=TOKEN_LABEL)
+    request = {"pin": pin, "so_pin": so_pin, "label": TOKEN_LABEL, "module": SOFTHSM_MODULE,
+               "cert": str(lab.user_cert), "key": str(lab.user_key)}
+    note = ""
+    for way in ("adapter", "pykcs11"):
+        shutil.rmtree(tokens, ignore_errors=True)  # a failed attempt may leave a token behind
+        tokens.mkdir(parents=True)
+        proc = subprocess.run(
+            [_python(), "-c", "import bench._fixtures as f; f._provision_child()"],
+            input=json.dumps({**request, "way": way}), capture_output=True, text=True,
+            env=env, cwd=_repo_root(), timeout=60, check=False,
+        )
+        if proc.returncode == 0:
+            return Token(conf=conf, label=TOKEN_LABEL, provisioned_by=proc.stdout.strip() + note)
+        err = proc.stderr.strip().splitlines()
+        note = f" (pam_svmm.adapters.token failed: {err[-1] if err else proc.returncode})"
+    raise FixtureError(f"token provisioning failed: {err[-1] if err else proc.returncode}")
 
 
 def _provision_child() -> None:
     import sys
 
-    import PyKCS11  # only the provisioning child loads the PKCS#11 module
-
     req = json.loads(sys.stdin.read())
+    cert = x509.load_pem_x509_certificate(Path(req["cert"]).read_bytes())
+    key = load_key(Path(req["key"]))
+    if req["way"] == "pykcs11":
+        _provision_pykcs11(req, cert, key)
+        print("PyKCS11 in bench/_fixtures.py")
+        return
+    from pam_svmm.adapters.token import Pkcs11Module, provision_card
+
+    with Pkcs11Module(req["module"]) as module:
+        provision_card(module, label=req["label"], so_pin=req["so_pin"], user_pin=req["pin"],
+                       key=key, certificate=cert.public_bytes(serialization.Encoding.DER),
+                       key_id=CERT_ID, key_label=USER)
+    print("pam_svmm.adapters.token.provision_card")
+
+
+def _provision_pykcs11(req: dict[str, str], cert: x509.Certificate, key: object) -> None:
+    import PyKCS11
+
     lib = PyKCS11.PyKCS11Lib()
     lib.load(req["module"])
     free = [s for s in lib.getSlotList(tokenPresent=True)
@@ -190,8 +214,6 @@ def _provision_child() -> None:
     s.initPin(req["pin"])
     s.logout()
     s.login(req["pin"])
-    cert = x509.load_pem_x509_certificate(Path(req["cert"]).read_bytes())
-    key = load_key(Path(req["key"]))
     if not isinstance(key, rsa.RSAPrivateKey):
         raise SystemExit("the bench token takes an RSA key")
     s.createObject(_cert_template(cert))
@@ -260,8 +282,10 @@ def pam_pkcs11_conf(workdir: Path, name: str, lab: Lab, token: Token, cert_polic
     """A pam_pkcs11.conf (plus its hashed ca_dir/crl_dir) for ``cert_policy``.
 
     The cn mapper maps the certificate's CN straight to the login name (mapfile "none").
-    ``with_crl=False`` leaves crl_dir empty: with crl_offline that must refuse every login,
-    which shows the CRL is really consulted.
+    The CRL is stored as PEM: pam_pkcs11 adds crl_dir to OpenSSL's hash-dir lookup once as
+    PEM and once as DER, but OpenSSL keeps only the first entry for a directory, so a DER
+    CRL is never found ("no dedicated crl available"). ``with_crl=False`` leaves crl_dir
+    empty: with crl_offline that must refuse every login, which shows the CRL is read.
     """
     base = workdir / f"pkcs11-{name}"
     ca_dir, crl_dir = base / "cacerts", base / "crls"
@@ -270,15 +294,11 @@ def pam_pkcs11_conf(workdir: Path, name: str, lab: Lab, token: Token, cert_polic
     shutil.copy(lab.root_pem, ca_dir / "root.pem")
     shutil.copy(lab.intermediate_pem, ca_dir / "intermediate.pem")
     if with_crl:
-        # `openssl rehash` links PEM files only.
-        for der, pem in ((lab.crl_der, "intermediate.crl.pem"), (lab.root_crl_der, "root.crl.pem")):
-            crl = x509.load_der_x509_crl(der.read_bytes())
-            (crl_dir / pem).write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        # pam_pkcs11 looks up only the CRL of the end entity's issuer.
+        crl = x509.load_der_x509_crl(lab.crl_der.read_bytes())
+        (crl_dir / "intermediate.crl.pem").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
     for d in (ca_dir, crl_dir):
-        proc = subprocess.run(["openssl", "rehash", str(d)], capture_output=True, text=True,
-                              timeout=60, check=False)
-        if proc.returncode != 0:
-            raise FixtureError(f"openssl rehash {d}: {proc.stderr.strip()}")
+        _openssl("rehash", str(d))  # the <hash>.0 / <hash>.r0 links OpenSSL looks up
     conf = base / "pam_pkcs11.conf"
     conf.write_text(f"""pam_pkcs11 {{
   nullok = false;
@@ -312,6 +332,14 @@ def pam_pkcs11_conf(workdir: Path, name: str, lab: Lab, token: Token, cert_polic
     return conf
 
 
+def _openssl(*args: str) -> str:
+    proc = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=60,
+                          check=False)
+    if proc.returncode != 0:
+        raise FixtureError(f"openssl {args[0]}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
 # --- OCSP responder -----------------------------------------------------------------------
 
 
@@ -339,22 +367,31 @@ class OcspResponder:
         self.port = free_port()
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
+                # openssl 3.0 takes a bare port number (it listens on all
+                # addresses); the bench only ever connects to 127.0.0.1.
                 ["openssl", "ocsp", "-index", str(f / "index.txt"), "-port",
-                 f"127.0.0.1:{self.port}", "-CA", str(f / "intermediate.pem"),
+                 str(self.port), "-CA", str(f / "intermediate.pem"),
                  "-rsigner", str(f / "ocsp.pem"), "-rkey", str(f / "ocsp.key"), "-nmin", "60"],
                 stdout=out, stderr=subprocess.STDOUT,
             )
+        # Ready when it says so. Not by connecting: openssl 3.0's responder hangs for good on
+        # a connection that closes without sending a request.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise FixtureError(f"openssl ocsp exited: {self.log.read_text()[-300:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            if "waiting for OCSP client connections" in self.log.read_text():
                 return self
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         self.stop()
         raise FixtureError("openssl ocsp did not start listening within 10 s")
+
+    def requests(self) -> int:
+        """How many requests the responder has received so far."""
+        try:
+            return self.log.read_text().count("Received request")
+        except OSError:
+            return 0
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -245,9 +245,16 @@ def _pkcs11(t: _Table) -> Pkcs11Config:
     uri = t.str("uri", d.uri)
     if not uri.startswith("pkcs11:"):
         raise ConfigError(t.key("uri"), "must be an RFC 7512 URI starting with 'pkcs11:'")
+    from .domain.pkcs11_uri import InvalidPkcs11Uri
+    from .domain.pkcs11_uri import parse as parse_uri
+
+    try:
+        parse_uri(uri)
+    except InvalidPkcs11Uri as e:
+        raise ConfigError(t.key("uri"), str(e)) from None
     prompt = t.str("pin_prompt", d.pin_prompt)
     try:
-        prompt.format(token="x")
+        prompt.format(token="x")  # noqa: S106 - a placeholder, not a secret
     except (KeyError, IndexError, ValueError):
         raise ConfigError(t.key("pin_prompt"), "may only use the {token} placeholder") from None
     cfg = Pkcs11Config(

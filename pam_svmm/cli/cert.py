@@ -16,7 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = s.add_parser("verify", help="apply the login's certificate checks to a file")
     v.add_argument("cert", type=Path, help="certificate file (PEM or DER)")
     v.add_argument(
-        "--intermediate", type=Path, action="append", default=[],
+        "--intermediate",
+        type=Path,
+        action="append",
+        default=[],
         help="extra intermediate CA certificate (PEM), as a card would carry",
     )
     v.add_argument("--at", help="validation time, ISO 8601 (default: now)")
@@ -36,8 +39,9 @@ def load_cert_file(path: Path) -> object:
         try:
             return x509.load_pem_x509_certificate(data)
         except ValueError:
-            raise CertificateInvalid(f"{path}: not a PEM certificate",
-                                     reason="certificate_malformed") from None
+            raise CertificateInvalid(
+                f"{path}: not a PEM certificate", reason="certificate_malformed"
+            ) from None
     return parse_certificate(data)
 
 
@@ -57,7 +61,9 @@ def verify(args: argparse.Namespace) -> int:
     print(f"certificate: {cert.subject.rfc4514_string()}")  # type: ignore[attr-defined]
     try:
         verdict = svc.verify_certificate(
-            cert, extra_intermediates=extra, at=at,  # type: ignore[arg-type]
+            cert,
+            extra_intermediates=extra,
+            at=at,  # type: ignore[arg-type]
             step=lambda name, detail: print(f"  ok   {name}: {detail}"),
         )
     except Exception as e:

@@ -18,7 +18,7 @@ from cryptography.hazmat import asn1
 from cryptography.x509.oid import NameOID
 
 from ..config import MappingKind, MappingRule
-from ..errors import UnknownUser, UserMismatch
+from ..errors import ConfigError, UnknownUser, UserMismatch
 
 UPN_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
 _POSIX_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
@@ -136,10 +136,15 @@ class CertificateMapper:
 
     def __init__(self, rules: Sequence[MappingRule]) -> None:
         if not rules:
-            raise ValueError("at least one mapping rule is required")
-        for rule in rules:
+            raise ConfigError("mapping.rules", "must not be empty")
+        for i, rule in enumerate(rules):
             if rule.kind is MappingKind.SUBJECT_ATTR:
-                x509.ObjectIdentifier(rule.oid)  # ValueError for a bad OID, at start-up
+                try:
+                    x509.ObjectIdentifier(rule.oid)
+                except ValueError:
+                    raise ConfigError(
+                        f"mapping.rules[{i}].oid", f"{rule.oid!r} is not a dotted OID"
+                    ) from None
         self.rules = tuple(rules)
 
     def map(self, cert: x509.Certificate) -> MappedIdentity:

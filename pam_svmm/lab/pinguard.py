@@ -8,12 +8,11 @@ files with the helpers below. The environment variables are read by the module i
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import subprocess
-import tempfile
 from pathlib import Path
+
+from .cbuild import build_c
 
 SOURCE = Path(__file__).with_name("pinguard.c")
 HEADER_DIR = "/usr/include/p11-kit-1"
@@ -21,44 +20,18 @@ ENV_MODULE = "SVMM_PINGUARD_MODULE"
 ENV_STATE = "SVMM_PINGUARD_STATE"
 DEFAULT_REAL_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
-_CFLAGS = [
-    "-shared",
-    "-fPIC",
-    "-O2",
-    "-Wall",
-    "-Wextra",
-    "-Werror",
-    "-fvisibility=hidden",
-    f"-I{HEADER_DIR}",
-]
 
 
 def build_pinguard(out_dir: str | os.PathLike[str], *, cc: str = "gcc") -> Path:
     """Compile pinguard.c into ``out_dir`` (cached by source hash); return the .so path."""
-    src = SOURCE.read_bytes()
-    digest = hashlib.sha256(src).hexdigest()[:16]
-    out = Path(out_dir) / f"pinguard-{digest}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Build to a temporary name and rename, so a concurrent build never sees half a file.
-    fd, tmp = tempfile.mkstemp(prefix=".pinguard-", suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run(
-            [cc, *_CFLAGS, "-o", tmp, str(SOURCE), "-ldl", "-lpthread"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"building pinguard failed:\n{proc.stderr}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return build_c(
+        SOURCE,
+        out_dir,
+        suffix=".so",
+        flags=("-shared", "-fPIC", "-fvisibility=hidden", f"-I{HEADER_DIR}"),
+        libs=("-ldl", "-lpthread"),
+        cc=cc,
+    )
 
 
 # --- state files ----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def new_key(kind: str = "rsa") -> PrivateKey:
     if kind == "rsa":
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
     if kind == "rsa1024":
-        return rsa.generate_private_key(public_exponent=65537, key_size=1024)
+        return rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - refusal tests
     if kind == "p256":
         return ec.generate_private_key(ec.SECP256R1())
     if kind == "p384":
@@ -127,8 +127,9 @@ class LabCA:
         ca.intermediate = Issued(inter, int_key)
         ocsp_key = new_key("p256")
         ocsp_cert = (
-            ca._builder(ca._name(f"{org} OCSP Responder"), inter.subject, ocsp_key.public_key(),
-                        now, 365)
+            ca._builder(
+                ca._name(f"{org} OCSP Responder"), inter.subject, ocsp_key.public_key(), now, 365
+            )
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(ca._ee_usage(), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=True)
@@ -137,8 +138,11 @@ class LabCA:
             .sign(int_key, hashes.SHA256())
         )
         ca.ocsp = Issued(ocsp_cert, ocsp_key)
-        for name, issued in (("root", ca.root), ("intermediate", ca.intermediate),
-                             ("ocsp", ca.ocsp)):
+        for name, issued in (
+            ("root", ca.root),
+            ("intermediate", ca.intermediate),
+            ("ocsp", ca.ocsp),
+        ):
             ca._write_pair(name, issued)
         (folder / "revoked.json").write_text("{}")
         (folder / "config.json").write_text(
@@ -217,9 +221,7 @@ class LabCA:
 
     def issue_host(self, hostname: str, public_key: object) -> x509.Certificate:
         """A host certificate (serverAuth) for mutual authentication."""
-        return self.issue_user(
-            hostname, public_key, ekus=(ExtendedKeyUsageOID.SERVER_AUTH,)
-        )
+        return self.issue_user(hostname, public_key, ekus=(ExtendedKeyUsageOID.SERVER_AUTH,))
 
     # --- revocation -----------------------------------------------------------------------
 
@@ -301,9 +303,7 @@ class LabCA:
             cert = x509.load_pem_x509_certificate(pem.read_bytes())
             serial_hex = f"{cert.serial_number:X}"
             expiry = cert.not_valid_after_utc.strftime("%y%m%d%H%M%SZ")
-            subject = "/" + "/".join(
-                f"{a.rfc4514_attribute_name}={a.value}" for a in cert.subject
-            )
+            subject = "/" + "/".join(f"{a.rfc4514_attribute_name}={a.value}" for a in cert.subject)
             if serial_hex in state:
                 info = state[serial_hex]
                 revoked = dt.datetime.fromisoformat(str(info["at"])).strftime("%y%m%d%H%M%SZ")
@@ -354,17 +354,29 @@ class LabCA:
     @staticmethod
     def _ca_usage() -> x509.KeyUsage:
         return x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False,
+            digital_signature=True,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=True,
+            crl_sign=True,
+            encipher_only=False,
+            decipher_only=False,
         )
 
     @staticmethod
     def _ee_usage() -> x509.KeyUsage:
         return x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-            encipher_only=False, decipher_only=False,
+            digital_signature=True,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=False,
+            crl_sign=False,
+            encipher_only=False,
+            decipher_only=False,
         )
 
     @staticmethod
@@ -378,7 +390,9 @@ class LabCA:
             [
                 x509.DistributionPoint(
                     full_name=[x509.UniformResourceIdentifier(f"{self.crl_base}/{name}")],
-                    relative_name=None, reasons=None, crl_issuer=None,
+                    relative_name=None,
+                    reasons=None,
+                    crl_issuer=None,
                 )
             ]
         )

@@ -7,6 +7,7 @@ Module arguments (after the shim's path in the PAM rule):
 
 from __future__ import annotations
 
+import contextlib
 import syslog
 from dataclasses import dataclass
 from typing import Any
@@ -92,10 +93,9 @@ def _tell_user(pamh: Any, error: BaseException) -> None:
 
     if not isinstance(error, SvmmError):
         return
-    try:
+    # If the application cannot show it, the code still says no.
+    with contextlib.suppress(ConversationFailed):
         PamPrompter(pamh).error(error.message)
-    except ConversationFailed:
-        pass  # the application has no way to show it; the code still says no
 
 
 def pam_sm_authenticate(pamh: Any, flags: int, argv: list[str]) -> int:

@@ -3,9 +3,11 @@
     auth required pam_python.so /usr/lib/svmm/pam_svmm.py [venv=/opt/svmm/venv] [config=PATH]
 
 pam_python runs this with Debian's /usr/bin/python3, so the venv made from that interpreter
-is added to sys.path. If the product cannot be imported the answer is PAM_SYSTEM_ERR: an
+is put first on sys.path. If the product cannot be imported the answer is PAM_SYSTEM_ERR: an
 import failure must never become a success (or a silent ignore).
 """
+
+from __future__ import annotations
 
 import site
 import sys
@@ -16,15 +18,21 @@ DEFAULT_VENV = "/opt/svmm/venv"
 def _venv(argv):
     for arg in argv[1:]:
         if arg.startswith("venv="):
-            return arg[len("venv="):]
+            return arg[len("venv=") :]
     return DEFAULT_VENV
 
 
 def _entry(argv):
     root = _venv(argv)
-    lib = "%s/lib/python%d.%d/site-packages" % (root, sys.version_info[0], sys.version_info[1])
+    lib = f"{root}/lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
     if lib not in sys.path:
+        # addsitedir appends (and runs the venv's .pth files); move what it added to the
+        # front so the venv's packages win over Debian's dist-packages (whose cryptography,
+        # for one, is too old).
+        before = list(sys.path)
         site.addsitedir(lib)
+        added = [p for p in sys.path if p not in before]
+        sys.path[:] = added + before
     from pam_svmm.pam import entry
 
     return entry
@@ -33,11 +41,11 @@ def _entry(argv):
 def _call(name, pamh, flags, argv):
     try:
         entry = _entry(argv)
-    except Exception as e:  # noqa: BLE001 - reported, and refused
+    except Exception as e:
         import syslog
 
         syslog.openlog("svmm", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
-        syslog.syslog(syslog.LOG_ERR, "pam_svmm cannot be imported: %s" % type(e).__name__)
+        syslog.syslog(syslog.LOG_ERR, f"pam_svmm cannot be imported: {type(e).__name__}")
         return pamh.PAM_SYSTEM_ERR
     return getattr(entry, name)(pamh, flags, argv)
 

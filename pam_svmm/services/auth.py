@@ -146,7 +146,7 @@ class CardAuthenticator:
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
-        from ..domain.pkcs11_uri import parse_uri
+        from ..domain import pkcs11_uri
 
         self.config = config
         self.module = module
@@ -155,16 +155,18 @@ class CardAuthenticator:
         self.anchors = list(anchors)
         self.intermediates = list(intermediates)
         self.policy = certpolicy.CertPolicy.from_config(config.trust)
-        self.uri = parse_uri(config.pkcs11.uri)
+        self.uri = pkcs11_uri.parse(config.pkcs11.uri)
         self.now = now
         self.random = random
 
     # --- public ---------------------------------------------------------------------------
 
-    def authenticate(self, request: LoginRequest, prompter: Prompter, attempt: Attempt) -> LoginResult:
+    def authenticate(
+        self, request: LoginRequest, prompter: Prompter, attempt: Attempt
+    ) -> LoginResult:
         deadline = Deadline(self.config.auth.login_timeout)
         at = self.now()
-        token, candidates = self._select(request, at, deadline)
+        token, candidates = self.select(request, at, deadline, attempt)
         chosen = candidates[0]
         attempt.card = chosen.facts()
         attempt.user = chosen.identity.username
@@ -173,7 +175,10 @@ class CardAuthenticator:
             self._login(session, token, prompter, deadline)
             deadline.check("challenge")
             ch = challenge.new_challenge(
-                request.host, request.service, at=at, nonce=self.random(self.config.auth.challenge_bytes)
+                request.host,
+                request.service,
+                at=at,
+                nonce=self.random(self.config.auth.challenge_bytes),
             )
             data = ch.to_be_signed()
             scheme, signature = session.sign(chosen.card_cert.id, data)  # type: ignore[attr-defined]
@@ -183,10 +188,10 @@ class CardAuthenticator:
         # built offline during selection at the same instant `at`; it is only relied on now.
         chain = chosen.chain
         deadline.check("revocation")
-        for _cert, decision in self.revocation.check(chain, at=at, deadline=deadline):  # type: ignore[attr-defined]
-            note = getattr(decision, "note", "")
-            if note:
-                attempt.notes.append(note)
+        decisions = self.revocation.check(chain, at=at, budget=deadline.remaining())  # type: ignore[attr-defined]
+        # Every decision goes to the audit trail: how each certificate was found not revoked,
+        # or that it was accepted without an answer (soft-fail).
+        attempt.notes.extend(d.note or d.detail for _cert, d in decisions)
         user = mapping.check_user(request.pam_user, chosen.identity)
         attempt.user = user
         return LoginResult(
@@ -209,16 +214,24 @@ class CardAuthenticator:
             raise NoCard("no smart card found")
         return tokens
 
-    def _select(
-        self, request: LoginRequest, at: dt.datetime, deadline: Deadline
+    def select(
+        self,
+        request: LoginRequest,
+        at: dt.datetime,
+        deadline: Deadline | None = None,
+        attempt: Attempt | None = None,
     ) -> tuple[object, list[Candidate]]:
         """Pick the token and certificate that pass policy and belong to the user.
 
         No PIN is involved. When nothing qualifies, raise the most telling reason: a valid
         card of someone else is a UserMismatch, otherwise the first certificate's problem.
         """
+        deadline = deadline or Deadline(self.config.auth.login_timeout)
         first_error: SvmmError | None = None
         mismatch: UserMismatch | None = None
+        # The card behind the error we will raise, for the audit record.
+        first_card: CardFacts | None = None
+        mismatch_card: CardFacts | None = None
         for token in self._tokens(deadline):
             deadline.check("reading certificates")
             card_certs = self.module.certificates(token, self.uri)  # type: ignore[attr-defined]
@@ -236,27 +249,37 @@ class CardAuthenticator:
                     continue
                 try:
                     chain = certpolicy.validate_chain(
-                        cert, [*self.intermediates, *ca_certs], self.anchors, at=at, policy=self.policy
+                        cert,
+                        [*self.intermediates, *ca_certs],
+                        self.anchors,
+                        at=at,
+                        policy=self.policy,
                     )
                     ident = self.mapper.map(cert)
                     if request.pam_user is not None:
                         mapping.check_user(request.pam_user, ident)
                 except UserMismatch as e:
-                    mismatch = mismatch or e
+                    if mismatch is None:
+                        mismatch, mismatch_card = e, card_facts(cert, token)
                     continue
                 except AuthFailed as e:
-                    first_error = first_error or e
+                    if first_error is None:
+                        first_error, first_card = e, card_facts(cert, token)
                     continue
                 candidates.append(Candidate(token, cc, cert, chain, ident))
             if candidates:
                 return token, candidates
+        if attempt is not None:
+            attempt.card = mismatch_card or first_card or attempt.card
         if mismatch is not None:
             raise mismatch
         if first_error is not None:
             raise first_error
         raise NoUsableCertificate("the card holds no certificate usable for login")
 
-    def _login(self, session: object, token: object, prompter: Prompter, deadline: Deadline) -> None:
+    def _login(
+        self, session: object, token: object, prompter: Prompter, deadline: Deadline
+    ) -> None:
         tries = getattr(token, "pin_tries", PinTries.UNKNOWN)
         if tries is PinTries.LOCKED:
             raise PinLocked(f"the PIN of card '{token.label}' is locked")  # type: ignore[attr-defined]

@@ -84,9 +84,19 @@ class LoginService:
 
     @cached_property
     def revocation(self) -> object:
-        from .revocation import build_checker
+        from ..adapters.crl_store import CrlStore
+        from ..adapters.fetch import HttpFetcher
+        from .revocation import RevocationChecker
 
-        return build_checker(self.config.revocation)
+        rc = self.config.revocation
+        fetcher = HttpFetcher()
+        store = CrlStore(
+            rc.cache_dir,
+            fetcher=fetcher if rc.crl_fetch else None,
+            skew=rc.clock_skew,
+            grace=rc.crl_grace,
+        )
+        return RevocationChecker(rc, fetcher=fetcher, store=store, clock=self.now)
 
     @cached_property
     def mapper(self) -> mapping.IdentityMapper:
@@ -130,8 +140,11 @@ class LoginService:
         at = at or self.now()
         policy = certpolicy.CertPolicy.from_config(self.config.trust)
         chain = certpolicy.validate_chain(
-            cert, [*self.intermediates, *(extra_intermediates or [])], self.anchors,
-            at=at, policy=policy,
+            cert,
+            [*self.intermediates, *(extra_intermediates or [])],
+            self.anchors,
+            at=at,
+            policy=policy,
         )
         step("chain", " -> ".join(c.subject.rfc4514_string() for c in chain))
         notes: list[str] = []
@@ -142,8 +155,9 @@ class LoginService:
                 notes.append(decision.note)
         ident = self.mapper.map(cert)
         step("identity", f"{ident.username} (rule {ident.rule})")
-        return CertificateVerdict(user=ident.username, rule=ident.rule, chain=tuple(chain),
-                                  notes=tuple(notes))
+        return CertificateVerdict(
+            user=ident.username, rule=ident.rule, chain=tuple(chain), notes=tuple(notes)
+        )
 
     # --- the login ------------------------------------------------------------------------
 

@@ -34,9 +34,13 @@ KEY_KINDS = ("rsa2048", "rsa1024", "rsa3072", "p256", "p384", "p521", "secp256k1
 PrivateKey = CertificateIssuerPrivateKeyTypes
 
 
-@functools.cache
 def key(kind: str = "p256", slot: int = 0) -> PrivateKey:
     """A private key of ``kind``; the same (kind, slot) always gives the same key."""
+    return _key(kind, slot)
+
+
+@functools.cache
+def _key(kind: str, slot: int) -> PrivateKey:
     del slot  # only part of the cache key
     if kind.startswith("rsa"):
         return rsa.generate_private_key(public_exponent=65537, key_size=int(kind[3:]))
@@ -109,7 +113,7 @@ def make_ca(
     *,
     issuer: Issued | None = None,
     key_kind: str = "p256",
-    slot: int = 0,
+    slot: int = 99,  # CA keys default away from the leaf slots
     not_before: datetime = NOT_BEFORE - timedelta(days=365),
     not_after: datetime = NOT_AFTER + timedelta(days=365),
     path_length: int | None = None,
@@ -205,6 +209,9 @@ class Pki:
 @functools.cache
 def pki(root_kind: str = "rsa2048", intermediate_kind: str = "p384") -> Pki:
     """A root CA and one intermediate under it (cached: tests only read them)."""
-    root = make_ca("Test Root CA", key_kind=root_kind)
-    inter = make_ca("Test Issuing CA", issuer=root, key_kind=intermediate_kind, path_length=0)
+    # CA keys get their own slots, so no leaf ever shares a key with its CA.
+    root = make_ca("Test Root CA", key_kind=root_kind, slot=100)
+    inter = make_ca(
+        "Test Issuing CA", issuer=root, key_kind=intermediate_kind, slot=101, path_length=0
+    )
     return Pki(root, inter)

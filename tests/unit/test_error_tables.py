@@ -11,8 +11,7 @@ from pam_svmm.cli.main import EXIT_INTERNAL, exit_code
 from pam_svmm.pam.codes import pam_code_name
 
 ALL_ERRORS = [
-    c for _, c in inspect.getmembers(errors, inspect.isclass)
-    if issubclass(c, errors.SvmmError)
+    c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.SvmmError)
 ]
 
 

@@ -1,0 +1,268 @@
+"""Card logins through the real PAM stack: pam_wrapper, pam_python, SoftHSM2 behind pinguard,
+a real `openssl ocsp` responder and CRL server. Each login is a fresh PAM process."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from pam_svmm.domain.certpolicy import fingerprint
+from pam_svmm.lab.lab import Lab
+from pam_svmm.lab.pamclient import PamReport
+from pam_svmm.lab.responders import CrlServer, free_port
+
+pytestmark = pytest.mark.integration
+PIN = "123456"
+
+
+@dataclass
+class Attempt:
+    report: PamReport
+    audit: list[dict[str, Any]]
+
+    @property
+    def record(self) -> dict[str, Any]:
+        assert len(self.audit) == 1, f"expected one audit record, got {self.audit}"
+        return self.audit[0]
+
+
+def login(
+    lab: Lab, *cards: str, pin: str = PIN, user: str = "", service: str = "svmm-login"
+) -> Attempt:
+    before = len(lab.audit_records())
+    report = lab.login(lab.insert(*cards), pin=pin, user=user, service=service)
+    return Attempt(report, lab.audit_records()[before:])
+
+
+def refused(a: Attempt, code: str, reason: str) -> None:
+    assert a.report.name == code, a.report
+    assert a.record["reason"] == reason, a.record
+    assert a.record["outcome"] in ("failure", "undecided", "error")
+
+
+# --- good cards -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("card", "key"), [("alice", "RSA"), ("bob", "P-256"), ("carol", "P-384")])
+def test_good_card_logs_in_and_is_audited(lab: Lab, card: str, key: str) -> None:
+    a = login(lab, card, user=card)
+    assert a.report.ok, a.report
+    assert a.report.user == card
+    assert a.report.prompts == (f"PIN for {card} ID card: ",)
+    rec = a.record
+    assert rec["outcome"] == "success" and rec["user"] == card
+    assert rec["card"]["fingerprint"] == fingerprint(lab.card_cert(card))
+    assert rec["card"]["serial"] == f"{lab.card_cert(card).serial_number:x}"
+    assert rec["card"]["issuer"].startswith("CN=Demo Org Issuing CA 1")
+    assert rec["card"]["token"] == f"{card} ID card"
+    assert rec["host"] == "lab-host" and rec["service"] == "svmm-login"
+    assert rec["method"] == "card"
+    assert "not revoked per ocsp" in rec["detail"]
+
+
+def test_pam_user_is_set_from_the_card_when_unset(lab: Lab) -> None:
+    a = login(lab, "bob")
+    assert a.report.ok and a.report.user == "bob"
+    assert a.record["requested_user"] == ""
+
+
+def test_smartcard_logon_eku_alone_is_accepted(lab: Lab) -> None:
+    assert login(lab, "scl", user="scl").report.ok
+
+
+def test_pamtester_as_a_separate_application(lab: Lab) -> None:
+    proc = lab.pamtester(lab.insert("alice"), pin=PIN, user="alice")
+    assert proc.returncode == 0, proc.stderr
+    assert "successfully authenticated" in proc.stdout + proc.stderr
+
+
+# --- PIN ------------------------------------------------------------------------------------
+
+
+def test_wrong_pin_is_refused_and_the_pin_is_nowhere(lab: Lab) -> None:
+    a = login(lab, "alice", pin="771942", user="alice")
+    refused(a, "PAM_AUTH_ERR", "pin_incorrect")
+    assert any("wrong PIN" in m for m in a.report.messages)
+    assert "771942" not in lab.audit_path.read_text()
+    assert not any("771942" in m for m in a.report.messages)
+
+
+def test_pin_counter_final_try_then_locked(lab: Lab) -> None:
+    # tries: 3 tries; the card reports COUNT_LOW, then FINAL_TRY, then LOCKED.
+    first = login(lab, "tries", pin="000001", user="tries")
+    refused(first, "PAM_AUTH_ERR", "pin_incorrect")
+    assert any("few tries" in m for m in first.report.messages), first.report.messages
+    second = login(lab, "tries", pin="000002", user="tries")
+    refused(second, "PAM_AUTH_ERR", "pin_incorrect")
+    assert any("final PIN try" in m or "one try left" in m for m in second.report.messages)
+    third = login(lab, "tries", pin="000003", user="tries")
+    refused(third, "PAM_MAXTRIES", "pin_locked")
+    # Locked: the right PIN is not even asked for.
+    fourth = login(lab, "tries", pin="914273", user="tries")
+    refused(fourth, "PAM_MAXTRIES", "pin_locked")
+    assert fourth.report.prompts == ()
+    assert "914273" not in lab.audit_path.read_text()
+
+
+def test_pinpad_reader_takes_the_pin_on_the_reader(lab: Lab) -> None:
+    a = login(lab, "pad", pin="", user="pad")
+    assert a.report.ok, a.report
+    assert a.report.prompts == ()  # nothing asked through PAM
+    assert any("keypad" in m for m in a.report.messages)
+
+
+# --- no card, wrong card --------------------------------------------------------------------
+
+
+def test_no_card_is_authinfo_unavailable(lab: Lab) -> None:
+    a = login(lab, user="alice")
+    refused(a, "PAM_AUTHINFO_UNAVAIL", "no_card")
+    assert a.report.prompts == ()
+
+
+def test_card_of_bob_used_as_alice_is_refused_before_the_pin(lab: Lab) -> None:
+    a = login(lab, "bob", user="alice")
+    refused(a, "PAM_AUTH_ERR", "user_mismatch")
+    assert a.report.prompts == ()  # no PIN try spent on someone else's card
+    assert a.record["card"]["fingerprint"] == fingerprint(lab.card_cert("bob"))
+    assert a.report.user == "alice"  # PAM_USER untouched
+
+
+def test_two_tokens_the_users_own_card_is_used(lab: Lab) -> None:
+    for user in ("alice", "bob"):
+        a = login(lab, "bob", "alice", user=user)
+        assert a.report.ok, a.report
+        assert a.record["card"]["fingerprint"] == fingerprint(lab.card_cert(user))
+
+
+# --- certificate problems -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("card", "user", "reason"),
+    [
+        ("forged", "alice", "proof_of_possession_failed"),
+        ("rogue", "alice", "certificate_untrusted"),
+        ("eve", "eve", "certificate_expired"),
+        ("nyv", "nyv", "certificate_not_yet_valid"),
+        ("noeku", "noeku", "eku_missing"),
+        ("broken", "broken", "certificate_malformed"),
+        ("mallory", "mallory", "certificate_revoked"),
+    ],
+)
+def test_bad_certificates_are_refused(lab: Lab, card: str, user: str, reason: str) -> None:
+    a = login(lab, card, user=user)
+    refused(a, "PAM_AUTH_ERR", reason)
+    if reason not in ("proof_of_possession_failed", "certificate_revoked"):
+        # Offline certificate checks come before the PIN: no PIN try is spent on a card that
+        # cannot log in. Possession needs the card to sign, and revocation is asked over the
+        # network only for a card that proved possession.
+        assert a.report.prompts == ()
+
+
+# --- revocation -----------------------------------------------------------------------------
+
+
+def test_revoked_by_crl(lab: Lab) -> None:
+    svc = lab.variant("crl-only", '[revocation]\nmethods = ["crl"]\nend_entity = "require"\n'
+                      f'cache_dir = "{lab.cache_dir}"\n')
+    a = login(lab, "mallory", user="mallory", service=svc)
+    refused(a, "PAM_AUTH_ERR", "certificate_revoked")
+    assert "crl" in a.record["detail"]
+    ok = login(lab, "alice", user="alice", service=svc)
+    assert ok.report.ok and "not revoked per crl" in ok.record["detail"]
+
+
+def test_revoked_by_ocsp(lab: Lab) -> None:
+    svc = lab.variant("ocsp-only", '[revocation]\nmethods = ["ocsp"]\n'
+                      f'cache_dir = "{lab.cache_dir}"\n')
+    a = login(lab, "mallory", user="mallory", service=svc)
+    refused(a, "PAM_AUTH_ERR", "certificate_revoked")
+    assert "ocsp" in a.record["detail"]
+
+
+def _dead_ocsp(rule: str, cache: Path) -> str:
+    return (
+        f'[revocation]\nmethods = ["ocsp"]\nend_entity = "{rule}"\nca = "off"\n'
+        f'ocsp_responder = "http://127.0.0.1:{free_port()}/"\ncache_dir = "{cache}"\n'
+    )
+
+
+def test_ocsp_down_under_require_is_undecided(lab: Lab) -> None:
+    svc = lab.variant("ocsp-down-require", _dead_ocsp("require", lab.cache_dir))
+    a = login(lab, "alice", user="alice", service=svc)
+    refused(a, "PAM_AUTHINFO_UNAVAIL", "revocation_unknown")
+
+
+def test_ocsp_down_under_soft_fail_logs_in_and_says_so(lab: Lab) -> None:
+    svc = lab.variant("ocsp-down-soft", _dead_ocsp("soft-fail", lab.cache_dir))
+    a = login(lab, "alice", user="alice", service=svc)
+    assert a.report.ok, a.report
+    assert "soft-fail" in a.record["detail"]
+    # Soft-fail never hides a revocation that is known.
+    svc2 = lab.variant("soft-crl", '[revocation]\nmethods = ["crl"]\nend_entity = "soft-fail"\n'
+                       f'cache_dir = "{lab.cache_dir}"\n')
+    refused(login(lab, "mallory", user="mallory", service=svc2),
+            "PAM_AUTH_ERR", "certificate_revoked")
+
+
+def test_stale_crl_is_undecided(lab: Lab, tmp_path: Path) -> None:
+    now = dt.datetime.now(dt.UTC)
+    inter = lab.ca.intermediate
+    stale = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(inter.cert.subject)
+        .last_update(now - dt.timedelta(days=2))
+        .next_update(now - dt.timedelta(days=1))
+        .sign(inter.key, hashes.SHA256())
+    )
+    path = tmp_path / "stale.crl"
+    path.write_bytes(stale.public_bytes(serialization.Encoding.DER))
+    cache = tmp_path / "cache"
+    svc = lab.variant(
+        "stale",
+        f'[revocation]\nmethods = ["crl"]\ncrl_fetch = false\nca = "off"\n'
+        f'crl_files = ["{path}"]\ncache_dir = "{cache}"\n',
+    )
+    a = login(lab, "alice", user="alice", service=svc)
+    refused(a, "PAM_AUTHINFO_UNAVAIL", "revocation_unknown")
+    assert "stale" in a.record["detail"].lower()
+
+
+def test_slow_responder_is_bounded_by_the_fetch_timeout(lab: Lab, tmp_path: Path) -> None:
+    with CrlServer(tmp_path, delay=10.0) as slow:
+        svc = lab.variant(
+            "slow",
+            f'[revocation]\nmethods = ["ocsp"]\nfetch_timeout = 1\nca = "off"\n'
+            f'ocsp_responder = "{slow.url}"\ncache_dir = "{lab.cache_dir}"\n',
+        )
+        t = time.monotonic()
+        a = login(lab, "alice", user="alice", service=svc)
+        elapsed = time.monotonic() - t
+    refused(a, "PAM_AUTHINFO_UNAVAIL", "revocation_unknown")
+    assert elapsed < 6, f"login took {elapsed:.1f}s with a 1s fetch timeout"
+
+
+# --- failing closed -------------------------------------------------------------------------
+
+
+def test_broken_configuration_is_a_system_error_not_a_success(lab: Lab) -> None:
+    bad = lab.folder / "broken.toml"
+    bad.write_text("[pkcs11\n")
+    lab.write_pam_service(name="svmm-broken", config=bad)
+    a = login(lab, "alice", user="alice", service="svmm-broken")
+    assert a.report.name == "PAM_SYSTEM_ERR"
+    assert a.audit == []  # no configuration: no audit path to write to
+
+
+def test_missing_card_module_is_not_a_success(lab: Lab) -> None:
+    svc = lab.variant("nomodule", '[pkcs11]\nmodule = "/nonexistent/libpkcs11.so"\n')
+    a = login(lab, "alice", user="alice", service=svc)
+    refused(a, "PAM_AUTHINFO_UNAVAIL", "token_error")

@@ -1,0 +1,358 @@
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from certfactory import (
+    CLIENT_AUTH,
+    EMAIL_PROTECTION,
+    NOT_AFTER,
+    NOT_BEFORE,
+    NOW,
+    SERVER_AUTH,
+    SMARTCARD_LOGON,
+    make_ca,
+    make_leaf,
+    pki,
+)
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from pam_svmm.config import TrustConfig
+from pam_svmm.domain.certpolicy import (
+    CertPolicy,
+    describe,
+    fingerprint,
+    parse_certificate,
+    validate_chain,
+)
+from pam_svmm.errors import AuthFailed, CertificateInvalid, CertificateUntrusted, ConfigError
+
+POLICY = CertPolicy.from_config(TrustConfig())
+P = pki()
+ANCHORS = [P.root.cert]
+INTER = [P.intermediate.cert]
+SECOND = timedelta(seconds=1)
+
+
+def test_policy_from_default_config() -> None:
+    assert POLICY.extended_key_usages == ("1.3.6.1.5.5.7.3.2", "1.3.6.1.4.1.311.20.2.2")
+    assert POLICY.key_usages == ("digital_signature",)
+    assert POLICY.max_chain_depth == 5
+    assert POLICY.allow_missing_eku is False
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"extended_key_usages": ()}, "trust.extended_key_usages"),
+        ({"extended_key_usages": ("clientAuth",)}, "trust.extended_key_usages"),
+        ({"key_usages": ("key_cert_sign",)}, "trust.key_usages"),
+        ({"max_chain_depth": 0}, "trust.max_chain_depth"),
+        ({"max_chain_depth": 17}, "trust.max_chain_depth"),
+    ],
+)
+def test_policy_rejects_bad_values(kwargs: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        replace(POLICY, **kwargs)
+    assert e.value.key == key
+
+
+# --- accepted -----------------------------------------------------------------------------
+
+ALLOW: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    # (id, leaf kwargs, validate_chain overrides)
+    ("default", {}, {}),
+    ("smartcardLogon only", {"eku": (SMARTCARD_LOGON,)}, {}),
+    ("clientAuth only", {"eku": (CLIENT_AUTH,)}, {}),
+    ("extra EKUs", {"eku": (EMAIL_PROTECTION, SMARTCARD_LOGON)}, {}),
+    ("EC P-384", {"key_kind": "p384"}, {}),
+    ("RSA-2048", {"key_kind": "rsa2048"}, {}),
+    ("RSA-3072", {"key_kind": "rsa3072"}, {}),
+    ("no SAN, no CN", {"cn": None}, {}),
+    ("UPN and email SAN", {"upns": ["alice@corp.example"], "emails": ["a@corp.example"]}, {}),
+    ("extra key usages", {"ku": ("digital_signature", "key_encipherment")}, {}),
+    ("at exactly not_before", {}, {"at": NOT_BEFORE}),
+    ("at exactly not_after", {}, {"at": NOT_AFTER}),
+    ("at in another time zone", {}, {"at": NOW.astimezone(timezone(timedelta(hours=-7)))}),
+    ("no EKU when allowed", {"eku": None}, {"policy": replace(POLICY, allow_missing_eku=True)}),
+    ("no KU when none required", {"ku": None}, {"policy": replace(POLICY, key_usages=())}),
+    (
+        "dotted custom EKU",
+        {"eku": (EMAIL_PROTECTION,)},
+        {"policy": replace(POLICY, extended_key_usages=(EMAIL_PROTECTION.dotted_string,))},
+    ),
+]
+
+
+@pytest.mark.parametrize(("leaf_kw", "over"), [a[1:] for a in ALLOW], ids=[a[0] for a in ALLOW])
+def test_accepts(leaf_kw: dict[str, Any], over: dict[str, Any]) -> None:
+    leaf = P.leaf(**leaf_kw).cert
+    args: dict[str, Any] = {"at": NOW, "policy": POLICY, **over}
+    chain = validate_chain(leaf, INTER, ANCHORS, **args)
+    assert chain == [leaf, P.intermediate.cert, P.root.cert]
+
+
+def test_leaf_directly_under_anchor_needs_no_intermediate() -> None:
+    leaf = make_leaf(P.root).cert
+    assert validate_chain(leaf, [], ANCHORS, at=NOW, policy=POLICY) == [leaf, P.root.cert]
+
+
+def test_unrelated_intermediates_and_anchors_are_ignored() -> None:
+    other = pki("p256", "p256")
+    leaf = P.leaf().cert
+    chain = validate_chain(
+        leaf,
+        [other.intermediate.cert, *INTER],
+        [other.root.cert, P.root.cert],
+        at=NOW,
+        policy=POLICY,
+    )
+    assert chain == [leaf, P.intermediate.cert, P.root.cert]
+
+
+def test_ca_constrained_to_smartcard_logon_is_accepted() -> None:
+    ca = make_ca("SC CA", issuer=P.root, slot=11, eku=[SMARTCARD_LOGON])
+    leaf = make_leaf(ca, eku=(SMARTCARD_LOGON,)).cert
+    assert validate_chain(leaf, [ca.cert], ANCHORS, at=NOW, policy=POLICY)[1] == ca.cert
+
+
+@pytest.mark.parametrize(("depth", "ok"), [(1, False), (2, True), (3, True)])
+def test_max_chain_depth_counts_intermediates(depth: int, ok: bool) -> None:
+    i1 = make_ca("Level 1 CA", issuer=P.root, slot=12)
+    i2 = make_ca("Level 2 CA", issuer=i1, slot=13)
+    leaf = make_leaf(i2).cert
+    policy = replace(POLICY, max_chain_depth=depth)
+    if ok:
+        chain = validate_chain(leaf, [i1.cert, i2.cert], ANCHORS, at=NOW, policy=policy)
+        assert chain == [leaf, i2.cert, i1.cert, P.root.cert]
+    else:
+        with pytest.raises(CertificateUntrusted, match="max depth"):
+            validate_chain(leaf, [i1.cert, i2.cert], ANCHORS, at=NOW, policy=policy)
+
+
+# --- refused by the leaf checks, each with its own reason ---------------------------------
+
+DENY_LEAF: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
+    ("expired by 1s", {}, {"at": NOT_AFTER + SECOND}, "certificate_expired"),
+    (
+        "expired by 1us",
+        {},
+        {"at": NOT_AFTER + timedelta(microseconds=1)},
+        "certificate_expired",
+    ),
+    ("not yet valid by 1s", {}, {"at": NOT_BEFORE - SECOND}, "certificate_not_yet_valid"),
+    ("no KU extension", {"ku": None}, {}, "key_usage_missing"),
+    ("KU without digitalSignature", {"ku": ("key_encipherment",)}, {}, "key_usage_missing"),
+    (
+        "KU lacks one of two required",
+        {},
+        {"policy": replace(POLICY, key_usages=("digital_signature", "content_commitment"))},
+        "key_usage_missing",
+    ),
+    ("no EKU extension", {"eku": None}, {}, "eku_missing"),
+    ("serverAuth only", {"eku": (SERVER_AUTH,)}, {}, "eku_missing"),
+    ("emailProtection only", {"eku": (EMAIL_PROTECTION,)}, {}, "eku_missing"),
+    (
+        "anyEKU not configured",
+        {"eku": (ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,)},
+        {},
+        "eku_missing",
+    ),
+    ("weak RSA-1024", {"key_kind": "rsa1024"}, {}, "weak_key"),
+    ("EC P-521", {"key_kind": "p521"}, {}, "weak_key"),
+    ("EC secp256k1", {"key_kind": "secp256k1"}, {}, "weak_key"),
+    ("Ed25519", {"key_kind": "ed25519"}, {}, "weak_key"),
+    # The order is fixed: validity, then key, then KU, then EKU.
+    (
+        "expired and weak",
+        {"key_kind": "rsa1024"},
+        {"at": NOT_AFTER + SECOND},
+        "certificate_expired",
+    ),
+    ("weak and no KU", {"key_kind": "rsa1024", "ku": None}, {}, "weak_key"),
+    ("no KU and no EKU", {"ku": None, "eku": None}, {}, "key_usage_missing"),
+]
+
+
+@pytest.mark.parametrize(
+    ("leaf_kw", "over", "reason"), [d[1:] for d in DENY_LEAF], ids=[d[0] for d in DENY_LEAF]
+)
+def test_refuses_leaf(leaf_kw: dict[str, Any], over: dict[str, Any], reason: str) -> None:
+    leaf = P.leaf(**leaf_kw).cert
+    args: dict[str, Any] = {"at": NOW, "policy": POLICY, **over}
+    with pytest.raises(CertificateInvalid) as e:
+        validate_chain(leaf, INTER, ANCHORS, **args)
+    assert e.value.reason == reason
+    assert type(e.value) is CertificateInvalid
+
+
+def test_leaf_checks_come_before_path_building() -> None:
+    # An expired leaf from an untrusted CA reports the expiry, not the missing path.
+    stranger = pki("p256", "p256")
+    leaf = stranger.leaf().cert
+    with pytest.raises(CertificateInvalid) as e:
+        validate_chain(leaf, [], ANCHORS, at=NOT_AFTER + SECOND, policy=POLICY)
+    assert e.value.reason == "certificate_expired"
+
+
+# --- refused by path building -------------------------------------------------------------
+
+
+def _impostor_leaf() -> x509.Certificate:
+    # Same issuer name and key identifier as the real intermediate, signed by another key.
+    fake = make_ca("Test Issuing CA", issuer=P.root, key_kind="p384", slot=21)
+    forged = make_leaf(fake).cert
+    real = make_leaf(P.intermediate).cert
+    assert forged.issuer == real.issuer
+    return forged
+
+
+def _expired_intermediate_leaf() -> tuple[x509.Certificate, x509.Certificate]:
+    inter = make_ca(
+        "Old CA",
+        issuer=P.root,
+        slot=22,
+        not_before=NOW - timedelta(days=900),
+        not_after=NOW - SECOND,
+    )
+    return make_leaf(inter).cert, inter.cert
+
+
+def test_untrusted_ca() -> None:
+    stranger = pki("p256", "p256")
+    with pytest.raises(CertificateUntrusted):
+        validate_chain(
+            stranger.leaf().cert, [stranger.intermediate.cert], ANCHORS, at=NOW, policy=POLICY
+        )
+
+
+def test_intermediate_missing() -> None:
+    with pytest.raises(CertificateUntrusted, match="no valid chain"):
+        validate_chain(P.leaf().cert, [], ANCHORS, at=NOW, policy=POLICY)
+
+
+def test_intermediate_as_anchor_is_enough() -> None:
+    leaf = P.leaf().cert
+    chain = validate_chain(leaf, [], [P.intermediate.cert], at=NOW, policy=POLICY)
+    assert chain == [leaf, P.intermediate.cert]
+
+
+def _tampered_leaf() -> x509.Certificate:
+    # A genuine leaf whose signature value has one bit flipped (the last DER byte is in it).
+    der = bytearray(P.leaf().cert.public_bytes(Encoding.DER))
+    der[-1] ^= 0x01
+    return parse_certificate(bytes(der))
+
+
+@pytest.mark.parametrize("make", [_impostor_leaf, _tampered_leaf], ids=["impostor", "tampered"])
+def test_forged_signature(make: Any) -> None:
+    with pytest.raises(CertificateUntrusted):
+        validate_chain(make(), INTER, ANCHORS, at=NOW, policy=POLICY)
+
+
+def test_expired_intermediate() -> None:
+    leaf, inter = _expired_intermediate_leaf()
+    with pytest.raises(CertificateUntrusted):
+        validate_chain(leaf, [inter], ANCHORS, at=NOW, policy=POLICY)
+
+
+def test_intermediate_with_weak_rsa_key() -> None:
+    weak = make_ca("Weak CA", issuer=P.root, key_kind="rsa1024")
+    with pytest.raises(CertificateUntrusted):
+        validate_chain(make_leaf(weak).cert, [weak.cert], ANCHORS, at=NOW, policy=POLICY)
+
+
+def test_ca_whose_eku_excludes_login() -> None:
+    ca = make_ca("Mail CA", issuer=P.root, slot=23, eku=[EMAIL_PROTECTION])
+    leaf = make_leaf(ca).cert
+    with pytest.raises(CertificateUntrusted, match="EKU excludes login"):
+        validate_chain(leaf, [ca.cert], ANCHORS, at=NOW, policy=POLICY)
+
+
+def test_ca_certificate_as_leaf() -> None:
+    ca = make_ca("Sneaky CA", issuer=P.root, slot=24, eku=[CLIENT_AUTH])
+    with pytest.raises(CertificateUntrusted):
+        validate_chain(ca.cert, [], ANCHORS, at=NOW, policy=POLICY)
+
+
+def test_no_anchors() -> None:
+    with pytest.raises(CertificateUntrusted, match="no trust anchors"):
+        validate_chain(P.leaf().cert, INTER, [], at=NOW, policy=POLICY)
+
+
+def test_naive_time_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="timezone"):
+        validate_chain(P.leaf().cert, INTER, ANCHORS, at=datetime(2025, 6, 1), policy=POLICY)
+
+
+def test_every_refusal_is_an_auth_failure() -> None:
+    # Fail closed: each of these is in the "answer is no" branch, never something else.
+    leaf, inter = _expired_intermediate_leaf()
+    cases = [
+        (_impostor_leaf(), INTER),
+        (_tampered_leaf(), INTER),
+        (leaf, [inter]),
+        (P.leaf(key_kind="rsa1024").cert, INTER),
+    ]
+    for cert, inters in cases:
+        with pytest.raises(AuthFailed):
+            validate_chain(cert, inters, ANCHORS, at=NOW, policy=POLICY)
+
+
+# --- parsing, fingerprint, description ----------------------------------------------------
+
+
+def test_parse_certificate_roundtrip() -> None:
+    cert = P.leaf().cert
+    assert parse_certificate(cert.public_bytes(Encoding.DER)) == cert
+
+
+_DER = P.leaf().cert.public_bytes(Encoding.DER)
+_PEM = P.leaf().cert.public_bytes(Encoding.PEM)
+
+
+@pytest.mark.parametrize(
+    "der",
+    [b"", b"not a certificate", _DER[:-10], _DER + b"\x00", _PEM, b"\x30\x03\x02\x01\x01"],
+    ids=["empty", "garbage", "truncated", "trailing", "pem", "wrong-structure"],
+)
+def test_parse_certificate_malformed(der: bytes) -> None:
+    with pytest.raises(CertificateInvalid) as e:
+        parse_certificate(der)
+    assert e.value.reason == "certificate_malformed"
+
+
+def test_fingerprint_is_lowercase_sha256_of_der() -> None:
+    cert = P.leaf().cert
+    fp = fingerprint(cert)
+    assert fp == hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+    assert fp == fp.lower()
+    assert len(fp) == 64
+
+
+@pytest.mark.parametrize(
+    ("key_kind", "key_type"),
+    [("p256", "EC P-256"), ("p384", "EC P-384"), ("rsa2048", "RSA-2048"), ("ed25519", "Ed25519")],
+)
+def test_describe(key_kind: str, key_type: str) -> None:
+    cert = P.leaf(key_kind=key_kind, cn="alice").cert
+    d = describe(cert)
+    assert d == {
+        "subject": "CN=alice,O=Example Org",
+        "issuer": "CN=Test Issuing CA,O=Example Org",
+        "serial": format(cert.serial_number, "x"),
+        "not_before": NOT_BEFORE.isoformat(),
+        "not_after": NOT_AFTER.isoformat(),
+        "key_type": key_type,
+        "fingerprint_sha256": fingerprint(cert),
+    }
+    assert d["not_before"].endswith("+00:00")
+
+
+def test_describe_times_are_utc() -> None:
+    assert datetime.fromisoformat(describe(P.leaf().cert)["not_after"]).tzinfo == UTC
