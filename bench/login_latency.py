@@ -30,14 +30,14 @@ printed as an error row with the reason; the other rows still run. Rows are time
 interleaved (round-robin), so drift on the machine spreads over all of them.
 
 The lab (CA, user certificate, CRL padded with --crl-entries random serials) is cached in
---cache-dir under a key made of fixtures.LAB_VERSION and the padding size; the first run
+--cache-dir under a key made of bench/_fixtures.py LAB_VERSION and the padding size; the first run
 reports how long cryptography took to build the CRL (about 24 s for 100,000 entries).
 
 The pam_svmm rows name `pam_python.so SHIM venv=VENV config=TOML` (--shim, --venv); the
-TOML is written per row and checked with pam_svmm.config before use. The embedded
-interpreter gets PYTHONPATH=<repo root>; --venv-first also puts the venv's site-packages
-in front of Debian's dist-packages. When pam_svmm refuses the right PIN, the error row
+TOML is written per row and checked with pam_svmm.config before use; the embedded
+interpreter gets PYTHONPATH=<repo root>. When pam_svmm refuses the right PIN, the error row
 adds its last audit record, or whether the shim can import pam_svmm under /usr/bin/python3.
+The svmm-ocsp row is an error if the responder saw fewer requests than logins.
 
 Output: median, p90 and min in ms over --runs logins, and each median over the anchor's
 and over pam_pkcs11 ca,signature's; --json prints all of it (with the raw samples) instead.
@@ -529,9 +529,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--venv", default=sys.prefix,
                    help="venv= for the shim (default: this interpreter's prefix)")
     p.add_argument("--pam-python", default=PAM_PYTHON, help="path of pam_python.so")
-    p.add_argument("--venv-first", action="store_true",
-                   help="put the venv's site-packages ahead of Debian's dist-packages for "
-                        "pam_python (PYTHONPATH), for a shim that appends it behind them")
+
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--keep", action="store_true", help="keep the tmp dir and say where")
     args = p.parse_args(argv)
@@ -565,10 +563,6 @@ def main(argv: list[str] | None = None) -> int:
         # pam_python's embedded interpreter finds pam_svmm in this checkout.
         "PYTHONPATH": str(REPO),
     }
-    if args.venv_first:
-        major, minor = sys.version_info[:2]
-        site = Path(args.venv) / "lib" / f"python{major}.{minor}" / "site-packages"
-        bench.env["PYTHONPATH"] = f"{site}:{REPO}"
     rows = [Row(k, ROWS[k][0]) for k in args.rows.split(",")]
     try:
         for row in rows:

@@ -254,9 +254,11 @@ def _pkcs11(t: _Table) -> Pkcs11Config:
         raise ConfigError(t.key("uri"), str(e)) from None
     prompt = t.str("pin_prompt", d.pin_prompt)
     try:
-        prompt.format(token="x")  # noqa: S106 - a placeholder, not a secret
+        prompt.format(token="x", host="h")  # noqa: S106 - placeholders, not secrets
     except (KeyError, IndexError, ValueError):
-        raise ConfigError(t.key("pin_prompt"), "may only use the {token} placeholder") from None
+        raise ConfigError(
+            t.key("pin_prompt"), "may only use the {token} and {host} placeholders"
+        ) from None
     cfg = Pkcs11Config(
         module=t.str("module", d.module),
         uri=uri,

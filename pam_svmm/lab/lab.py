@@ -285,6 +285,21 @@ syslog = false
                 )
         return self._rogue
 
+    def host_credentials(self, *, rogue: bool = False) -> tuple[Path, Path]:
+        """This lab host's certificate and key for mutual authentication (made once).
+        ``rogue``: the same host name under another organisation's CA."""
+        folder = self.folder / ("rogue-host" if rogue else "host")
+        cert_path, key_path = folder / "host.pem", folder / "host.key"
+        if not cert_path.exists():
+            folder.mkdir(mode=0o700, exist_ok=True)
+            key = new_key("p256")
+            ca = self.rogue_ca if rogue else self.ca
+            cert = ca.issue_host("lab-host", key.public_key())
+            key_path.write_bytes(key_pem(key))
+            key_path.chmod(0o600)
+            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return cert_path, key_path
+
     def card(self, name: str) -> dict[str, object]:
         return json.loads((self.cards_dir / name / "card.json").read_text())
 

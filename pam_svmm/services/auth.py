@@ -22,16 +22,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 
 from ..config import Config
-from ..domain import certpolicy, challenge, mapping
+from ..domain import certpolicy, challenge, mapping, mutual
 from ..domain.audit_record import CardFacts
 from ..errors import (
     AuthFailed,
     CertificateInvalid,
+    HostNotVouched,
     LoginTimeout,
     NoCard,
     NoUsableCertificate,
@@ -145,6 +146,7 @@ class CardAuthenticator:
         intermediates: Sequence[x509.Certificate] = (),
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         random: Callable[[int], bytes] = os.urandom,
+        host_credentials: tuple[x509.Certificate, Any] | None = None,
     ) -> None:
         from ..domain import pkcs11_uri
 
@@ -158,6 +160,7 @@ class CardAuthenticator:
         self.uri = pkcs11_uri.parse(config.pkcs11.uri)
         self.now = now
         self.random = random
+        self.host_credentials = host_credentials
 
     # --- public ---------------------------------------------------------------------------
 
@@ -170,9 +173,12 @@ class CardAuthenticator:
         chosen = candidates[0]
         attempt.card = chosen.facts()
         attempt.user = chosen.identity.username
+        vouched = self._vouch_for_host(token, at) if self.config.mutual.enabled else None
+        if vouched is not None:
+            attempt.notes.append(f"host {vouched.name} vouched for by card anchor {vouched.anchor}")
 
         with self.module.session(token) as session:  # type: ignore[attr-defined]
-            self._login(session, token, prompter, deadline)
+            self._login(session, token, prompter, deadline, vouched)
             deadline.check("challenge")
             ch = challenge.new_challenge(
                 request.host,
@@ -277,8 +283,32 @@ class CardAuthenticator:
             raise first_error
         raise NoUsableCertificate("the card holds no certificate usable for login")
 
+    def _vouch_for_host(self, token: object, at: dt.datetime) -> mutual.VouchedHost:
+        """Mutual authentication, before any PIN: the card's anchor must vouch for us."""
+        if self.host_credentials is None:
+            raise HostNotVouched("mutual authentication is on but this host has no credentials")
+        label = self.config.mutual.card_anchor_label
+        anchors = []
+        for cc in self.module.certificates(token, None):  # type: ignore[attr-defined]
+            if cc.label == label:
+                anchors.append(certpolicy.parse_certificate(cc.der))
+        host_cert, host_key = self.host_credentials
+        return mutual.verify_host(
+            card_anchors=anchors,
+            host_cert=host_cert,
+            host_key=host_key,
+            intermediates=self.intermediates,
+            at=at,
+            nonce=self.random(self.config.auth.challenge_bytes),
+        )
+
     def _login(
-        self, session: object, token: object, prompter: Prompter, deadline: Deadline
+        self,
+        session: object,
+        token: object,
+        prompter: Prompter,
+        deadline: Deadline,
+        vouched: mutual.VouchedHost | None = None,
     ) -> None:
         tries = getattr(token, "pin_tries", PinTries.UNKNOWN)
         if tries is PinTries.LOCKED:
@@ -292,7 +322,12 @@ class CardAuthenticator:
             prompter.info(f"Enter the PIN for '{token.label}' on the reader's keypad.")  # type: ignore[attr-defined]
             session.login(None)  # type: ignore[attr-defined]
             return
-        pin = prompter.ask_secret(self.config.pkcs11.pin_prompt.format(token=token.label))  # type: ignore[attr-defined]
+        template = self.config.pkcs11.pin_prompt
+        host = vouched.name if vouched else ""
+        if vouched and "{host}" not in template:
+            template = "[host {host}, vouched for by your card] " + template
+        prompt = template.format(token=token.label, host=host)  # type: ignore[attr-defined]
+        pin = prompter.ask_secret(prompt)
         deadline.check("PIN")
         try:
             session.login(pin)  # type: ignore[attr-defined]

@@ -106,6 +106,26 @@ class LoginService:
     def audit(self) -> AuditLog:
         return AuditLog(self.config.audit.path, syslog_mirror=self.config.audit.syslog)
 
+    @cached_property
+    def host_credentials(self) -> tuple[x509.Certificate, object] | None:
+        """This host's certificate and key, for mutual authentication (root-only key)."""
+        m = self.config.mutual
+        if not m.enabled or m.host_cert is None or m.host_key is None:
+            return None
+        from cryptography.hazmat.primitives import serialization
+
+        from ..errors import ConfigError
+
+        try:
+            cert = x509.load_pem_x509_certificate(m.host_cert.read_bytes())
+        except (OSError, ValueError) as e:
+            raise ConfigError("mutual.host_cert", f"cannot load: {e}") from None
+        try:
+            key = serialization.load_pem_private_key(m.host_key.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError("mutual.host_key", f"cannot load: {type(e).__name__}") from None
+        return cert, key
+
     def authenticator(self) -> CardAuthenticator:
         return CardAuthenticator(
             self.config,
@@ -116,6 +136,7 @@ class LoginService:
             intermediates=self.intermediates,
             now=self.now,
             random=os.urandom,
+            host_credentials=self.host_credentials,  # type: ignore[arg-type]
         )
 
     def host_name(self) -> str:

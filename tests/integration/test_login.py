@@ -171,8 +171,10 @@ def test_bad_certificates_are_refused(lab: Lab, card: str, user: str, reason: st
 
 
 def test_revoked_by_crl(lab: Lab) -> None:
-    svc = lab.variant("crl-only", '[revocation]\nmethods = ["crl"]\nend_entity = "require"\n'
-                      f'cache_dir = "{lab.cache_dir}"\n')
+    svc = lab.variant(
+        "crl-only",
+        f'[revocation]\nmethods = ["crl"]\nend_entity = "require"\ncache_dir = "{lab.cache_dir}"\n',
+    )
     a = login(lab, "mallory", user="mallory", service=svc)
     refused(a, "PAM_AUTH_ERR", "certificate_revoked")
     assert "crl" in a.record["detail"]
@@ -181,8 +183,9 @@ def test_revoked_by_crl(lab: Lab) -> None:
 
 
 def test_revoked_by_ocsp(lab: Lab) -> None:
-    svc = lab.variant("ocsp-only", '[revocation]\nmethods = ["ocsp"]\n'
-                      f'cache_dir = "{lab.cache_dir}"\n')
+    svc = lab.variant(
+        "ocsp-only", f'[revocation]\nmethods = ["ocsp"]\ncache_dir = "{lab.cache_dir}"\n'
+    )
     a = login(lab, "mallory", user="mallory", service=svc)
     refused(a, "PAM_AUTH_ERR", "certificate_revoked")
     assert "ocsp" in a.record["detail"]
@@ -207,10 +210,14 @@ def test_ocsp_down_under_soft_fail_logs_in_and_says_so(lab: Lab) -> None:
     assert a.report.ok, a.report
     assert "soft-fail" in a.record["detail"]
     # Soft-fail never hides a revocation that is known.
-    svc2 = lab.variant("soft-crl", '[revocation]\nmethods = ["crl"]\nend_entity = "soft-fail"\n'
-                       f'cache_dir = "{lab.cache_dir}"\n')
-    refused(login(lab, "mallory", user="mallory", service=svc2),
-            "PAM_AUTH_ERR", "certificate_revoked")
+    svc2 = lab.variant(
+        "soft-crl",
+        '[revocation]\nmethods = ["crl"]\nend_entity = "soft-fail"\n'
+        f'cache_dir = "{lab.cache_dir}"\n',
+    )
+    refused(
+        login(lab, "mallory", user="mallory", service=svc2), "PAM_AUTH_ERR", "certificate_revoked"
+    )
 
 
 def test_stale_crl_is_undecided(lab: Lab, tmp_path: Path) -> None:
@@ -266,3 +273,29 @@ def test_missing_card_module_is_not_a_success(lab: Lab) -> None:
     svc = lab.variant("nomodule", '[pkcs11]\nmodule = "/nonexistent/libpkcs11.so"\n')
     a = login(lab, "alice", user="alice", service=svc)
     refused(a, "PAM_AUTHINFO_UNAVAIL", "token_error")
+
+
+# --- mutual authentication ------------------------------------------------------------------
+
+
+def _mutual(lab: Lab, *, rogue: bool) -> str:
+    cert, key = lab.host_credentials(rogue=rogue)
+    return lab.variant(
+        "mutual-rogue" if rogue else "mutual",
+        f'[mutual]\nenabled = true\nhost_cert = "{cert}"\nhost_key = "{key}"\n',
+    )
+
+
+def test_mutual_authentication_shows_the_vouched_host_in_the_prompt(lab: Lab) -> None:
+    a = login(lab, "alice", user="alice", service=_mutual(lab, rogue=False))
+    assert a.report.ok, a.report
+    assert a.report.prompts == (
+        "[host lab-host, vouched for by your card] PIN for alice ID card: ",
+    )
+    assert "vouched for by card anchor CN=Demo Org Root CA" in a.record["detail"]
+
+
+def test_mutual_authentication_refuses_to_ask_the_pin_on_an_unvouched_host(lab: Lab) -> None:
+    a = login(lab, "alice", user="alice", service=_mutual(lab, rogue=True))
+    refused(a, "PAM_AUTH_ERR", "host_not_vouched")
+    assert a.report.prompts == ()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -161,3 +163,41 @@ def test_fetch_errors_name_the_url(lab: Lab) -> None:
     lab.crl.stop()
     with pytest.raises(FetchError, match="refused"):
         f.get(f"{lab.ca.crl_base}/intermediate.crl", max_bytes=1 << 20, timeout=2)
+
+
+class _Redirector(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        target = {"/to-file": "file:///etc/passwd", "/to-ftp": "ftp://127.0.0.1/x",
+                  "/to-http": "/ok", "/ok": None}
+        where = target.get(self.path, "/missing")
+        if where is None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+            return
+        self.send_response(302)
+        self.send_header("Location", where)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_redirects_only_to_http() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        f = HttpFetcher()
+        assert f.get(f"{base}/to-http", max_bytes=100, timeout=2) == b"ok"
+        with pytest.raises(FetchError, match="non-http"):
+            f.get(f"{base}/to-ftp", max_bytes=100, timeout=2)
+        with pytest.raises(FetchError, match="not allowed"):  # urllib's own refusal
+            f.get(f"{base}/to-file", max_bytes=100, timeout=2)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -1,0 +1,130 @@
+"""The PAM entry fails closed: whatever goes wrong below it, the answer is never PAM_SUCCESS,
+and it never raises into pam_python (invariant 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from pam_svmm import errors
+from pam_svmm.domain.audit_record import CardFacts
+from pam_svmm.pam import entry
+from pam_svmm.services.auth import LoginResult
+
+
+class FakePamh:
+    """The parts of pam_python's handle the entry uses, with Linux-PAM's code values."""
+
+    PAM_SUCCESS = 0
+    PAM_SYSTEM_ERR = 4
+    PAM_AUTH_ERR = 7
+    PAM_AUTHINFO_UNAVAIL = 9
+    PAM_MAXTRIES = 11
+    PAM_IGNORE = 25
+    PAM_PROMPT_ECHO_OFF = 1
+    PAM_ERROR_MSG = 3
+    PAM_TEXT_INFO = 4
+
+    class exception(Exception):
+        pam_result = 19
+
+    @dataclass
+    class Message:
+        msg_style: int
+        msg: str
+
+    def __init__(self, user: str | None = "alice") -> None:
+        self.user = user
+        self.service = "login"
+        self.tty = "tty1"
+        self.rhost = ""
+        self.said: list[str] = []
+
+    def conversation(self, message: Any) -> Any:
+        self.said.append(message.msg)
+        return None
+
+
+@dataclass
+class FakeService:
+    error: BaseException | None = None
+    result_user: str = "alice"
+    calls: list[Any] = field(default_factory=list)
+
+    def host_name(self) -> str:
+        return "host"
+
+    def card_login(self, request: Any, prompter: Any) -> LoginResult:
+        self.calls.append(request)
+        if self.error is not None:
+            raise self.error
+        return LoginResult(self.result_user, "upn", CardFacts(), ())
+
+
+@pytest.fixture
+def service(monkeypatch: pytest.MonkeyPatch) -> FakeService:
+    svc = FakeService()
+    monkeypatch.setattr(entry, "_service", lambda args: svc)
+    entry._card_users.clear()
+    return svc
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (RuntimeError("bug"), FakePamh.PAM_SYSTEM_ERR),
+        (KeyError("bug"), FakePamh.PAM_SYSTEM_ERR),
+        (TimeoutError(), FakePamh.PAM_SYSTEM_ERR),
+        (errors.LoginTimeout("slow"), FakePamh.PAM_AUTHINFO_UNAVAIL),
+        (errors.NoCard("none"), FakePamh.PAM_AUTHINFO_UNAVAIL),
+        (errors.CertificateRevoked("revoked"), FakePamh.PAM_AUTH_ERR),
+        (errors.PinLocked("locked"), FakePamh.PAM_MAXTRIES),
+        (errors.ConfigError("k", "bad"), FakePamh.PAM_SYSTEM_ERR),
+    ],
+)
+def test_failures_map_to_their_code_and_never_raise(
+    service: FakeService, error: BaseException, code: int
+) -> None:
+    service.error = error
+    pamh = FakePamh()
+    assert entry.pam_sm_authenticate(pamh, 0, ["shim.py"]) == code
+    assert pamh.user == "alice"  # PAM_USER untouched on failure
+    assert entry.pam_sm_acct_mgmt(pamh, 0, ["shim.py"]) == FakePamh.PAM_IGNORE
+
+
+def test_config_load_failure_is_a_system_error(tmp_path: Any) -> None:
+    entry._services.clear()
+    pamh = FakePamh()
+    code = entry.pam_sm_authenticate(pamh, 0, ["shim.py", f"config={tmp_path}/missing.toml"])
+    assert code == FakePamh.PAM_SYSTEM_ERR
+    assert any("file not found" in s for s in pamh.said)
+
+
+def test_success_sets_pam_user_from_the_card(service: FakeService) -> None:
+    service.result_user = "bob"
+    pamh = FakePamh(user=None)
+    assert entry.pam_sm_authenticate(pamh, 0, ["shim.py"]) == FakePamh.PAM_SUCCESS
+    assert pamh.user == "bob"
+    assert service.calls[0].pam_user is None
+    assert entry.pam_sm_acct_mgmt(pamh, 0, ["shim.py"]) == FakePamh.PAM_SUCCESS
+    assert entry.pam_sm_setcred(pamh, 0, ["shim.py"]) == FakePamh.PAM_SUCCESS
+
+
+def test_acct_mgmt_ignores_users_it_did_not_authenticate(service: FakeService) -> None:
+    assert entry.pam_sm_acct_mgmt(FakePamh("carol"), 0, ["shim.py"]) == FakePamh.PAM_IGNORE
+    assert entry.pam_sm_setcred(FakePamh("carol"), 0, ["shim.py"]) == FakePamh.PAM_IGNORE
+
+
+def test_a_broken_handle_is_still_a_system_error(service: FakeService) -> None:
+    class Broken(FakePamh):
+        @property
+        def service(self) -> str:  # type: ignore[override]
+            raise RuntimeError("pam_get_item failed")
+
+        @service.setter
+        def service(self, value: str) -> None:
+            pass
+
+    assert entry.pam_sm_authenticate(Broken(), 0, ["shim.py"]) == FakePamh.PAM_SYSTEM_ERR
