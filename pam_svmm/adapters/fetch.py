@@ -15,7 +15,7 @@ from typing import Protocol
 
 from ..errors import FetchError
 
-CRL_MAX_BYTES = 20 * 1024 * 1024
+CRL_MAX_BYTES = 64 * 1024 * 1024  # a 1M-entry CRL is about 40 MB
 OCSP_MAX_BYTES = 64 * 1024
 _SCHEMES = ("http", "https")
 _CHUNK = 64 * 1024

@@ -51,7 +51,11 @@ def verify(args: argparse.Namespace) -> int:
     from ..services.login import LoginService
 
     svc = LoginService(config_mod.load(args.config))
-    cert = load_cert_file(args.cert)
+    try:
+        cert = load_cert_file(args.cert)
+    except CertificateInvalid as e:
+        print(f"  FAIL {e.reason}: {e.message}")
+        raise
     extra: list[x509.Certificate] = []
     for p in args.intermediate:
         extra.extend(x509.load_pem_x509_certificates(p.read_bytes()))

@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from .. import config as config_mod
 from ..errors import SvmmError
@@ -20,7 +18,10 @@ from ..errors import SvmmError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", help="check configuration, card module, anchors, CRLs, responders")
-    p.add_argument("--timeout", type=float, default=2.0, help="seconds per reachability probe")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds per responder probe")
+    p.add_argument(
+        "--cert", type=Path, help="also probe this certificate's CRL and OCSP URLs (e.g. a card's)"
+    )
     p.set_defaults(func=doctor)
 
 
@@ -92,8 +93,14 @@ def doctor(args: argparse.Namespace) -> int:
     report.check("audit log", audit)
     for f in cfg.revocation.crl_files:
         report.check(f"CRL {f}", lambda f=f: _crl_freshness(f, now))
-    for url in _revocation_urls(svc, cfg):
-        report.check(f"responder {url}", lambda url=url: _reachable(url, args.timeout))
+    probe = _Prober(svc, cfg, args.timeout, now)
+    subject = None
+    if args.cert:
+        from .cert import load_cert_file
+
+        subject = load_cert_file(args.cert)
+    for url, kind, cert, issuer in probe.targets(subject):
+        report.check(f"{kind} {url}", lambda u=url, k=kind, c=cert, i=issuer: probe.run(u, k, c, i))
     return 0 if report.failed == 0 else 3
 
 
@@ -109,19 +116,72 @@ def _crl_freshness(path: Path, now: dt.datetime) -> str:
     return f"{len(crl)} entries, next update {nu:%Y-%m-%d %H:%M} UTC"
 
 
-def _revocation_urls(svc: object, cfg: config_mod.Config) -> list[str]:
-    from ..services.revocation import crl_urls, ocsp_urls
+class _Prober:
+    """Real requests to the revocation services (a bare TCP connect would not tell whether
+    the service answers, and wedges some responders)."""
 
-    urls: list[str] = []
-    if cfg.revocation.ocsp_responder:
-        urls.append(cfg.revocation.ocsp_responder)
-    for cert in getattr(svc, "intermediates", []):
-        urls.extend(crl_urls(cert) + ocsp_urls(cert))
-    return list(dict.fromkeys(urls))
+    def __init__(self, svc: object, cfg: config_mod.Config, timeout: float, now: dt.datetime):
+        from ..adapters.fetch import HttpFetcher
+
+        self.svc = svc
+        self.cfg = cfg
+        self.timeout = timeout
+        self.now = now
+        self.fetcher = HttpFetcher()
+
+    def targets(self, leaf: object | None) -> list[tuple[str, str, object, object]]:
+        """(url, 'CRL'|'OCSP', certificate, its issuer) for the CAs and the optional leaf."""
+        from ..services.revocation import crl_urls, ocsp_urls
+
+        anchors = list(getattr(self.svc, "anchors", []))
+        cas = list(getattr(self.svc, "intermediates", []))
+        pairs = [(c, _issuer_of(c, anchors + cas)) for c in cas]
+        if leaf is not None:
+            pairs.insert(0, (leaf, _issuer_of(leaf, cas + anchors)))
+        out: list[tuple[str, str, object, object]] = []
+        for cert, issuer in pairs:
+            for url in crl_urls(cert):  # type: ignore[arg-type]
+                out.append((url, "CRL", cert, issuer))
+            urls = (
+                [self.cfg.revocation.ocsp_responder] if self.cfg.revocation.ocsp_responder else []
+            )
+            for url in urls or ocsp_urls(cert):  # type: ignore[arg-type]
+                if issuer is not None:
+                    out.append((url, "OCSP", cert, issuer))
+        seen: set[tuple[str, str]] = set()
+        return [t for t in out if (t[0], t[1]) not in seen and not seen.add((t[0], t[1]))]
+
+    def run(self, url: str, kind: str, cert: object, issuer: object) -> str:
+        from ..adapters.crl_store import parse_crl
+        from ..domain.revocation import build_ocsp_request
+
+        if kind == "CRL":
+            crl = parse_crl(self.fetcher.get(url, timeout=self.timeout), url)
+            nu = crl.next_update_utc
+            if nu is not None and nu < self.now:
+                return f"warn: answers, but the CRL is stale since {nu:%Y-%m-%d %H:%M} UTC"
+            return f"answers: {len(crl)} entries, next update {nu:%Y-%m-%d %H:%M} UTC"
+        from cryptography.x509 import ocsp
+
+        der = self.fetcher.post(
+            url,
+            build_ocsp_request(cert, issuer, None),  # type: ignore[arg-type]
+            content_type="application/ocsp-request",
+            timeout=self.timeout,
+        )
+        resp = ocsp.load_der_ocsp_response(der)
+        status = resp.response_status.name.lower()
+        if resp.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
+            return f"warn: answers with status {status}"
+        return f"answers: {resp.certificate_status.name.lower()} for {_cn(cert)}"
 
 
-def _reachable(url: str, timeout: float) -> str:
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    with socket.create_connection((parts.hostname or "", port), timeout=timeout):
-        return "reachable"
+def _issuer_of(cert: object, pool: list) -> object | None:
+    for c in pool:
+        if c.subject == cert.issuer:  # type: ignore[attr-defined]
+            return c
+    return None
+
+
+def _cn(cert: object) -> str:
+    return cert.subject.rfc4514_string()  # type: ignore[attr-defined]

@@ -1,0 +1,90 @@
+"""The `svmm` command on the lab: cert verify, card list, doctor."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pam_svmm.lab.lab import Lab
+
+pytestmark = pytest.mark.integration
+
+
+def svmm(lab: Lab, *args: str, cards: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, SVMM_CONFIG=str(lab.config_path), **lab.insert(*cards).env)
+    return subprocess.run(
+        [sys.executable, "-m", "pam_svmm.cli.main", *args],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )
+
+
+def test_cert_verify_good_card(lab: Lab) -> None:
+    p = svmm(lab, "cert", "verify", str(lab.cards_dir / "alice" / "cert.pem"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "ok   chain" in p.stdout and "ok   revocation" in p.stdout
+    assert "would log in as alice" in p.stdout
+
+
+@pytest.mark.parametrize(
+    ("card", "reason", "code"),
+    [("mallory", "certificate_revoked", 1), ("eve", "certificate_expired", 1),
+     ("rogue", "certificate_untrusted", 1)],
+)
+def test_cert_verify_says_why_it_fails(lab: Lab, card: str, reason: str, code: int) -> None:
+    p = svmm(lab, "cert", "verify", str(lab.cards_dir / card / "cert.pem"))
+    assert p.returncode == code, p.stdout + p.stderr
+    assert f"FAIL {reason}" in p.stdout
+
+
+def test_cert_verify_malformed_file(lab: Lab, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.der"
+    bad.write_bytes(b"\x30\x03\x02\x01")
+    p = svmm(lab, "cert", "verify", str(bad))
+    assert p.returncode == 1
+    assert "malformed" in p.stdout + p.stderr
+
+
+def test_card_list_shows_tokens_and_the_choice(lab: Lab) -> None:
+    p = svmm(lab, "card", "list", "--user", "bob", cards=("alice", "bob"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    assert "token 'alice ID card'" in out and "token 'bob ID card'" in out
+    assert "key RSA-2048" in out and "P-256" in out
+    assert "maps to alice" in out and "maps to bob" in out
+    assert "would use 'auth' on 'bob ID card' for bob" in out
+
+
+def test_card_list_without_a_card(lab: Lab) -> None:
+    p = svmm(lab, "card", "list")
+    assert p.returncode == 3 and "no card" in p.stdout
+
+
+def test_card_list_explains_an_unusable_card(lab: Lab) -> None:
+    p = svmm(lab, "card", "list", cards=("eve",))
+    assert p.returncode == 1
+    assert "not usable: certificate_expired" in p.stdout
+
+
+def test_doctor_on_the_lab(lab: Lab) -> None:
+    p = svmm(lab, "doctor", "--cert", str(lab.cards_dir / "mallory" / "cert.pem"),
+             cards=("alice",))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "ok   configuration" in p.stdout
+    assert "tokens: alice ID card" in p.stdout
+    assert "answers: revoked" in p.stdout  # the OCSP responder, asked about mallory's card
+    assert "intermediate.crl: answers" in p.stdout
+
+
+def test_doctor_with_a_broken_config(lab: Lab, tmp_path: Path) -> None:
+    cfg = tmp_path / "svmm.toml"
+    cfg.write_text('[revocation]\nend_entity = "sometimes"\n')
+    p = subprocess.run(
+        [sys.executable, "-m", "pam_svmm.cli.main", "--config", str(cfg), "doctor"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert p.returncode == 3
+    assert "revocation.end_entity" in p.stdout
