@@ -2,16 +2,16 @@
 
 No proxies from the environment (the configuration is the only source of settings), at most
 a few redirects and only to http/https. Every failure is a FetchError naming the URL.
+
+urllib.request (with http.client, email and ssl behind it) costs tens of milliseconds to
+import, so it is imported on the first request, not by a login that never fetches.
 """
 
 from __future__ import annotations
 
-import http.client
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..errors import FetchError
 
@@ -37,20 +37,25 @@ def check_url(url: str) -> None:
         raise FetchError(f"{url}: only http:// and https:// URLs with a host are fetched")
 
 
-class _Redirects(urllib.request.HTTPRedirectHandler):
-    max_redirections = 3
+def _build_opener() -> Any:
+    import urllib.request
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
-        if urllib.parse.urlsplit(newurl).scheme not in _SCHEMES:
-            raise FetchError(f"{req.full_url}: redirect to a non-http(s) URL refused")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    class Redirects(urllib.request.HTTPRedirectHandler):
+        max_redirections = 3
+
+        def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+            if urllib.parse.urlsplit(newurl).scheme not in _SCHEMES:
+                raise FetchError(f"{req.full_url}: redirect to a non-http(s) URL refused")
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), Redirects())
 
 
 class HttpFetcher:
     """urllib with a total deadline per request and a response size cap."""
 
     def __init__(self, user_agent: str = "pam_svmm") -> None:
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _Redirects())
+        self._opener: Any = None
         self._user_agent = user_agent
 
     def get(self, url: str, *, max_bytes: int = CRL_MAX_BYTES, timeout: float = 3.0) -> bytes:
@@ -70,6 +75,12 @@ class HttpFetcher:
     def _request(
         self, url: str, body: bytes | None, content_type: str, max_bytes: int, timeout: float
     ) -> bytes:
+        import http.client
+        import urllib.error
+        import urllib.request
+
+        if self._opener is None:
+            self._opener = _build_opener()
         check_url(url)
         if timeout <= 0:
             raise FetchError(f"{url}: no time left for the request")
@@ -98,8 +109,7 @@ class HttpFetcher:
             raise FetchError(f"{url}: {type(e).__name__}: {e}") from None
 
     @staticmethod
-    def _read(url: str, resp: http.client.HTTPResponse, max_bytes: int, deadline: float,
-              timeout: float) -> bytes:
+    def _read(url: str, resp: Any, max_bytes: int, deadline: float, timeout: float) -> bytes:
         # The socket timeout bounds each read; the deadline bounds a server that trickles.
         chunks, size = [], 0
         while True:
