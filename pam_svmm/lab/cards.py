@@ -43,8 +43,12 @@ def provision_card(
     ca_certs: Sequence[x509.Certificate] = (),
     anchors: Sequence[x509.Certificate] = (),
     malformed: bool = False,
+    extra: Sequence[tuple[PrivateKey, bytes, bytes, str]] = (),
 ) -> str:
-    """Make a card in ``tokendir``; returns the token serial SoftHSM2 gave it."""
+    """Make a card in ``tokendir``; returns the token serial SoftHSM2 gave it.
+
+    ``extra``: more (key, certificate DER, key id, label) pairs on the same card, as a card
+    holding an old and a renewed certificate does."""
     tokendir.mkdir(parents=True, exist_ok=True)
     conf = softhsm_conf(tokendir)
     request = {
@@ -57,6 +61,10 @@ def provision_card(
         "ca_certs": [c.public_bytes(serialization.Encoding.DER).hex() for c in ca_certs],
         "anchors": [c.public_bytes(serialization.Encoding.DER).hex() for c in anchors],
         "malformed": malformed,
+        "extra": [
+            {"key_pem": key_pem(k).decode(), "cert": d.hex(), "key_id": i.hex(), "label": lbl}
+            for k, d, i, lbl in extra
+        ],
     }
     env = dict(os.environ, SOFTHSM2_CONF=str(conf))
     proc = subprocess.run(
@@ -93,11 +101,15 @@ def _child() -> int:
             key_id=bytes.fromhex(req["key_id"]),
             anchors=tuple(bytes.fromhex(a) for a in req["anchors"]),
         )
-        if req["ca_certs"]:
-            with module.session(info, rw=True) as s:
-                s.login(req["pin"])
-                for i, der in enumerate(req["ca_certs"]):
-                    s.write_trust_anchor(bytes.fromhex(der), label=f"ca-{i}")
+        with module.session(info, rw=True) as s:
+            s.login(req["pin"])
+            for i, der in enumerate(req["ca_certs"]):
+                s.write_trust_anchor(bytes.fromhex(der), label=f"ca-{i}")
+            for e in req["extra"]:
+                k = serialization.load_pem_private_key(e["key_pem"].encode(), password=None)
+                kid = bytes.fromhex(e["key_id"])
+                s.import_private_key(k, key_id=kid, label=e["label"])  # type: ignore[arg-type]
+                s.write_certificate(bytes.fromhex(e["cert"]), key_id=kid, label=e["label"])
     print(info.serial)
     return 0
 

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -49,8 +49,9 @@ class CardSpec:
     holder: str  # the user name its certificate maps to
     key: str = "rsa"  # rsa, p256, p384, rsa1024
     pin: str = "123456"
-    state: str = "good"  # good, revoked, expired, not_yet_valid, no_eku, forged, untrusted,
-    #                      malformed
+    # good, revoked, expired, not_yet_valid, no_eku, smartcard_only, forged, untrusted,
+    # malformed, renewed (an expired certificate beside the current one)
+    state: str = "good"
     tries_left: int | None = None  # PIN tries left (pinguard), None: not tracked
     max_tries: int = 3
     pinpad: bool = False
@@ -223,6 +224,13 @@ syslog = false
             cert_der = cert_der[:40] + b"\x00garbage" + cert_der[48:]
         from .cards import provision_card
 
+        extra = []
+        if spec.state == "renewed":
+            # The card still holds last year's (expired) certificate next to the current one.
+            old_key = new_key(spec.key)
+            old = self._certificate_for(replace(spec, state="expired"), old_key)
+            (folder / "old-cert.pem").write_bytes(old.public_bytes(serialization.Encoding.PEM))
+            extra.append((old_key, old.public_bytes(serialization.Encoding.DER), b"\x02", "old"))
         serial = provision_card(
             folder / "tokens",
             label=spec.label,
@@ -234,6 +242,7 @@ syslog = false
             ca_certs=[self.ca.intermediate.cert],
             anchors=[self.ca.root.cert],
             malformed=spec.state == "malformed",
+            extra=extra,
         )
         meta = asdict(spec) | {"serial": serial, "cert_serial": f"{cert.serial_number:x}"}
         (folder / "card.json").write_text(json.dumps(meta, indent=1))

@@ -96,7 +96,7 @@ def run_client(
         timeout=timeout,
         check=False,
     )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("{\"messages\"", "{\"step\""))]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(('{"messages"', '{"step"'))]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"PAM client failed ({proc.returncode}): {proc.stderr[-2000:]}")
     data = json.loads(lines[-1])

@@ -21,7 +21,6 @@ ENV_STATE = "SVMM_PINGUARD_STATE"
 DEFAULT_REAL_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 
-
 def build_pinguard(out_dir: str | os.PathLike[str], *, cc: str = "gcc") -> Path:
     """Compile pinguard.c into ``out_dir`` (cached by source hash); return the .so path."""
     return build_c(

@@ -108,13 +108,20 @@ class OcspResponder(_Service):
     def argv(self) -> list[str]:
         f = self.folder
         return [
-            "openssl", "ocsp",
-            "-index", str(f / "index.txt"),
-            "-port", str(self.port),
-            "-rsigner", str(f / "ocsp.pem"),
-            "-rkey", str(f / "ocsp.key"),
-            "-CA", str(f / "intermediate.pem"),
-            "-nmin", str(self.next_update_minutes),
+            "openssl",
+            "ocsp",
+            "-index",
+            str(f / "index.txt"),
+            "-port",
+            str(self.port),
+            "-rsigner",
+            str(f / "ocsp.pem"),
+            "-rkey",
+            str(f / "ocsp.key"),
+            "-CA",
+            str(f / "intermediate.pem"),
+            "-nmin",
+            str(self.next_update_minutes),
             "-ignore_err",  # a malformed request must not end the responder
         ]
 
@@ -123,7 +130,10 @@ class OcspResponder(_Service):
             return
         with open(self._log, "ab") as log:
             self._proc = subprocess.Popen(
-                self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
                 start_new_session=True,
             )
         try:
@@ -244,7 +254,9 @@ class CrlServer(_Service):
         server.delay = self._delay
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            daemon=True,
             name=f"crl-server-{self.port}",
         )
         self._thread.start()

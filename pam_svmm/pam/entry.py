@@ -20,8 +20,8 @@ from .codes import pam_code_name
 # One LoginService per config file per process: `login` and `sudo` authenticate once,
 # but a display manager's long-lived process authenticates many times.
 _services: dict[tuple[str, int], Any] = {}
-# Users this process authenticated by card, for pam_sm_acct_mgmt / setcred.
-_card_users: set[str] = set()
+# Users this process authenticated by card (and how), for pam_sm_acct_mgmt / setcred.
+_card_users: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,30 @@ def _code(pamh: Any, error: BaseException) -> int:
     return int(getattr(pamh, pam_code_name(error)))
 
 
-def _log_unexpected(where: str, error: BaseException) -> None:
+def _request(pamh: Any, svc: Any) -> LoginRequest:
+    return LoginRequest(
+        service=pamh.service or "",
+        host=svc.host_name(),
+        pam_user=pamh.user or None,
+        tty=pamh.tty or "",
+        rhost=pamh.rhost or "",
+    )
+
+
+def _log_failure(where: str, error: BaseException) -> None:
+    """Syslog what the audit trail cannot hold: bugs, and a configuration that does not load
+    (then there is no audit path). Decisions are audited by the services."""
+    from ..errors import ConfigError, SvmmError
+
+    if isinstance(error, SvmmError) and not isinstance(error, ConfigError):
+        return
+    text = (
+        error.message
+        if isinstance(error, ConfigError)
+        else f"internal error {type(error).__name__}"
+    )
     syslog.openlog("svmm", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
-    syslog.syslog(syslog.LOG_ERR, f"pam_svmm {where}: internal error {type(error).__name__}")
+    syslog.syslog(syslog.LOG_ERR, f"pam_svmm {where}: {text}")
 
 
 def _tell_user(pamh: Any, error: BaseException) -> None:
@@ -100,25 +121,14 @@ def _tell_user(pamh: Any, error: BaseException) -> None:
 
 def pam_sm_authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
     try:
-        args = ModuleArgs.parse(argv)
-        svc = _service(args)
-        request = LoginRequest(
-            service=pamh.service or "",
-            host=svc.host_name(),
-            pam_user=pamh.user or None,
-            tty=pamh.tty or "",
-            rhost=pamh.rhost or "",
-        )
-        result = svc.card_login(request, PamPrompter(pamh))
+        svc = _service(ModuleArgs.parse(argv))
+        result = svc.card_login(_request(pamh, svc), PamPrompter(pamh))
         if pamh.user != result.user:
             pamh.user = result.user
-        _card_users.add(result.user)
+        _card_users[result.user] = result
         return int(pamh.PAM_SUCCESS)
     except Exception as error:
-        from ..errors import SvmmError
-
-        if not isinstance(error, SvmmError):
-            _log_unexpected("authenticate", error)
+        _log_failure("authenticate", error)
         _tell_user(pamh, error)
         return _code(pamh, error)
 
@@ -128,7 +138,7 @@ def pam_sm_setcred(pamh: Any, flags: int, argv: list[str]) -> int:
     try:
         return int(pamh.PAM_SUCCESS if (pamh.user or "") in _card_users else pamh.PAM_IGNORE)
     except Exception as error:
-        _log_unexpected("setcred", error)
+        _log_failure("setcred", error)
         return _code(pamh, error)
 
 
@@ -136,11 +146,14 @@ def pam_sm_acct_mgmt(pamh: Any, flags: int, argv: list[str]) -> int:
     try:
         # This module vouches only for accounts it authenticated by card; for others (a
         # password login through another module) it has nothing to say.
-        if (pamh.user or "") in _card_users:
-            return int(pamh.PAM_SUCCESS)
-        return int(pamh.PAM_IGNORE)
+        result = _card_users.get(pamh.user or "")
+        if result is None:
+            return int(pamh.PAM_IGNORE)
+        svc = _service(ModuleArgs.parse(argv))
+        svc.account(_request(pamh, svc), result)
+        return int(pamh.PAM_SUCCESS)
     except Exception as error:
-        _log_unexpected("acct_mgmt", error)
+        _log_failure("acct_mgmt", error)
         return _code(pamh, error)
 
 

@@ -193,6 +193,15 @@ class LoginService:
         self._audit("auth", request, attempt, Outcome.SUCCESS, "ok", "; ".join(result.notes))
         return result
 
+    def account(self, request: LoginRequest, result: LoginResult) -> None:
+        """Account management for a user this process logged in by card.
+
+        The card login already decided everything this layer knows about the account (the
+        directory's account state and the host policy come with later layers); the decision
+        is recorded so the trail shows each PAM phase."""
+        attempt = Attempt(card=result.card, user=result.user)
+        self._audit("account", request, attempt, Outcome.SUCCESS, "card_login")
+
     def _audit(
         self,
         event: str,

@@ -20,6 +20,7 @@ TEST_CARDS = (
     CardSpec("broken", "broken", "p256", state="malformed"),
     CardSpec("pad", "pad", "p256", pinpad=True),
     CardSpec("tries", "tries", "rsa", tries_left=3, max_tries=3, pin="914273"),
+    CardSpec("renewed", "renewed", "p256", state="renewed"),
 )
 
 

@@ -18,7 +18,11 @@ def svmm(lab: Lab, *args: str, cards: tuple[str, ...] = ()) -> subprocess.Comple
     env = dict(os.environ, SVMM_CONFIG=str(lab.config_path), **lab.insert(*cards).env)
     return subprocess.run(
         [sys.executable, "-m", "pam_svmm.cli.main", *args],
-        capture_output=True, text=True, env=env, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
     )
 
 
@@ -31,8 +35,11 @@ def test_cert_verify_good_card(lab: Lab) -> None:
 
 @pytest.mark.parametrize(
     ("card", "reason", "code"),
-    [("mallory", "certificate_revoked", 1), ("eve", "certificate_expired", 1),
-     ("rogue", "certificate_untrusted", 1)],
+    [
+        ("mallory", "certificate_revoked", 1),
+        ("eve", "certificate_expired", 1),
+        ("rogue", "certificate_untrusted", 1),
+    ],
 )
 def test_cert_verify_says_why_it_fails(lab: Lab, card: str, reason: str, code: int) -> None:
     p = svmm(lab, "cert", "verify", str(lab.cards_dir / card / "cert.pem"))
@@ -70,8 +77,7 @@ def test_card_list_explains_an_unusable_card(lab: Lab) -> None:
 
 
 def test_doctor_on_the_lab(lab: Lab) -> None:
-    p = svmm(lab, "doctor", "--cert", str(lab.cards_dir / "mallory" / "cert.pem"),
-             cards=("alice",))
+    p = svmm(lab, "doctor", "--cert", str(lab.cards_dir / "mallory" / "cert.pem"), cards=("alice",))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "ok   configuration" in p.stdout
     assert "tokens: alice ID card" in p.stdout
@@ -84,7 +90,10 @@ def test_doctor_with_a_broken_config(lab: Lab, tmp_path: Path) -> None:
     cfg.write_text('[revocation]\nend_entity = "sometimes"\n')
     p = subprocess.run(
         [sys.executable, "-m", "pam_svmm.cli.main", "--config", str(cfg), "doctor"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert p.returncode == 3
     assert "revocation.end_entity" in p.stdout

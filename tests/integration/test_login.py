@@ -29,8 +29,14 @@ class Attempt:
 
     @property
     def record(self) -> dict[str, Any]:
-        assert len(self.audit) == 1, f"expected one audit record, got {self.audit}"
-        return self.audit[0]
+        """The attempt's one authentication record."""
+        auth = [r for r in self.audit if r["event"] == "auth"]
+        assert len(auth) == 1, f"expected one auth record, got {self.audit}"
+        return auth[0]
+
+    @property
+    def events(self) -> list[str]:
+        return [r["event"] for r in self.audit]
 
 
 def login(
@@ -45,6 +51,7 @@ def refused(a: Attempt, code: str, reason: str) -> None:
     assert a.report.name == code, a.report
     assert a.record["reason"] == reason, a.record
     assert a.record["outcome"] in ("failure", "undecided", "error")
+    assert a.events == ["auth"]  # no account phase after a refusal
 
 
 # --- good cards -----------------------------------------------------------------------------
@@ -65,6 +72,8 @@ def test_good_card_logs_in_and_is_audited(lab: Lab, card: str, key: str) -> None
     assert rec["host"] == "lab-host" and rec["service"] == "svmm-login"
     assert rec["method"] == "card"
     assert "not revoked per ocsp" in rec["detail"]
+    assert a.events == ["auth", "account"]  # each PAM phase leaves its record
+    assert a.audit[1]["card"] == rec["card"] and a.audit[1]["outcome"] == "success"
 
 
 def test_pam_user_is_set_from_the_card_when_unset(lab: Lab) -> None:
@@ -140,6 +149,12 @@ def test_two_tokens_the_users_own_card_is_used(lab: Lab) -> None:
         a = login(lab, "bob", "alice", user=user)
         assert a.report.ok, a.report
         assert a.record["card"]["fingerprint"] == fingerprint(lab.card_cert(user))
+
+
+def test_a_card_with_an_old_and_a_renewed_certificate_uses_the_valid_one(lab: Lab) -> None:
+    a = login(lab, "renewed", user="renewed")
+    assert a.report.ok, a.report
+    assert a.record["card"]["fingerprint"] == fingerprint(lab.card_cert("renewed"))
 
 
 # --- certificate problems -------------------------------------------------------------------

@@ -44,8 +44,9 @@ class Lab:
         return [cert, self.ca.intermediate.cert, self.ca.root.cert]
 
     def checker(self, *, methods=(OCSP,), ee=REQUIRE, ca=OFF, timeout=2.0) -> RevocationChecker:  # type: ignore[no-untyped-def]
-        cfg = RevocationConfig(end_entity=ee, ca=ca, methods=methods, cache_dir=self.cache,
-                               fetch_timeout=timeout)
+        cfg = RevocationConfig(
+            end_entity=ee, ca=ca, methods=methods, cache_dir=self.cache, fetch_timeout=timeout
+        )
         fetcher = HttpFetcher()
         store = CrlStore(cfg.cache_dir, fetcher=fetcher, skew=cfg.clock_skew)
         return RevocationChecker(cfg, fetcher=fetcher, store=store)
@@ -55,8 +56,9 @@ class Lab:
 def lab(tmp_path: Path) -> Iterator[Lab]:
     ocsp_port, crl_port = free_port(), free_port()
     folder = tmp_path / "ca"
-    ca = LabCA.create(folder, crl_base=f"http://127.0.0.1:{crl_port}",
-                      ocsp_url=f"http://127.0.0.1:{ocsp_port}/")
+    ca = LabCA.create(
+        folder, crl_base=f"http://127.0.0.1:{crl_port}", ocsp_url=f"http://127.0.0.1:{ocsp_port}/"
+    )
     alice = ca.issue_user("alice", new_key("p256").public_key())
     bob = ca.issue_user("bob", new_key("p256").public_key())
     ca.revoke(bob)
@@ -66,7 +68,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
 
 def test_ocsp_good_and_revoked(lab: Lab) -> None:
-    (_, d), = lab.checker().check(lab.chain(lab.alice))[:1]
+    ((_, d),) = lab.checker().check(lab.chain(lab.alice))[:1]
     assert d.outcome is Outcome.GOOD and d.results[-1].method == "ocsp"
     with pytest.raises(CertificateRevoked) as info:
         lab.checker().check(lab.chain(lab.bob))
@@ -96,7 +98,7 @@ def test_ocsp_down_under_require_is_unknown(lab: Lab) -> None:
 
 def test_ocsp_down_under_soft_fail_is_accepted_with_a_note(lab: Lab) -> None:
     lab.ocsp.stop()
-    (_, d), = lab.checker(ee=SOFT).check(lab.chain(lab.alice))[:1]
+    ((_, d),) = lab.checker(ee=SOFT).check(lab.chain(lab.alice))[:1]
     assert d.outcome is Outcome.SOFT_FAILED and "soft-fail" in d.note
     # Soft-fail never hides a revocation another method knows about.
     lab.ocsp.start()
@@ -107,7 +109,7 @@ def test_ocsp_down_under_soft_fail_is_accepted_with_a_note(lab: Lab) -> None:
 def test_ocsp_down_crl_answers(lab: Lab) -> None:
     lab.ocsp.stop()
     c = lab.checker(methods=(OCSP, CRL))
-    (_, d), = c.check(lab.chain(lab.alice))[:1]
+    ((_, d),) = c.check(lab.chain(lab.alice))[:1]
     assert d.outcome is Outcome.GOOD and [r.method for r in d.results] == ["ocsp", "crl"]
     with pytest.raises(CertificateRevoked):
         c.check(lab.chain(lab.bob))
@@ -123,7 +125,7 @@ def test_slow_crl_server_times_out(lab: Lab) -> None:
     assert url in info.value.message and "timed out" in info.value.message
     # Through the checker: unknown within its budget, accepted under soft-fail.
     start = time.monotonic()
-    (_, d), = lab.checker(methods=(CRL,), ee=SOFT, timeout=0.5).check(lab.chain(lab.alice))[:1]
+    ((_, d),) = lab.checker(methods=(CRL,), ee=SOFT, timeout=0.5).check(lab.chain(lab.alice))[:1]
     assert time.monotonic() - start < 1.5
     assert d.outcome is Outcome.SOFT_FAILED and "timed out" in d.note
 
@@ -167,8 +169,12 @@ def test_fetch_errors_name_the_url(lab: Lab) -> None:
 
 class _Redirector(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        target = {"/to-file": "file:///etc/passwd", "/to-ftp": "ftp://127.0.0.1/x",
-                  "/to-http": "/ok", "/ok": None}
+        target = {
+            "/to-file": "file:///etc/passwd",
+            "/to-ftp": "ftp://127.0.0.1/x",
+            "/to-http": "/ok",
+            "/ok": None,
+        }
         where = target.get(self.path, "/missing")
         if where is None:
             self.send_response(200)

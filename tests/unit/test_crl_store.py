@@ -35,8 +35,10 @@ def make_crl(
 ) -> bytes:
     entries = []
     for i, (serial, reason) in enumerate(revoked.items()):
-        b = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(
-            NOW - timedelta(days=2, seconds=i)
+        b = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(NOW - timedelta(days=2, seconds=i))
         )
         if reason is not None:
             b = b.add_extension(x509.CRLReason(reason), critical=False)
@@ -90,8 +92,9 @@ def status(s: CrlStore, serial: int, files: list[Path], *, at=NOW, urls=()) -> R
 def test_index_lookup_matches_cryptography(cache: Path) -> None:
     rng = random.Random(1234)  # noqa: S311 (reproducible test data)
     reasons = [None, *crl_store._REASON_CODES]
-    revoked = {rng.getrandbits(rng.choice((16, 64, 159))) | 1: rng.choice(reasons)
-               for _ in range(1500)}
+    revoked = {
+        rng.getrandbits(rng.choice((16, 64, 159))) | 1: rng.choice(reasons) for _ in range(1500)
+    }
     for edge in (1, 2, 255, 256, 1 << 64, MAX_SERIAL, MAX_SERIAL - 1, 1 << 158):
         revoked[edge] = x509.ReasonFlags.superseded
     revoked.pop(0, None)
@@ -168,12 +171,16 @@ def test_issuer_without_crl_sign_rejected(cache: Path) -> None:
     base = ISSUER.cert
     no_crl_sign = (
         x509.CertificateBuilder()
-        .subject_name(base.subject).issuer_name(base.issuer)
+        .subject_name(base.subject)
+        .issuer_name(base.issuer)
         .public_key(base.public_key())  # type: ignore[arg-type]
-        .serial_number(99).not_valid_before(base.not_valid_before_utc)
+        .serial_number(99)
+        .not_valid_before(base.not_valid_before_utc)
         .not_valid_after(base.not_valid_after_utc)
-        .add_extension(x509.KeyUsage(True, False, False, False, False, True, False, False, False),
-                       critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, False, False, False),
+            critical=True,
+        )
         .sign(P.root.key, hashes.SHA256())
     )
     with pytest.raises(RevocationUnknown) as info:
@@ -230,9 +237,13 @@ def test_fetched_crl_is_cached_until_stale_then_refetched(cache: Path) -> None:
     assert r.status is RevocationStatus.UNKNOWN
     assert "stale" in r.detail and "connection refused" in r.detail
     # The refetch succeeds with a newer CRL: its answer is used.
-    fetcher.answers[url] = make_crl(ISSUER, {5: None, 6: None}, number=2,
-                                    this_update=late - timedelta(minutes=5),
-                                    next_update=late + timedelta(hours=1))
+    fetcher.answers[url] = make_crl(
+        ISSUER,
+        {5: None, 6: None},
+        number=2,
+        this_update=late - timedelta(minutes=5),
+        next_update=late + timedelta(hours=1),
+    )
     assert status(s, 6, [], urls=[url], at=late) is RevocationStatus.REVOKED
 
 

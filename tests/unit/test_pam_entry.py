@@ -56,6 +56,9 @@ class FakeService:
     def host_name(self) -> str:
         return "host"
 
+    def account(self, request: Any, result: LoginResult) -> None:
+        self.calls.append(("account", request.pam_user))
+
     def card_login(self, request: Any, prompter: Any) -> LoginResult:
         self.calls.append(request)
         if self.error is not None:

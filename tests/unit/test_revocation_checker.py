@@ -38,8 +38,9 @@ class OcspStub:
     def get(self, url: str, *, max_bytes: int, timeout: float) -> bytes:
         raise FetchError(f"{url}: no CRL server here")
 
-    def post(self, url: str, body: bytes, *, content_type: str, max_bytes: int,
-             timeout: float) -> bytes:
+    def post(
+        self, url: str, body: bytes, *, content_type: str, max_bytes: int, timeout: float
+    ) -> bytes:
         self.posts += 1
         if self.down:
             raise FetchError(f"{url}: connection refused")
@@ -47,13 +48,20 @@ class OcspStub:
         ca = self.issuers[req.issuer_key_hash]
         cert = next(c for c in CHAIN if c.serial_number == req.serial_number)
         revoked = req.serial_number in self.revoked
-        b = ocsp.OCSPResponseBuilder().add_response(
-            cert=cert, issuer=ca.cert, algorithm=hashes.SHA1(),  # noqa: S303 (CertID)
-            cert_status=ocsp.OCSPCertStatus.REVOKED if revoked else ocsp.OCSPCertStatus.GOOD,
-            this_update=NOW - timedelta(minutes=1), next_update=NOW + timedelta(hours=1),
-            revocation_time=NOW - timedelta(days=1) if revoked else None,
-            revocation_reason=None,
-        ).responder_id(ocsp.OCSPResponderEncoding.HASH, ca.cert)
+        b = (
+            ocsp.OCSPResponseBuilder()
+            .add_response(
+                cert=cert,
+                issuer=ca.cert,
+                algorithm=hashes.SHA1(),  # noqa: S303 (CertID)
+                cert_status=ocsp.OCSPCertStatus.REVOKED if revoked else ocsp.OCSPCertStatus.GOOD,
+                this_update=NOW - timedelta(minutes=1),
+                next_update=NOW + timedelta(hours=1),
+                revocation_time=NOW - timedelta(days=1) if revoked else None,
+                revocation_reason=None,
+            )
+            .responder_id(ocsp.OCSPResponderEncoding.HASH, ca.cert)
+        )
         for ext in req.extensions:
             b = b.add_extension(ext.value, critical=ext.critical)
         return b.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
@@ -71,11 +79,23 @@ def crl_files(tmp_path: Path) -> dict[str, Path]:
     return files
 
 
-def checker(tmp_path: Path, *, ee: RevocationRule, ca: RevocationRule, files: list[Path],
-            methods=(CRL,), fetcher=None) -> RevocationChecker:  # type: ignore[no-untyped-def]
+def checker(
+    tmp_path: Path,
+    *,
+    ee: RevocationRule,
+    ca: RevocationRule,
+    files: list[Path],
+    methods=(CRL,),
+    fetcher=None,
+) -> RevocationChecker:  # type: ignore[no-untyped-def]
     cfg = RevocationConfig(
-        end_entity=ee, ca=ca, methods=methods, crl_files=tuple(files), crl_fetch=False,
-        cache_dir=tmp_path / "cache", ocsp_responder="http://ocsp.invalid/",
+        end_entity=ee,
+        ca=ca,
+        methods=methods,
+        crl_files=tuple(files),
+        crl_fetch=False,
+        cache_dir=tmp_path / "cache",
+        ocsp_responder="http://ocsp.invalid/",
     )
     fetcher = fetcher or OcspStub({})
     store = CrlStore(cfg.cache_dir, skew=cfg.clock_skew)
@@ -83,8 +103,9 @@ def checker(tmp_path: Path, *, ee: RevocationRule, ca: RevocationRule, files: li
 
 
 @pytest.mark.parametrize(("ee", "ca"), list(itertools.product(RevocationRule, RevocationRule)))
-def test_each_position_gets_its_own_rule(tmp_path: Path, ee: RevocationRule,
-                                         ca: RevocationRule, crl_files: dict[str, Path]) -> None:
+def test_each_position_gets_its_own_rule(
+    tmp_path: Path, ee: RevocationRule, ca: RevocationRule, crl_files: dict[str, Path]
+) -> None:
     """Only the end entity's CRL is at hand: the leaf is GOOD, the intermediate UNKNOWN."""
     c = checker(tmp_path, ee=ee, ca=ca, files=[crl_files["inter"]])
     if ca is REQUIRE:
@@ -101,8 +122,9 @@ def test_each_position_gets_its_own_rule(tmp_path: Path, ee: RevocationRule,
 
 
 @pytest.mark.parametrize(("ee", "ca"), list(itertools.product(RevocationRule, RevocationRule)))
-def test_mirror_only_the_ca_crl_at_hand(tmp_path: Path, ee: RevocationRule, ca: RevocationRule,
-                                        crl_files: dict[str, Path]) -> None:
+def test_mirror_only_the_ca_crl_at_hand(
+    tmp_path: Path, ee: RevocationRule, ca: RevocationRule, crl_files: dict[str, Path]
+) -> None:
     c = checker(tmp_path, ee=ee, ca=ca, files=[crl_files["root"]])
     if ee is REQUIRE:
         with pytest.raises(RevocationUnknown) as info:
@@ -114,8 +136,9 @@ def test_mirror_only_the_ca_crl_at_hand(tmp_path: Path, ee: RevocationRule, ca: 
     assert out[1][1].outcome is (Outcome.NOT_CHECKED if ca is OFF else Outcome.GOOD)
 
 
-def test_revoked_intermediate_fails_under_soft_fail(tmp_path: Path,
-                                                    crl_files: dict[str, Path]) -> None:
+def test_revoked_intermediate_fails_under_soft_fail(
+    tmp_path: Path, crl_files: dict[str, Path]
+) -> None:
     crl_files["root"].write_bytes(make_crl(P.root, {P.intermediate.cert.serial_number: None}))
     c = checker(tmp_path, ee=REQUIRE, ca=SOFT, files=list(crl_files.values()))
     with pytest.raises(CertificateRevoked) as info:
@@ -123,11 +146,16 @@ def test_revoked_intermediate_fails_under_soft_fail(tmp_path: Path,
     assert "Issuing CA" in info.value.message
 
 
-def test_ocsp_first_then_crl_when_ocsp_is_down(tmp_path: Path,
-                                               crl_files: dict[str, Path]) -> None:
+def test_ocsp_first_then_crl_when_ocsp_is_down(tmp_path: Path, crl_files: dict[str, Path]) -> None:
     stub = OcspStub({key_hash(P.intermediate): P.intermediate, key_hash(P.root): P.root})
-    c = checker(tmp_path, ee=REQUIRE, ca=REQUIRE, files=list(crl_files.values()),
-                methods=(OCSP, CRL), fetcher=stub)
+    c = checker(
+        tmp_path,
+        ee=REQUIRE,
+        ca=REQUIRE,
+        files=list(crl_files.values()),
+        methods=(OCSP, CRL),
+        fetcher=stub,
+    )
     out = c.check(CHAIN)
     assert all("ocsp" in d.detail for _, d in out) and stub.posts == 2
     stub.down = True
@@ -136,20 +164,27 @@ def test_ocsp_first_then_crl_when_ocsp_is_down(tmp_path: Path,
     assert [r.method for r in out[0][1].results] == ["ocsp", "crl"]
 
 
-def test_crl_first_skips_ocsp_when_the_crl_answers(tmp_path: Path,
-                                                   crl_files: dict[str, Path]) -> None:
+def test_crl_first_skips_ocsp_when_the_crl_answers(
+    tmp_path: Path, crl_files: dict[str, Path]
+) -> None:
     stub = OcspStub({key_hash(P.intermediate): P.intermediate})
-    c = checker(tmp_path, ee=REQUIRE, ca=OFF, files=list(crl_files.values()),
-                methods=(CRL, OCSP), fetcher=stub)
+    c = checker(
+        tmp_path,
+        ee=REQUIRE,
+        ca=OFF,
+        files=list(crl_files.values()),
+        methods=(CRL, OCSP),
+        fetcher=stub,
+    )
     c.check(CHAIN)
     assert stub.posts == 0
 
 
 def test_ocsp_revoked_stops_the_login(tmp_path: Path, crl_files: dict[str, Path]) -> None:
-    stub = OcspStub({key_hash(P.intermediate): P.intermediate},
-                    revoked={LEAF.cert.serial_number})
-    c = checker(tmp_path, ee=SOFT, ca=OFF, files=list(crl_files.values()),
-                methods=(OCSP, CRL), fetcher=stub)
+    stub = OcspStub({key_hash(P.intermediate): P.intermediate}, revoked={LEAF.cert.serial_number})
+    c = checker(
+        tmp_path, ee=SOFT, ca=OFF, files=list(crl_files.values()), methods=(OCSP, CRL), fetcher=stub
+    )
     with pytest.raises(CertificateRevoked):
         c.check(CHAIN)
 
@@ -171,10 +206,15 @@ def test_urls_from_extensions() -> None:
     dp = ca._crl_dp("x.crl")
     aia = ca._aia()
     cert = (
-        x509.CertificateBuilder().subject_name(LEAF.cert.subject)
-        .issuer_name(LEAF.cert.issuer).public_key(LEAF.cert.public_key())  # type: ignore[arg-type]
-        .serial_number(5).not_valid_before(NOW).not_valid_after(NOW + timedelta(days=1))
-        .add_extension(dp, critical=False).add_extension(aia, critical=False)
+        x509.CertificateBuilder()
+        .subject_name(LEAF.cert.subject)
+        .issuer_name(LEAF.cert.issuer)
+        .public_key(LEAF.cert.public_key())  # type: ignore[arg-type]
+        .serial_number(5)
+        .not_valid_before(NOW)
+        .not_valid_after(NOW + timedelta(days=1))
+        .add_extension(dp, critical=False)
+        .add_extension(aia, critical=False)
         .sign(P.intermediate.key, hashes.SHA256())
     )
     assert crl_urls(cert) == ["http://127.0.0.1:1/x.crl"]

@@ -121,8 +121,15 @@ NU = NOW + timedelta(hours=1)
 
 
 def _crl(entry: CrlEntry | None, *, at=NOW, next_update=NU, grace=0.0) -> RevocationResult:  # type: ignore[no-untyped-def]
-    return evaluate_crl(entry, this_update=NOW - timedelta(hours=1), next_update=next_update,
-                        at=at, skew=60, grace=grace, source="test")
+    return evaluate_crl(
+        entry,
+        this_update=NOW - timedelta(hours=1),
+        next_update=next_update,
+        at=at,
+        skew=60,
+        grace=grace,
+        source="test",
+    )
 
 
 def test_crl_fresh_answers() -> None:
@@ -195,10 +202,24 @@ def _response(
     return resp.public_bytes(serialization.Encoding.DER)
 
 
-def _eval(der: bytes, *, nonce: bytes | None = NONCE, at=NOW, max_age: float = 3600,  # type: ignore[no-untyped-def]
-          trusted=()) -> RevocationResult:
-    return evaluate_ocsp(der, ALICE.cert, P.intermediate.cert, nonce=nonce, at=at, skew=300,
-                         max_age=max_age, trusted_responders=trusted)
+def _eval(
+    der: bytes,
+    *,
+    nonce: bytes | None = NONCE,
+    at=NOW,
+    max_age: float = 3600,  # type: ignore[no-untyped-def]
+    trusted=(),
+) -> RevocationResult:
+    return evaluate_ocsp(
+        der,
+        ALICE.cert,
+        P.intermediate.cert,
+        nonce=nonce,
+        at=at,
+        skew=300,
+        max_age=max_age,
+        trusted_responders=trusted,
+    )
 
 
 def test_ocsp_good_signed_by_issuer() -> None:
@@ -292,8 +313,9 @@ def test_ocsp_delegate_not_issued_by_the_issuer() -> None:
 
 
 def test_ocsp_delegate_expired() -> None:
-    d = _delegate(P.intermediate, not_before=NOW - timedelta(days=10),
-                  not_after=NOW - timedelta(days=1))
+    d = _delegate(
+        P.intermediate, not_before=NOW - timedelta(days=10), not_after=NOW - timedelta(days=1)
+    )
     r = _eval(_response(signer=d))
     assert r.status is RevocationStatus.UNKNOWN and "not valid" in r.detail
 
