@@ -91,8 +91,10 @@ def lab(cache_root: Path, extra_revoked: int, log: Log) -> Lab:
     if meta is None:
         log(f"building the lab PKI in {folder} ({extra_revoked} extra revoked serials)...")
         meta = _build_lab(folder, extra_revoked)
-        log(f"  CRL with {extra_revoked} entries built by cryptography in "
-            f"{meta['build_seconds']:.1f} s")
+        log(
+            f"  CRL with {extra_revoked} entries built by cryptography in "
+            f"{meta['build_seconds']:.1f} s"
+        )
     return Lab(
         folder=folder / "ca",
         user_cert=folder / "user.pem",
@@ -158,16 +160,27 @@ def provision_token(workdir: Path, lab: Lab, pin: str, so_pin: str) -> Token:
         "slots.removable = false\n"
     )
     env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
-    request = {"pin": pin, "so_pin": so_pin, "label": TOKEN_LABEL, "module": SOFTHSM_MODULE,
-               "cert": str(lab.user_cert), "key": str(lab.user_key)}
+    request = {
+        "pin": pin,
+        "so_pin": so_pin,
+        "label": TOKEN_LABEL,
+        "module": SOFTHSM_MODULE,
+        "cert": str(lab.user_cert),
+        "key": str(lab.user_key),
+    }
     note = ""
     for way in ("adapter", "pykcs11"):
         shutil.rmtree(tokens, ignore_errors=True)  # a failed attempt may leave a token behind
         tokens.mkdir(parents=True)
         proc = subprocess.run(
             [_python(), "-c", "import bench._fixtures as f; f._provision_child()"],
-            input=json.dumps({**request, "way": way}), capture_output=True, text=True,
-            env=env, cwd=_repo_root(), timeout=60, check=False,
+            input=json.dumps({**request, "way": way}),
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=_repo_root(),
+            timeout=60,
+            check=False,
         )
         if proc.returncode == 0:
             return Token(conf=conf, label=TOKEN_LABEL, provisioned_by=proc.stdout.strip() + note)
@@ -189,9 +202,16 @@ def _provision_child() -> None:
     from pam_svmm.adapters.token import Pkcs11Module, provision_card
 
     with Pkcs11Module(req["module"]) as module:
-        provision_card(module, label=req["label"], so_pin=req["so_pin"], user_pin=req["pin"],
-                       key=key, certificate=cert.public_bytes(serialization.Encoding.DER),
-                       key_id=CERT_ID, key_label=USER)
+        provision_card(
+            module,
+            label=req["label"],
+            so_pin=req["so_pin"],
+            user_pin=req["pin"],
+            key=key,
+            certificate=cert.public_bytes(serialization.Encoding.DER),
+            key_id=CERT_ID,
+            key_label=USER,
+        )
     print("pam_svmm.adapters.token.provision_card")
 
 
@@ -200,14 +220,20 @@ def _provision_pykcs11(req: dict[str, str], cert: x509.Certificate, key: object)
 
     lib = PyKCS11.PyKCS11Lib()
     lib.load(req["module"])
-    free = [s for s in lib.getSlotList(tokenPresent=True)
-            if not lib.getTokenInfo(s).flags & PyKCS11.CKF_TOKEN_INITIALIZED]
+    free = [
+        s
+        for s in lib.getSlotList(tokenPresent=True)
+        if not lib.getTokenInfo(s).flags & PyKCS11.CKF_TOKEN_INITIALIZED
+    ]
     if not free:
         raise SystemExit("no free SoftHSM2 slot")
     lib.initToken(free[0], req["so_pin"], req["label"])
     # SoftHSM2 gives an initialised token a new slot id: find it again by label.
-    slot = next(s for s in lib.getSlotList(tokenPresent=True)
-                if lib.getTokenInfo(s).label.strip(" \0") == req["label"])
+    slot = next(
+        s
+        for s in lib.getSlotList(tokenPresent=True)
+        if lib.getTokenInfo(s).label.strip(" \0") == req["label"]
+    )
     rw = PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION
     s = lib.openSession(slot, rw)
     s.login(req["so_pin"], PyKCS11.CKU_SO)
@@ -231,9 +257,14 @@ def _cert_template(cert: x509.Certificate) -> list[tuple[int, object]]:
     import PyKCS11 as P
 
     return [
-        (P.CKA_CLASS, P.CKO_CERTIFICATE), (P.CKA_CERTIFICATE_TYPE, P.CKC_X_509),
-        (P.CKA_TOKEN, True), (P.CKA_PRIVATE, False), (P.CKA_LABEL, USER), (P.CKA_ID, CERT_ID),
-        (P.CKA_SUBJECT, cert.subject.public_bytes()), (P.CKA_ISSUER, cert.issuer.public_bytes()),
+        (P.CKA_CLASS, P.CKO_CERTIFICATE),
+        (P.CKA_CERTIFICATE_TYPE, P.CKC_X_509),
+        (P.CKA_TOKEN, True),
+        (P.CKA_PRIVATE, False),
+        (P.CKA_LABEL, USER),
+        (P.CKA_ID, CERT_ID),
+        (P.CKA_SUBJECT, cert.subject.public_bytes()),
+        (P.CKA_ISSUER, cert.issuer.public_bytes()),
         (P.CKA_VALUE, cert.public_bytes(serialization.Encoding.DER)),
     ]
 
@@ -243,12 +274,22 @@ def _rsa_key_template(key: rsa.RSAPrivateKey) -> list[tuple[int, object]]:
 
     n = key.private_numbers()
     return [
-        (P.CKA_CLASS, P.CKO_PRIVATE_KEY), (P.CKA_KEY_TYPE, P.CKK_RSA), (P.CKA_TOKEN, True),
-        (P.CKA_PRIVATE, True), (P.CKA_SENSITIVE, True), (P.CKA_SIGN, True),
-        (P.CKA_DECRYPT, True), (P.CKA_LABEL, USER), (P.CKA_ID, CERT_ID),
-        (P.CKA_MODULUS, _b(n.public_numbers.n)), (P.CKA_PUBLIC_EXPONENT, _b(n.public_numbers.e)),
-        (P.CKA_PRIVATE_EXPONENT, _b(n.d)), (P.CKA_PRIME_1, _b(n.p)), (P.CKA_PRIME_2, _b(n.q)),
-        (P.CKA_EXPONENT_1, _b(n.dmp1)), (P.CKA_EXPONENT_2, _b(n.dmq1)),
+        (P.CKA_CLASS, P.CKO_PRIVATE_KEY),
+        (P.CKA_KEY_TYPE, P.CKK_RSA),
+        (P.CKA_TOKEN, True),
+        (P.CKA_PRIVATE, True),
+        (P.CKA_SENSITIVE, True),
+        (P.CKA_SIGN, True),
+        (P.CKA_DECRYPT, True),
+        (P.CKA_LABEL, USER),
+        (P.CKA_ID, CERT_ID),
+        (P.CKA_MODULUS, _b(n.public_numbers.n)),
+        (P.CKA_PUBLIC_EXPONENT, _b(n.public_numbers.e)),
+        (P.CKA_PRIVATE_EXPONENT, _b(n.d)),
+        (P.CKA_PRIME_1, _b(n.p)),
+        (P.CKA_PRIME_2, _b(n.q)),
+        (P.CKA_EXPONENT_1, _b(n.dmp1)),
+        (P.CKA_EXPONENT_2, _b(n.dmq1)),
         (P.CKA_COEFFICIENT, _b(n.iqmp)),
     ]
 
@@ -258,9 +299,14 @@ def _rsa_pub_template(pub: rsa.RSAPublicKey) -> list[tuple[int, object]]:
 
     n = pub.public_numbers()
     return [
-        (P.CKA_CLASS, P.CKO_PUBLIC_KEY), (P.CKA_KEY_TYPE, P.CKK_RSA), (P.CKA_TOKEN, True),
-        (P.CKA_VERIFY, True), (P.CKA_LABEL, USER), (P.CKA_ID, CERT_ID),
-        (P.CKA_MODULUS, _b(n.n)), (P.CKA_PUBLIC_EXPONENT, _b(n.e)),
+        (P.CKA_CLASS, P.CKO_PUBLIC_KEY),
+        (P.CKA_KEY_TYPE, P.CKK_RSA),
+        (P.CKA_TOKEN, True),
+        (P.CKA_VERIFY, True),
+        (P.CKA_LABEL, USER),
+        (P.CKA_ID, CERT_ID),
+        (P.CKA_MODULUS, _b(n.n)),
+        (P.CKA_PUBLIC_EXPONENT, _b(n.e)),
     ]
 
 
@@ -277,8 +323,9 @@ def _repo_root() -> Path:
 # --- pam_pkcs11 ---------------------------------------------------------------------------
 
 
-def pam_pkcs11_conf(workdir: Path, name: str, lab: Lab, token: Token, cert_policy: str,
-                    *, with_crl: bool = True) -> Path:
+def pam_pkcs11_conf(
+    workdir: Path, name: str, lab: Lab, token: Token, cert_policy: str, *, with_crl: bool = True
+) -> Path:
     """A pam_pkcs11.conf (plus its hashed ca_dir/crl_dir) for ``cert_policy``.
 
     The cn mapper maps the certificate's CN straight to the login name (mapfile "none").
@@ -333,8 +380,9 @@ def pam_pkcs11_conf(workdir: Path, name: str, lab: Lab, token: Token, cert_polic
 
 
 def _openssl(*args: str) -> str:
-    proc = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=60,
-                          check=False)
+    proc = subprocess.run(
+        ["openssl", *args], capture_output=True, text=True, timeout=60, check=False
+    )
     if proc.returncode != 0:
         raise FixtureError(f"openssl {args[0]}: {proc.stderr.strip()}")
     return proc.stdout
@@ -369,10 +417,24 @@ class OcspResponder:
             self.proc = subprocess.Popen(
                 # openssl 3.0 takes a bare port number (it listens on all
                 # addresses); the bench only ever connects to 127.0.0.1.
-                ["openssl", "ocsp", "-index", str(f / "index.txt"), "-port",
-                 str(self.port), "-CA", str(f / "intermediate.pem"),
-                 "-rsigner", str(f / "ocsp.pem"), "-rkey", str(f / "ocsp.key"), "-nmin", "60"],
-                stdout=out, stderr=subprocess.STDOUT,
+                [
+                    "openssl",
+                    "ocsp",
+                    "-index",
+                    str(f / "index.txt"),
+                    "-port",
+                    str(self.port),
+                    "-CA",
+                    str(f / "intermediate.pem"),
+                    "-rsigner",
+                    str(f / "ocsp.pem"),
+                    "-rkey",
+                    str(f / "ocsp.key"),
+                    "-nmin",
+                    "60",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         # Ready when it says so. Not by connecting: openssl 3.0's responder hangs for good on
         # a connection that closes without sending a request.

@@ -47,8 +47,11 @@ def _ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, x509.Certificat
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Bench CA")])
         now = dt.datetime.now(UTC)
         ca = (
-            x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(1)
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(1)
             .not_valid_before(now - dt.timedelta(days=1))
             .not_valid_after(now + dt.timedelta(days=3650))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -57,22 +60,30 @@ def _ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, x509.Certificat
         leaf = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "leaf")]))
-            .issuer_name(name).public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
+            .issuer_name(name)
+            .public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(days=1))
             .not_valid_after(now + dt.timedelta(days=365))
             .sign(key, hashes.SHA256())
         )
-        key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                              serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()))
+        key_pem.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         key_pem.chmod(0o600)
         leaf_pem.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
         ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     key = serialization.load_pem_private_key(key_pem.read_bytes(), password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return (x509.load_pem_x509_certificate(ca_pem.read_bytes()), key,
-            x509.load_pem_x509_certificate(leaf_pem.read_bytes()))
+    return (
+        x509.load_pem_x509_certificate(ca_pem.read_bytes()),
+        key,
+        x509.load_pem_x509_certificate(leaf_pem.read_bytes()),
+    )
 
 
 def crl_file(n: int) -> tuple[Path, float | None]:
@@ -85,13 +96,17 @@ def crl_file(n: int) -> tuple[Path, float | None]:
     start = time.perf_counter()
     when = now - dt.timedelta(days=1)
     entries = [
-        x509.RevokedCertificateBuilder().serial_number(x509.random_serial_number())
-        .revocation_date(when).build()
+        x509.RevokedCertificateBuilder()
+        .serial_number(x509.random_serial_number())
+        .revocation_date(when)
+        .build()
         for _ in range(n)
     ]
     crl = x509.CertificateRevocationListBuilder(
-        issuer_name=ca.subject, last_update=now - dt.timedelta(minutes=1),
-        next_update=now + dt.timedelta(days=30), revoked_certificates=entries,
+        issuer_name=ca.subject,
+        last_update=now - dt.timedelta(minutes=1),
+        next_update=now + dt.timedelta(days=30),
+        revoked_certificates=entries,
         extensions=[x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(1))],
     ).sign(key, hashes.SHA256())
     tmp = path.with_suffix(".tmp")
@@ -164,7 +179,10 @@ def warm_fresh_process(n: int, crl: Path, runs: int) -> tuple[float, float, floa
         start = time.perf_counter()
         out = subprocess.run(
             [sys.executable, "-c", CHILD, str(DATA), str(crl), str(cache)],
-            capture_output=True, text=True, check=True, env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
         )
         walls.append(time.perf_counter() - start)
         res = json.loads(out.stdout)
@@ -186,27 +204,37 @@ def main() -> None:
     for n in sizes:
         crl, built = crl_file(n)
         if built is not None:
-            print(f"built a {n}-entry CRL in {built:.1f}s ({crl.stat().st_size / 1e6:.1f} MB)",
-                  flush=True)
+            print(
+                f"built a {n}-entry CRL in {built:.1f}s ({crl.stat().st_size / 1e6:.1f} MB)",
+                flush=True,
+            )
         c = statistics.median(cold(n, crl, args.cold_runs))
         w_mem, raw = warm_in_process(n, crl, args.lookups)
         w_proc, imp, wall = warm_fresh_process(n, crl, args.runs)
         rows.append((n, crl.stat().st_size, c, raw, w_mem, w_proc, imp, wall))
         print(f"  measured {n}", flush=True)
     print()
-    print(f"{'entries':>9} {'CRL MB':>7} {'cold s':>8} {'lookup us':>10} "
-          f"{'check(mem) us':>14} {'check(new proc) ms':>19} {'imports ms':>11} "
-          f"{'process ms':>11}")
+    print(
+        f"{'entries':>9} {'CRL MB':>7} {'cold s':>8} {'lookup us':>10} "
+        f"{'check(mem) us':>14} {'check(new proc) ms':>19} {'imports ms':>11} "
+        f"{'process ms':>11}"
+    )
     for n, size, c, raw, w_mem, w_proc, imp, wall in rows:
-        print(f"{n:>9} {size / 1e6:>7.1f} {c:>8.3f} {raw * 1e6:>10.1f} {w_mem * 1e6:>14.1f} "
-              f"{w_proc * 1e3:>19.3f} {imp * 1e3:>11.1f} {wall * 1e3:>11.1f}")
+        print(
+            f"{n:>9} {size / 1e6:>7.1f} {c:>8.3f} {raw * 1e6:>10.1f} {w_mem * 1e6:>14.1f} "
+            f"{w_proc * 1e3:>19.3f} {imp * 1e3:>11.1f} {wall * 1e3:>11.1f}"
+        )
     first, last = rows[0], rows[-1]
     print()
-    print(f"warm ratio {last[0]}/{first[0]} entries: lookup x{last[3] / first[3]:.2f}, "
-          f"check(mem) x{last[4] / first[4]:.2f}, check(new process) x{last[5] / first[5]:.2f}, "
-          f"whole process x{last[7] / first[7]:.2f}; cold x{last[2] / first[2]:.0f}")
-    print(f"(medians; cold over {args.cold_runs} runs, fresh process over {args.runs}, "
-          f"in-process over {args.lookups} lookups; {sys.version.split()[0]})")
+    print(
+        f"warm ratio {last[0]}/{first[0]} entries: lookup x{last[3] / first[3]:.2f}, "
+        f"check(mem) x{last[4] / first[4]:.2f}, check(new process) x{last[5] / first[5]:.2f}, "
+        f"whole process x{last[7] / first[7]:.2f}; cold x{last[2] / first[2]:.0f}"
+    )
+    print(
+        f"(medians; cold over {args.cold_runs} runs, fresh process over {args.runs}, "
+        f"in-process over {args.lookups} lookups; {sys.version.split()[0]})"
+    )
 
 
 if __name__ == "__main__":

@@ -156,8 +156,13 @@ class Bench:
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(
-                [PAMTESTER, service, user, "authenticate"], input=pin + "\n",
-                capture_output=True, text=True, env=self.env, timeout=LOGIN_TIMEOUT, check=False,
+                [PAMTESTER, service, user, "authenticate"],
+                input=pin + "\n",
+                capture_output=True,
+                text=True,
+                env=self.env,
+                timeout=LOGIN_TIMEOUT,
+                check=False,
             )
         except subprocess.TimeoutExpired:
             return Login(False, LOGIN_TIMEOUT * 1000, f"timed out after {LOGIN_TIMEOUT:.0f} s")
@@ -177,8 +182,9 @@ class Bench:
             raise fx.FixtureError(self.token_error)
         if self.token is None:
             try:
-                self.token = fx.provision_token(self.workdir / "softhsm", self.need_lab(), PIN,
-                                                SO_PIN)
+                self.token = fx.provision_token(
+                    self.workdir / "softhsm", self.need_lab(), PIN, SO_PIN
+                )
             except fx.FixtureError as e:
                 self.token_error = str(e)
                 raise
@@ -275,8 +281,7 @@ def _toml(doc: dict[str, dict[str, object]]) -> str:
     return "\n".join(out)
 
 
-def _plan_svmm(b: Bench, key: str, revocation: dict[str, object], *,
-               cold: bool = False) -> Plan:
+def _plan_svmm(b: Bench, key: str, revocation: dict[str, object], *, cold: bool = False) -> Plan:
     shim = Path(b.args.shim)
     _require_file(b.args.pam_python, "pam_python")
     _require_file(str(shim), "the pam_svmm shim")
@@ -314,8 +319,14 @@ def _diagnose_svmm(b: Bench, shim: Path, toml: Path, audit: Path) -> str:
     except (OSError, IndexError, ValueError, AttributeError):
         pass
     env = {k: v for k, v in b.env.items() if not k.startswith(("LD_PRELOAD", "PAM_WRAPPER"))}
-    proc = subprocess.run([EMBEDDED_PYTHON, "-c", PROBE, str(shim), b.args.venv, str(toml)],
-                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    proc = subprocess.run(
+        [EMBEDDED_PYTHON, "-c", PROBE, str(shim), b.args.venv, str(toml)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
     if proc.returncode != 0:
         err = proc.stderr.strip().splitlines()
         return f"under {EMBEDDED_PYTHON} the shim cannot import pam_svmm: {err[-1] if err else ''}"
@@ -324,8 +335,13 @@ def _diagnose_svmm(b: Bench, shim: Path, toml: Path, audit: Path) -> str:
 
 # Like pam_pkcs11's crl_offline, only the end entity's status is checked (ca = "off").
 def _crl_revocation(b: Bench) -> dict[str, object]:
-    return {"end_entity": "require", "ca": "off", "methods": ["crl"],
-            "crl_files": [str(b.need_lab().crl_der)], "crl_fetch": False}
+    return {
+        "end_entity": "require",
+        "ca": "off",
+        "methods": ["crl"],
+        "crl_files": [str(b.need_lab().crl_der)],
+        "crl_fetch": False,
+    }
 
 
 def plan_svmm_sig(b: Bench) -> Plan:
@@ -341,8 +357,13 @@ def plan_svmm_crl_warm(b: Bench) -> Plan:
 
 
 def plan_svmm_ocsp(b: Bench) -> Plan:
-    revocation = {"end_entity": "require", "ca": "off", "methods": ["ocsp"],
-                  "ocsp_responder": b.need_ocsp().url, "crl_fetch": False}
+    revocation = {
+        "end_entity": "require",
+        "ca": "off",
+        "methods": ["ocsp"],
+        "ocsp_responder": b.need_ocsp().url,
+        "crl_fetch": False,
+    }
     return _plan_svmm(b, "svmm-ocsp", revocation, cold=True)
 
 
@@ -382,8 +403,11 @@ def prepare(b: Bench, row: Row) -> None:
     for what, service, kind in plan.refusals:
         if plan.before_each:
             plan.before_each()
-        bad = b.login(service, pin=WRONG_PIN) if kind == "pin" else (
-            b.login(service, user=OTHER_USER) if kind == "user" else b.login(service))
+        bad = (
+            b.login(service, pin=WRONG_PIN)
+            if kind == "pin"
+            else (b.login(service, user=OTHER_USER) if kind == "user" else b.login(service))
+        )
         if bad.ok:
             row.error = f"accepts {what}: not an honest login, not timed"
             return
@@ -411,8 +435,10 @@ def measure(b: Bench, rows: list[Row], runs: int, warmup: int) -> None:
         if row.key == "svmm-ocsp" and row.error is None and b.ocsp is not None:
             seen = b.ocsp.requests() - ocsp_before
             if seen < warmup + runs:
-                row.error = (f"the responder saw {seen} requests for {warmup + runs} logins: "
-                             "answered from a cache, not timed as OCSP")
+                row.error = (
+                    f"the responder saw {seen} requests for {warmup + runs} logins: "
+                    "answered from a cache, not timed as OCSP"
+                )
 
 
 # --- machine, versions, output -------------------------------------------------------------
@@ -434,16 +460,31 @@ def machine() -> dict[str, object]:
                 distro = line.split("=", 1)[1].strip('"')
     except OSError:
         pass
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu, "kernel": platform.release(),
-            "os": distro}
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "os": distro,
+    }
 
 
 def versions() -> dict[str, str]:
     out: dict[str, str] = {}
-    for pkg in ("libpam-pkcs11", "libpam-python", "libpam-wrapper", "pamtester", "softhsm2",
-                "openssl", "python3"):
-        proc = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", pkg],
-                              capture_output=True, text=True, check=False)
+    for pkg in (
+        "libpam-pkcs11",
+        "libpam-python",
+        "libpam-wrapper",
+        "pamtester",
+        "softhsm2",
+        "openssl",
+        "python3",
+    ):
+        proc = subprocess.run(
+            ["dpkg-query", "-W", "-f", "${Version}", pkg],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         out[pkg] = proc.stdout.strip() if proc.returncode == 0 else "not installed"
     for dist in ("cryptography", "PyKCS11"):
         try:
@@ -464,15 +505,21 @@ def report(rows: list[Row]) -> list[dict[str, object]]:
     for r in rows:
         st = r.stats()
         med = st["median"] if st else None
-        out.append({
-            "key": r.key, "label": r.label, "runs": len(r.samples_ms),
-            "median_ms": med, "p90_ms": st["p90"] if st else None,
-            "min_ms": st["min"] if st else None,
-            "x_anchor": _ratio(med, base.get(ANCHOR)),
-            "x_pkcs11": _ratio(med, base.get(PKCS11_BASE)),
-            "reference_ms": REFERENCE_MS.get(r.key), "error": r.error,
-            "samples_ms": [round(x, 3) for x in r.samples_ms],
-        })
+        out.append(
+            {
+                "key": r.key,
+                "label": r.label,
+                "runs": len(r.samples_ms),
+                "median_ms": med,
+                "p90_ms": st["p90"] if st else None,
+                "min_ms": st["min"] if st else None,
+                "x_anchor": _ratio(med, base.get(ANCHOR)),
+                "x_pkcs11": _ratio(med, base.get(PKCS11_BASE)),
+                "reference_ms": REFERENCE_MS.get(r.key),
+                "error": r.error,
+                "samples_ms": [round(x, 3) for x in r.samples_ms],
+            }
+        )
     return out
 
 
@@ -509,8 +556,10 @@ def table(result: dict[str, object]) -> str:
             f"{num(r['min_ms'], '.1f'):>8}{num(r['x_anchor'], '.2f'):>10}"
             f"{num(r['x_pkcs11'], '.2f'):>10}{ref:>6}"
         )
-    lines.append("times in ms; x anchor / x pkcs11: median over the anchor's / pam_pkcs11 "
-                 "ca,signature's median; ref: reference median on this kind of machine")
+    lines.append(
+        "times in ms; x anchor / x pkcs11: median over the anchor's / pam_pkcs11 "
+        "ca,signature's median; ref: reference median on this kind of machine"
+    )
     return "\n".join(lines)
 
 
@@ -519,15 +568,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--runs", type=int, default=30, help="timed logins per row (default 30)")
     p.add_argument("--warmup", type=int, default=2, help="untimed logins per row first")
-    p.add_argument("--rows", default=",".join(ROWS),
-                   help=f"comma-separated subset of: {', '.join(ROWS)}")
-    p.add_argument("--crl-entries", type=int, default=100_000,
-                   help="extra revoked serials in the CRL (default 100000)")
+    p.add_argument(
+        "--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}"
+    )
+    p.add_argument(
+        "--crl-entries",
+        type=int,
+        default=100_000,
+        help="extra revoked serials in the CRL (default 100000)",
+    )
     p.add_argument("--cache-dir", default=str(cache), help=f"lab cache (default {cache})")
-    p.add_argument("--shim", default=str(REPO / "pam_svmm" / "pam" / "shim.py"),
-                   help="the pam_python file the pam_svmm rows name")
-    p.add_argument("--venv", default=sys.prefix,
-                   help="venv= for the shim (default: this interpreter's prefix)")
+    p.add_argument(
+        "--shim",
+        default=str(REPO / "pam_svmm" / "pam" / "shim.py"),
+        help="the pam_python file the pam_svmm rows name",
+    )
+    p.add_argument(
+        "--venv", default=sys.prefix, help="venv= for the shim (default: this interpreter's prefix)"
+    )
     p.add_argument("--pam-python", default=PAM_PYTHON, help="path of pam_python.so")
 
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -558,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args, workdir, log)
     bench.env = {
         **{k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "SVMM_CONFIG")},
-        "LD_PRELOAD": PAM_WRAPPER, "PAM_WRAPPER": "1",
+        "LD_PRELOAD": PAM_WRAPPER,
+        "PAM_WRAPPER": "1",
         "PAM_WRAPPER_SERVICE_DIR": str(bench.services),
         # pam_python's embedded interpreter finds pam_svmm in this checkout.
         "PYTHONPATH": str(REPO),
@@ -580,13 +639,22 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     lab: dict[str, object] = {}
     if bench.lab is not None:
-        lab = {"extra_revoked": bench.lab.extra_revoked, "cached": bench.lab.cached,
-               "build_seconds": bench.lab.build_seconds, "folder": str(bench.lab.folder),
-               "crl_bytes": bench.lab.crl_der.stat().st_size, "version": fx.LAB_VERSION,
-               "token_provisioned_by": bench.token.provisioned_by if bench.token else ""}
+        lab = {
+            "extra_revoked": bench.lab.extra_revoked,
+            "cached": bench.lab.cached,
+            "build_seconds": bench.lab.build_seconds,
+            "folder": str(bench.lab.folder),
+            "crl_bytes": bench.lab.crl_der.stat().st_size,
+            "version": fx.LAB_VERSION,
+            "token_provisioned_by": bench.token.provisioned_by if bench.token else "",
+        }
     result: dict[str, object] = {
-        "runs": args.runs, "warmup": args.warmup, "machine": machine(),
-        "versions": versions(), "lab": lab, "rows": report(rows),
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "machine": machine(),
+        "versions": versions(),
+        "lab": lab,
+        "rows": report(rows),
     }
     print(json.dumps(result, indent=1) if args.json else table(result))
     return 0

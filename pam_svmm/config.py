@@ -162,13 +162,13 @@ class _Table:
         self.seen.add(name)
         return self.data.get(name, default)
 
-    def str(self, name: str, default: str) -> str:
+    def text(self, name: str, default: str) -> str:
         v = self.get(name, default)
         if not isinstance(v, str):
             raise ConfigError(self.key(name), f"must be a string, not {type(v).__name__}")
         return v
 
-    def bool(self, name: str, default: bool) -> bool:
+    def flag(self, name: str, default: bool) -> bool:
         v = self.get(name, default)
         if not isinstance(v, bool):
             raise ConfigError(self.key(name), "must be true or false")
@@ -182,7 +182,7 @@ class _Table:
             raise ConfigError(self.key(name), f"must be at least {minimum}")
         return float(v)
 
-    def int(self, name: str, default: int, *, minimum: int = 0, maximum: int = 1 << 31) -> int:
+    def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int = 1 << 31) -> int:
         v = self.get(name, default)
         if isinstance(v, bool) or not isinstance(v, int):
             raise ConfigError(self.key(name), "must be an integer")
@@ -242,7 +242,7 @@ def _eku(key: str, value: str) -> str:
 
 def _pkcs11(t: _Table) -> Pkcs11Config:
     d = Pkcs11Config()
-    uri = t.str("uri", d.uri)
+    uri = t.text("uri", d.uri)
     if not uri.startswith("pkcs11:"):
         raise ConfigError(t.key("uri"), "must be an RFC 7512 URI starting with 'pkcs11:'")
     from .domain.pkcs11_uri import InvalidPkcs11Uri
@@ -252,7 +252,7 @@ def _pkcs11(t: _Table) -> Pkcs11Config:
         parse_uri(uri)
     except InvalidPkcs11Uri as e:
         raise ConfigError(t.key("uri"), str(e)) from None
-    prompt = t.str("pin_prompt", d.pin_prompt)
+    prompt = t.text("pin_prompt", d.pin_prompt)
     try:
         prompt.format(token="x", host="h")  # noqa: S106 - placeholders, not secrets
     except (KeyError, IndexError, ValueError):
@@ -260,11 +260,11 @@ def _pkcs11(t: _Table) -> Pkcs11Config:
             t.key("pin_prompt"), "may only use the {token} and {host} placeholders"
         ) from None
     cfg = Pkcs11Config(
-        module=t.str("module", d.module),
+        module=t.text("module", d.module),
         uri=uri,
         wait_for_card=t.number("wait_for_card", d.wait_for_card),
         pin_prompt=prompt,
-        allow_pinpad=t.bool("allow_pinpad", d.allow_pinpad),
+        allow_pinpad=t.flag("allow_pinpad", d.allow_pinpad),
     )
     if not cfg.module.startswith("/"):
         raise ConfigError(t.key("module"), "must be an absolute path to a PKCS#11 module")
@@ -289,7 +289,7 @@ def _trust(t: _Table) -> TrustConfig:
         intermediates_dir=t.path("intermediates_dir", None),
         extended_key_usages=ekus,
         key_usages=kus,
-        max_chain_depth=t.int("max_chain_depth", d.max_chain_depth, minimum=1, maximum=16),
+        max_chain_depth=t.integer("max_chain_depth", d.max_chain_depth, minimum=1, maximum=16),
     )
     t.done()
     return cfg
@@ -303,7 +303,7 @@ def _revocation(t: _Table) -> RevocationConfig:
             methods.append(RevocationMethod(m))
         except ValueError:
             raise ConfigError(f"{t.key('methods')}[{i}]", f"{m!r} is not 'ocsp' or 'crl'") from None
-    responder = t.str("ocsp_responder", d.ocsp_responder)
+    responder = t.text("ocsp_responder", d.ocsp_responder)
     if responder and not responder.startswith(("http://", "https://")):
         raise ConfigError(t.key("ocsp_responder"), "must be an http:// or https:// URL")
     cfg = RevocationConfig(
@@ -311,11 +311,11 @@ def _revocation(t: _Table) -> RevocationConfig:
         ca=t.enum("ca", d.ca),
         methods=tuple(methods),
         crl_files=t.paths("crl_files"),
-        crl_fetch=t.bool("crl_fetch", d.crl_fetch),
+        crl_fetch=t.flag("crl_fetch", d.crl_fetch),
         cache_dir=t.path("cache_dir", d.cache_dir) or d.cache_dir,
         crl_grace=t.number("crl_grace", d.crl_grace),
         ocsp_responder=responder,
-        ocsp_nonce=t.bool("ocsp_nonce", d.ocsp_nonce),
+        ocsp_nonce=t.flag("ocsp_nonce", d.ocsp_nonce),
         ocsp_max_age=t.number("ocsp_max_age", d.ocsp_max_age, minimum=1),
         clock_skew=t.number("clock_skew", d.clock_skew),
         fetch_timeout=t.number("fetch_timeout", d.fetch_timeout, minimum=0.1),
@@ -337,14 +337,14 @@ def _mapping(t: _Table) -> MappingConfig:
     for i, r in enumerate(raw):
         rt = _Table(r, f"{t.key('rules')}[{i}]")
         kind = rt.enum("kind", MappingKind.SUBJECT_CN)
-        oid = rt.str("oid", "")
+        oid = rt.text("oid", "")
         if kind is MappingKind.SUBJECT_ATTR and not oid:
             raise ConfigError(rt.key("oid"), "is required for kind 'subject_attr'")
         rules.append(
             MappingRule(
                 kind=kind,
                 oid=oid,
-                strip_domain=rt.bool("strip_domain", False),
+                strip_domain=rt.flag("strip_domain", False),
                 domains=tuple(x.lower() for x in rt.strings("domains", ())),
             )
         )
@@ -356,9 +356,9 @@ def _mapping(t: _Table) -> MappingConfig:
 def _auth(t: _Table) -> AuthConfig:
     d = AuthConfig()
     cfg = AuthConfig(
-        challenge_bytes=t.int("challenge_bytes", d.challenge_bytes, minimum=16, maximum=1024),
+        challenge_bytes=t.integer("challenge_bytes", d.challenge_bytes, minimum=16, maximum=1024),
         login_timeout=t.number("login_timeout", d.login_timeout, minimum=1),
-        host_name=t.str("host_name", d.host_name),
+        host_name=t.text("host_name", d.host_name),
     )
     t.done()
     return cfg
@@ -367,10 +367,10 @@ def _auth(t: _Table) -> AuthConfig:
 def _mutual(t: _Table) -> MutualConfig:
     d = MutualConfig()
     cfg = MutualConfig(
-        enabled=t.bool("enabled", d.enabled),
+        enabled=t.flag("enabled", d.enabled),
         host_cert=t.path("host_cert", None),
         host_key=t.path("host_key", None),
-        card_anchor_label=t.str("card_anchor_label", d.card_anchor_label),
+        card_anchor_label=t.text("card_anchor_label", d.card_anchor_label),
     )
     if cfg.enabled and (cfg.host_cert is None or cfg.host_key is None):
         raise ConfigError(t.key("host_cert"), "host_cert and host_key are required when enabled")
@@ -380,7 +380,7 @@ def _mutual(t: _Table) -> MutualConfig:
 
 def _audit(t: _Table) -> AuditConfig:
     d = AuditConfig()
-    cfg = AuditConfig(path=t.path("path", d.path) or d.path, syslog=t.bool("syslog", d.syslog))
+    cfg = AuditConfig(path=t.path("path", d.path) or d.path, syslog=t.flag("syslog", d.syslog))
     t.done()
     return cfg
 

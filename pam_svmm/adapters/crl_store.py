@@ -72,9 +72,7 @@ def _sha256(data: bytes) -> str:
 
 
 def issuer_key_id(issuer: x509.Certificate) -> str:
-    return x509.SubjectKeyIdentifier.from_public_key(
-        issuer.public_key()  # type: ignore[arg-type]
-    ).digest.hex()
+    return x509.SubjectKeyIdentifier.from_public_key(issuer.public_key()).digest.hex()
 
 
 def index_name(issuer: x509.Certificate, source: str) -> str:
@@ -232,8 +230,9 @@ def check_crl(crl: x509.CertificateRevocationList, issuer: x509.Certificate, sou
         return RevocationUnknown(f"CRL from {source} {why}", reason="crl_invalid")
 
     if crl.issuer != issuer.subject:
-        raise refuse(f"is issued by {crl.issuer.rfc4514_string()}, "
-                     f"not {issuer.subject.rfc4514_string()}")
+        raise refuse(
+            f"is issued by {crl.issuer.rfc4514_string()}, not {issuer.subject.rfc4514_string()}"
+        )
     try:
         ku = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
         if not ku.crl_sign:
@@ -241,8 +240,10 @@ def check_crl(crl: x509.CertificateRevocationList, issuer: x509.Certificate, sou
     except x509.ExtensionNotFound:
         pass
     if not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
-        raise refuse(f"has a signature that does not verify with the key of "
-                     f"{issuer.subject.rfc4514_string()}")
+        raise refuse(
+            f"has a signature that does not verify with the key of "
+            f"{issuer.subject.rfc4514_string()}"
+        )
     exts = crl.extensions
     with contextlib.suppress(x509.ExtensionNotFound):
         exts.get_extension_for_class(x509.DeltaCRLIndicator)
@@ -443,11 +444,7 @@ class CrlStore:
         except OSError:  # absent, or a planted symlink (ELOOP): never followed
             return None
         st = os.fstat(fd)
-        if (
-            not stat.S_ISREG(st.st_mode)
-            or st.st_uid not in (0, os.geteuid())
-            or st.st_mode & 0o077
-        ):
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o077:
             os.close(fd)
             return None
         return fd
@@ -535,8 +532,10 @@ def _check_safe_dir(path: Path, st: os.stat_result, *, sticky_ok: bool = False) 
     if st.st_uid not in (0, os.geteuid()):
         raise ConfigError(_CONFIG_KEY, f"{path} is owned by uid {st.st_uid}, not root")
     if st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX):
-        raise ConfigError(_CONFIG_KEY, f"{path} is writable by group or others "
-                          f"(mode {stat.S_IMODE(st.st_mode):o})")
+        raise ConfigError(
+            _CONFIG_KEY,
+            f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})",
+        )
 
 
 def _number(crl: x509.CertificateRevocationList) -> int | None:
@@ -544,4 +543,3 @@ def _number(crl: x509.CertificateRevocationList) -> int | None:
         return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound:
         return None
-

@@ -43,7 +43,7 @@ def _build_opener() -> Any:
     class Redirects(urllib.request.HTTPRedirectHandler):
         max_redirections = 3
 
-        def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
             if urllib.parse.urlsplit(newurl).scheme not in _SCHEMES:
                 raise FetchError(f"{req.full_url}: redirect to a non-http(s) URL refused")
             return super().redirect_request(req, fp, code, msg, headers, newurl)
@@ -111,7 +111,8 @@ class HttpFetcher:
     @staticmethod
     def _read(url: str, resp: Any, max_bytes: int, deadline: float, timeout: float) -> bytes:
         # The socket timeout bounds each read; the deadline bounds a server that trickles.
-        chunks, size = [], 0
+        chunks: list[bytes] = []
+        size = 0
         while True:
             chunk = resp.read(min(_CHUNK, max_bytes + 1 - size))
             if not chunk:

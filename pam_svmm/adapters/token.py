@@ -131,7 +131,7 @@ class Pkcs11Module:
         self._lib: Any = lib
         self.library_manufacturer = _text(info.manufacturerID)
         self.library_description = _text(info.libraryDescription)
-        self.library_version: tuple[int, int] = tuple(info.libraryVersion)  # type: ignore[assignment]
+        self.library_version: tuple[int, int] = tuple(info.libraryVersion)
 
     def close(self) -> None:
         if self._lib is not None:
@@ -667,14 +667,14 @@ def _digest_info_types() -> tuple[Any, Any]:
     from cryptography import x509
     from cryptography.hazmat import asn1
 
-    alg = asn1.sequence(
+    alg: Any = asn1.sequence(
         type(
             "AlgorithmIdentifier",
             (),
             {"__annotations__": {"algorithm": x509.ObjectIdentifier, "parameters": asn1.Null}},
         )
     )
-    info = asn1.sequence(
+    info: Any = asn1.sequence(
         type("DigestInfo", (), {"__annotations__": {"digest_algorithm": alg, "digest": bytes}})
     )
     return alg, info

@@ -28,7 +28,7 @@ def list_cards(args: argparse.Namespace) -> int:
     module = svc.module
     now = dt.datetime.now(dt.UTC)
     policy = certpolicy.CertPolicy.from_config(cfg.trust)
-    tokens = module.tokens(uri)  # type: ignore[attr-defined]
+    tokens = module.tokens(uri)
     print(f"module: {cfg.pkcs11.module}")
     if not tokens:
         print("no card found")
@@ -39,7 +39,7 @@ def list_cards(args: argparse.Namespace) -> int:
             f"token {token.label!r} serial {token.serial} slot {token.slot_id}"
             f" ({token.manufacturer} {token.model}); PIN: {token.pin_tries.describe()}{pad}"
         )
-        card_certs = module.certificates(token, uri)  # type: ignore[attr-defined]
+        card_certs = module.certificates(token, uri)
         parsed = []
         for cc in card_certs:
             try:
@@ -69,8 +69,8 @@ def list_cards(args: argparse.Namespace) -> int:
         token, cands = svc.authenticator().select(LoginRequest("svmm", "", args.user), now)
         c = cands[0]
         print(
-            f"a login{' as ' + args.user if args.user else ''} would use {c.card_cert.label!r}"  # type: ignore[attr-defined]
-            f" on {token.label!r} for {c.identity.username}"  # type: ignore[attr-defined]
+            f"a login{' as ' + args.user if args.user else ''} would use {c.card_cert.label!r}"
+            f" on {token.label!r} for {c.identity.username}"
         )
     except SvmmError as e:
         print(f"a login would fail: {e.reason}: {e.message}")

@@ -6,6 +6,8 @@ import argparse
 import datetime as dt
 from pathlib import Path
 
+from cryptography import x509
+
 from .. import config as config_mod
 from ..errors import CertificateInvalid
 
@@ -26,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.set_defaults(func=verify)
 
 
-def load_cert_file(path: Path) -> object:
+def load_cert_file(path: Path) -> x509.Certificate:
     from ..domain.certpolicy import parse_certificate
 
     try:
@@ -34,8 +36,6 @@ def load_cert_file(path: Path) -> object:
     except OSError as e:
         raise CertificateInvalid(f"cannot read {path}: {e.strerror}") from None
     if b"-----BEGIN" in data:
-        from cryptography import x509
-
         try:
             return x509.load_pem_x509_certificate(data)
         except ValueError:
@@ -46,8 +46,6 @@ def load_cert_file(path: Path) -> object:
 
 
 def verify(args: argparse.Namespace) -> int:
-    from cryptography import x509
-
     from ..services.login import LoginService
 
     svc = LoginService(config_mod.load(args.config))
@@ -62,12 +60,12 @@ def verify(args: argparse.Namespace) -> int:
     at = dt.datetime.fromisoformat(args.at) if args.at else None
     if at is not None and at.tzinfo is None:
         at = at.replace(tzinfo=dt.UTC)
-    print(f"certificate: {cert.subject.rfc4514_string()}")  # type: ignore[attr-defined]
+    print(f"certificate: {cert.subject.rfc4514_string()}")
     try:
         verdict = svc.verify_certificate(
             cert,
             extra_intermediates=extra,
-            at=at,  # type: ignore[arg-type]
+            at=at,
             step=lambda name, detail: print(f"  ok   {name}: {detail}"),
         )
     except Exception as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -63,7 +64,7 @@ def doctor(args: argparse.Namespace) -> int:
     now = dt.datetime.now(dt.UTC)
 
     def module() -> str:
-        tokens = svc.module.tokens()  # type: ignore[attr-defined]
+        tokens = svc.module.tokens()
         names = ", ".join(t.label for t in tokens) or "no card inserted"
         return f"{cfg.pkcs11.module} loads; tokens: {names}"
 
@@ -92,7 +93,7 @@ def doctor(args: argparse.Namespace) -> int:
     report.check("intermediates", intermediates)
     report.check("audit log", audit)
     for f in cfg.revocation.crl_files:
-        report.check(f"CRL {f}", lambda f=f: _crl_freshness(f, now))
+        report.check(f"CRL {f}", functools.partial(_crl_freshness, f, now))
     probe = _Prober(svc, cfg, args.timeout, now)
     subject = None
     if args.cert:
@@ -100,7 +101,7 @@ def doctor(args: argparse.Namespace) -> int:
 
         subject = load_cert_file(args.cert)
     for url, kind, cert, issuer in probe.targets(subject):
-        report.check(f"{kind} {url}", lambda u=url, k=kind, c=cert, i=issuer: probe.run(u, k, c, i))
+        report.check(f"{kind} {url}", functools.partial(probe.run, url, kind, cert, issuer))
     return 0 if report.failed == 0 else 3
 
 
@@ -140,16 +141,18 @@ class _Prober:
             pairs.insert(0, (leaf, _issuer_of(leaf, cas + anchors)))
         out: list[tuple[str, str, object, object]] = []
         for cert, issuer in pairs:
-            for url in crl_urls(cert):  # type: ignore[arg-type]
+            for url in crl_urls(cert):
                 out.append((url, "CRL", cert, issuer))
             urls = (
                 [self.cfg.revocation.ocsp_responder] if self.cfg.revocation.ocsp_responder else []
             )
-            for url in urls or ocsp_urls(cert):  # type: ignore[arg-type]
+            for url in urls or ocsp_urls(cert):
                 if issuer is not None:
                     out.append((url, "OCSP", cert, issuer))
-        seen: set[tuple[str, str]] = set()
-        return [t for t in out if (t[0], t[1]) not in seen and not seen.add((t[0], t[1]))]
+        unique: dict[tuple[str, str], tuple[str, str, object, object]] = {}
+        for t in out:
+            unique.setdefault((t[0], t[1]), t)
+        return list(unique.values())
 
     def run(self, url: str, kind: str, cert: object, issuer: object) -> str:
         from ..adapters.crl_store import parse_crl

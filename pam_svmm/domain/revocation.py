@@ -63,8 +63,10 @@ class Decision:
     def note(self) -> str:
         """A note the audit record must carry: set only when accepted without an answer."""
         if self.outcome is Outcome.SOFT_FAILED:
-            return (f"revocation status of {self.subject} unknown, accepted (soft-fail): "
-                    f"{_details(self.results)}")
+            return (
+                f"revocation status of {self.subject} unknown, accepted (soft-fail): "
+                f"{_details(self.results)}"
+            )
         return ""
 
     @property
@@ -87,9 +89,7 @@ def rule_for(end_entity: RevocationRule, ca: RevocationRule, position: int) -> R
     return end_entity if position == 0 else ca
 
 
-def decide(
-    rule: RevocationRule, results: Sequence[RevocationResult], *, subject: str
-) -> Decision:
+def decide(rule: RevocationRule, results: Sequence[RevocationResult], *, subject: str) -> Decision:
     """Apply ``rule`` to what the methods found.
 
     A REVOKED answer always fails, whatever the rule: a known revocation is never ignored.
@@ -139,8 +139,9 @@ def evaluate_crl(
     is only on hold; an absent serial is GOOD only while the CRL is fresh.
     """
     if this_update > at + dt.timedelta(seconds=skew):
-        return RevocationResult.unknown("crl", f"CRL from {source} is not yet valid "
-                                        f"(thisUpdate {this_update.isoformat()})")
+        return RevocationResult.unknown(
+            "crl", f"CRL from {source} is not yet valid (thisUpdate {this_update.isoformat()})"
+        )
     stale = ""
     if next_update is None:
         stale = f"CRL from {source} has no nextUpdate"
@@ -148,13 +149,19 @@ def evaluate_crl(
         stale = f"stale CRL from {source} (nextUpdate {next_update.isoformat()} passed)"
     if entry is not None and not (stale and entry.reason is x509.ReasonFlags.certificate_hold):
         return RevocationResult(
-            RevocationStatus.REVOKED, "crl", f"serial {entry.serial:X} listed in CRL from {source}",
-            revoked_at=entry.revoked_at, reason=entry.reason.value if entry.reason else None,
+            RevocationStatus.REVOKED,
+            "crl",
+            f"serial {entry.serial:X} listed in CRL from {source}",
+            revoked_at=entry.revoked_at,
+            reason=entry.reason.value if entry.reason else None,
         )
     if stale:
         return RevocationResult.unknown("crl", stale)
-    return RevocationResult(RevocationStatus.GOOD, "crl", f"not listed in CRL from {source} "
-                            f"(thisUpdate {this_update.isoformat()})")
+    return RevocationResult(
+        RevocationStatus.GOOD,
+        "crl",
+        f"not listed in CRL from {source} (thisUpdate {this_update.isoformat()})",
+    )
 
 
 # --- OCSP --------------------------------------------------------------------------------
@@ -178,8 +185,9 @@ def _cert_id(
     return req.issuer_name_hash, req.issuer_key_hash, req.serial_number
 
 
-def _verify(public_key: object, signature: bytes, data: bytes,
-            algorithm: hashes.HashAlgorithm | None) -> bool:
+def _verify(
+    public_key: object, signature: bytes, data: bytes, algorithm: hashes.HashAlgorithm | None
+) -> bool:
     try:
         if isinstance(public_key, rsa.RSAPublicKey) and algorithm is not None:
             public_key.verify(signature, data, padding.PKCS1v15(), algorithm)
@@ -196,7 +204,7 @@ def _verify(public_key: object, signature: bytes, data: bytes,
 
 def _key_hash(cert: x509.Certificate) -> bytes:
     # ResponderID byKey is the SHA-1 of the subjectPublicKey bits, the same as SKI method 1.
-    return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest  # type: ignore[arg-type]
+    return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest
 
 
 def _names_responder(resp: ocsp.OCSPResponse, cert: x509.Certificate) -> bool:
@@ -252,9 +260,9 @@ def _signer_problem(
     for trusted in trusted_responders:
         if _names_responder(resp, trusted) and _verify(trusted.public_key(), sig, data, alg):
             return None
-    return problems[0] if problems else (
-        "OCSP response is not signed by the issuer, a delegated responder or a trusted responder"
-    )
+    if problems:
+        return problems[0]
+    return "OCSP response not signed by the issuer, a delegated responder or a trusted responder"
 
 
 def evaluate_ocsp(
@@ -295,12 +303,18 @@ def evaluate_ocsp(
             want = _cert_id(cert, issuer, single.hash_algorithm)
             if (single.issuer_name_hash, single.issuer_key_hash, single.serial_number) == want:
                 matching.append(single)
-    except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension,
-            x509.UnsupportedGeneralNameType) as e:
+    except (
+        ValueError,
+        UnsupportedAlgorithm,
+        x509.DuplicateExtension,
+        x509.UnsupportedGeneralNameType,
+    ) as e:
         return unknown(f"malformed OCSP response: {e}")
     if len(matching) != 1:
-        return unknown(f"OCSP response has {len(matching)} answers for serial "
-                       f"{cert.serial_number:X} (need exactly one)")
+        return unknown(
+            f"OCSP response has {len(matching)} answers for serial "
+            f"{cert.serial_number:X} (need exactly one)"
+        )
     single = matching[0]
     this_update, next_update = single.this_update_utc, single.next_update_utc
     if this_update > at + dt.timedelta(seconds=skew):
@@ -309,8 +323,9 @@ def evaluate_ocsp(
         if at - dt.timedelta(seconds=skew) > next_update:
             return unknown(f"OCSP response expired (nextUpdate {next_update.isoformat()})")
     elif at - this_update > dt.timedelta(seconds=max_age):
-        return unknown(f"OCSP response too old (thisUpdate {this_update.isoformat()}, "
-                       "no nextUpdate)")
+        return unknown(
+            f"OCSP response too old (thisUpdate {this_update.isoformat()}, no nextUpdate)"
+        )
     status = single.certificate_status
     when = f"thisUpdate {this_update.isoformat()}"
     if status is ocsp.OCSPCertStatus.GOOD:
@@ -318,7 +333,10 @@ def evaluate_ocsp(
     if status is ocsp.OCSPCertStatus.REVOKED:
         reason = single.revocation_reason
         return RevocationResult(
-            RevocationStatus.REVOKED, "ocsp", f"OCSP revoked ({when})",
-            revoked_at=single.revocation_time_utc, reason=reason.value if reason else None,
+            RevocationStatus.REVOKED,
+            "ocsp",
+            f"OCSP revoked ({when})",
+            revoked_at=single.revocation_time_utc,
+            reason=reason.value if reason else None,
         )
     return unknown("OCSP responder does not know this certificate")

@@ -96,7 +96,7 @@ def _child() -> int:
             label=req["label"],
             so_pin=req["so_pin"],
             user_pin=req["pin"],
-            key=key,  # type: ignore[arg-type]
+            key=key,
             certificate=cert,
             key_id=bytes.fromhex(req["key_id"]),
             anchors=tuple(bytes.fromhex(a) for a in req["anchors"]),
@@ -108,7 +108,7 @@ def _child() -> int:
             for e in req["extra"]:
                 k = serialization.load_pem_private_key(e["key_pem"].encode(), password=None)
                 kid = bytes.fromhex(e["key_id"])
-                s.import_private_key(k, key_id=kid, label=e["label"])  # type: ignore[arg-type]
+                s.import_private_key(k, key_id=kid, label=e["label"])
                 s.write_certificate(bytes.fromhex(e["cert"]), key_id=kid, label=e["label"])
     print(info.serial)
     return 0

@@ -256,7 +256,7 @@ class LabCA:
             entries.append(
                 x509.RevokedCertificateBuilder()
                 .serial_number(int(serial_hex, 16))
-                .revocation_date(dt.datetime.fromisoformat(info["at"]))
+                .revocation_date(dt.datetime.fromisoformat(str(info["at"])))
                 .add_extension(x509.CRLReason(x509.ReasonFlags(info["reason"])), critical=False)
                 .build()
             )
@@ -303,7 +303,9 @@ class LabCA:
             cert = x509.load_pem_x509_certificate(pem.read_bytes())
             serial_hex = f"{cert.serial_number:X}"
             expiry = cert.not_valid_after_utc.strftime("%y%m%d%H%M%SZ")
-            subject = "/" + "/".join(f"{a.rfc4514_attribute_name}={a.value}" for a in cert.subject)
+            subject = "/" + "/".join(
+                f"{a.rfc4514_attribute_name}={a.value!s}" for a in cert.subject
+            )
             if serial_hex in state:
                 info = state[serial_hex]
                 revoked = dt.datetime.fromisoformat(str(info["at"])).strftime("%y%m%d%H%M%SZ")

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography import x509
 
@@ -41,6 +41,10 @@ from ..errors import (
     SvmmError,
     UserMismatch,
 )
+
+if TYPE_CHECKING:  # the adapters are loaded by the wiring, not by importing this module
+    from ..adapters.token import CardCertificate, Pkcs11Module, TokenInfo, TokenSession
+    from .revocation import RevocationChecker
 
 
 class Prompter(Protocol):
@@ -75,8 +79,8 @@ class LoginResult:
 class Candidate:
     """A certificate on a token, parsed and checked offline (before any PIN)."""
 
-    token: object  # adapters.token.TokenInfo
-    card_cert: object  # adapters.token.CardCertificate
+    token: TokenInfo
+    card_cert: CardCertificate
     cert: x509.Certificate
     chain: list[x509.Certificate]
     identity: mapping.MappedIdentity
@@ -85,7 +89,7 @@ class Candidate:
         return card_facts(self.cert, self.token)
 
 
-def card_facts(cert: x509.Certificate, token: object | None = None) -> CardFacts:
+def card_facts(cert: x509.Certificate, token: TokenInfo | None = None) -> CardFacts:
     return CardFacts(
         fingerprint=certpolicy.fingerprint(cert),
         serial=f"{cert.serial_number:x}",
@@ -139,8 +143,8 @@ class CardAuthenticator:
         self,
         config: Config,
         *,
-        module: object,  # adapters.token.Pkcs11Module
-        revocation: object,  # services.revocation.RevocationChecker
+        module: Pkcs11Module,
+        revocation: RevocationChecker,
         mapper: mapping.IdentityMapper,
         anchors: Sequence[x509.Certificate],
         intermediates: Sequence[x509.Certificate] = (),
@@ -177,7 +181,7 @@ class CardAuthenticator:
         if vouched is not None:
             attempt.notes.append(f"host {vouched.name} vouched for by card anchor {vouched.anchor}")
 
-        with self.module.session(token) as session:  # type: ignore[attr-defined]
+        with self.module.session(token) as session:
             self._login(session, token, prompter, deadline, vouched)
             deadline.check("challenge")
             ch = challenge.new_challenge(
@@ -187,14 +191,14 @@ class CardAuthenticator:
                 nonce=self.random(self.config.auth.challenge_bytes),
             )
             data = ch.to_be_signed()
-            scheme, signature = session.sign(chosen.card_cert.id, data)  # type: ignore[attr-defined]
+            scheme, signature = session.sign(chosen.card_cert.id, data)
         challenge.verify_possession(chosen.cert, scheme, data, signature)
 
         # Trust decisions, now that the card has proved it holds the key. The chain was
         # built offline during selection at the same instant `at`; it is only relied on now.
         chain = chosen.chain
         deadline.check("revocation")
-        decisions = self.revocation.check(chain, at=at, budget=deadline.remaining())  # type: ignore[attr-defined]
+        decisions = self.revocation.check(chain, at=at, budget=deadline.remaining())
         # Every decision goes to the audit trail: how each certificate was found not revoked,
         # or that it was accepted without an answer (soft-fail).
         attempt.notes.extend(d.note or d.detail for _cert, d in decisions)
@@ -210,12 +214,12 @@ class CardAuthenticator:
 
     # --- steps ----------------------------------------------------------------------------
 
-    def _tokens(self, deadline: Deadline) -> list[object]:
-        tokens = self.module.tokens(self.uri)  # type: ignore[attr-defined]
+    def _tokens(self, deadline: Deadline) -> list[TokenInfo]:
+        tokens = self.module.tokens(self.uri)
         if not tokens and self.config.pkcs11.wait_for_card > 0:
             wait = min(self.config.pkcs11.wait_for_card, deadline.remaining())
-            self.module.wait_for_token(self.uri, wait)  # type: ignore[attr-defined]
-            tokens = self.module.tokens(self.uri)  # type: ignore[attr-defined]
+            self.module.wait_for_token(self.uri, wait)
+            tokens = self.module.tokens(self.uri)
         if not tokens:
             raise NoCard("no smart card found")
         return tokens
@@ -226,7 +230,7 @@ class CardAuthenticator:
         at: dt.datetime,
         deadline: Deadline | None = None,
         attempt: Attempt | None = None,
-    ) -> tuple[object, list[Candidate]]:
+    ) -> tuple[TokenInfo, list[Candidate]]:
         """Pick the token and certificate that pass policy and belong to the user.
 
         No PIN is involved. When nothing qualifies, raise the most telling reason: a valid
@@ -240,11 +244,11 @@ class CardAuthenticator:
         mismatch_card: CardFacts | None = None
         for token in self._tokens(deadline):
             deadline.check("reading certificates")
-            card_certs = self.module.certificates(token, self.uri)  # type: ignore[attr-defined]
-            parsed: list[tuple[object, x509.Certificate]] = []
+            card_certs = self.module.certificates(token, self.uri)
+            parsed: list[tuple[CardCertificate, x509.Certificate]] = []
             for cc in card_certs:
                 try:
-                    parsed.append((cc, certpolicy.parse_certificate(cc.der)))  # type: ignore[attr-defined]
+                    parsed.append((cc, certpolicy.parse_certificate(cc.der)))
                 except CertificateInvalid as e:
                     first_error = first_error or e
             # CA certificates on the card may serve as intermediates (never as anchors).
@@ -283,13 +287,13 @@ class CardAuthenticator:
             raise first_error
         raise NoUsableCertificate("the card holds no certificate usable for login")
 
-    def _vouch_for_host(self, token: object, at: dt.datetime) -> mutual.VouchedHost:
+    def _vouch_for_host(self, token: TokenInfo, at: dt.datetime) -> mutual.VouchedHost:
         """Mutual authentication, before any PIN: the card's anchor must vouch for us."""
         if self.host_credentials is None:
             raise HostNotVouched("mutual authentication is on but this host has no credentials")
         label = self.config.mutual.card_anchor_label
         anchors = []
-        for cc in self.module.certificates(token, None):  # type: ignore[attr-defined]
+        for cc in self.module.certificates(token, None):
             if cc.label == label:
                 anchors.append(certpolicy.parse_certificate(cc.der))
         host_cert, host_key = self.host_credentials
@@ -304,33 +308,33 @@ class CardAuthenticator:
 
     def _login(
         self,
-        session: object,
-        token: object,
+        session: TokenSession,
+        token: TokenInfo,
         prompter: Prompter,
         deadline: Deadline,
         vouched: mutual.VouchedHost | None = None,
     ) -> None:
         tries = getattr(token, "pin_tries", PinTries.UNKNOWN)
         if tries is PinTries.LOCKED:
-            raise PinLocked(f"the PIN of card '{token.label}' is locked")  # type: ignore[attr-defined]
+            raise PinLocked(f"the PIN of card '{token.label}' is locked")
         if tries is PinTries.FINAL_TRY:
             prompter.error("Warning: this is the final PIN try before the card locks.")
         elif tries is PinTries.COUNT_LOW:
             prompter.error("Warning: few PIN tries are left on this card.")
         deadline.check("PIN")
         if getattr(token, "protected_auth_path", False) and self.config.pkcs11.allow_pinpad:
-            prompter.info(f"Enter the PIN for '{token.label}' on the reader's keypad.")  # type: ignore[attr-defined]
-            session.login(None)  # type: ignore[attr-defined]
+            prompter.info(f"Enter the PIN for '{token.label}' on the reader's keypad.")
+            session.login(None)
             return
         template = self.config.pkcs11.pin_prompt
         host = vouched.name if vouched else ""
         if vouched and "{host}" not in template:
             template = "[host {host}, vouched for by your card] " + template
-        prompt = template.format(token=token.label, host=host)  # type: ignore[attr-defined]
+        prompt = template.format(token=token.label, host=host)
         pin = prompter.ask_secret(prompt)
         deadline.check("PIN")
         try:
-            session.login(pin)  # type: ignore[attr-defined]
+            session.login(pin)
         finally:
             del pin
 

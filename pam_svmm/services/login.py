@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
@@ -21,6 +22,10 @@ from ..domain import mapping
 from ..domain.audit_record import AuditRecord, CardFacts, Outcome
 from ..errors import AuthFailed, PinLocked, SvmmError, Undecided
 from .auth import Attempt, CardAuthenticator, LoginRequest, LoginResult, Prompter, load_pem_bundle
+
+if TYPE_CHECKING:
+    from ..adapters.token import Pkcs11Module
+    from .revocation import RevocationChecker
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ class LoginService:
     # Collaborators are built on first use: a login needs all of them, `svmm card list`
     # needs only the module, and nothing is loaded at import time.
     @cached_property
-    def module(self) -> object:
+    def module(self) -> Pkcs11Module:
         from ..adapters.token import Pkcs11Module
 
         return Pkcs11Module(self.config.pkcs11.module)
@@ -83,7 +88,7 @@ class LoginService:
         return load_pem_bundle([d])
 
     @cached_property
-    def revocation(self) -> object:
+    def revocation(self) -> RevocationChecker:
         from ..adapters.crl_store import CrlStore
         from ..adapters.fetch import HttpFetcher
         from .revocation import RevocationChecker
@@ -107,7 +112,7 @@ class LoginService:
         return AuditLog(self.config.audit.path, syslog_mirror=self.config.audit.syslog)
 
     @cached_property
-    def host_credentials(self) -> tuple[x509.Certificate, object] | None:
+    def host_credentials(self) -> tuple[x509.Certificate, Any] | None:
         """This host's certificate and key, for mutual authentication (root-only key)."""
         m = self.config.mutual
         if not m.enabled or m.host_cert is None or m.host_key is None:
@@ -136,7 +141,7 @@ class LoginService:
             intermediates=self.intermediates,
             now=self.now,
             random=os.urandom,
-            host_credentials=self.host_credentials,  # type: ignore[arg-type]
+            host_credentials=self.host_credentials,
         )
 
     def host_name(self) -> str:
@@ -169,7 +174,7 @@ class LoginService:
         )
         step("chain", " -> ".join(c.subject.rfc4514_string() for c in chain))
         notes: list[str] = []
-        for checked, decision in self.revocation.check(chain, at=at):  # type: ignore[attr-defined]
+        for checked, decision in self.revocation.check(chain, at=at):
             note = getattr(decision, "note", "") or getattr(decision, "detail", "")
             step("revocation", f"{checked.subject.rfc4514_string()}: {note or 'good'}")
             if getattr(decision, "note", ""):

@@ -150,8 +150,14 @@ class RevocationChecker:
                 problems.append(e.message)
                 continue
             r = evaluate_ocsp(
-                der, cert, issuer, nonce=nonce, at=at, skew=self.config.clock_skew,
-                max_age=self.config.ocsp_max_age, trusted_responders=self._trusted,
+                der,
+                cert,
+                issuer,
+                nonce=nonce,
+                at=at,
+                skew=self.config.clock_skew,
+                max_age=self.config.ocsp_max_age,
+                trusted_responders=self._trusted,
             )
             if r.status is not RevocationStatus.UNKNOWN:
                 return r
