@@ -140,6 +140,7 @@ class Lab:
             )
         for spec in cards:
             self.make_card(spec)
+        self.reset_cards()
         self.ca.publish()
         self.write_config(config_overrides)
         self.write_pam_service(venv=venv)
@@ -246,6 +247,20 @@ syslog = false
         )
         meta = asdict(spec) | {"serial": serial, "cert_serial": f"{cert.serial_number:x}"}
         (folder / "card.json").write_text(json.dumps(meta, indent=1))
+        self._reset_reader_state(spec, serial)
+        if spec.state == "revoked":
+            self.ca.revoke(cert)
+        return folder
+
+    def reset_cards(self) -> None:
+        """Put every card's PIN counter and pinpad back as its spec says (a demo rerun)."""
+        for folder in sorted(self.cards_dir.iterdir()):
+            meta = json.loads((folder / "card.json").read_text())
+            serial = meta.pop("serial")
+            meta.pop("cert_serial", None)
+            self._reset_reader_state(CardSpec(**meta), serial)
+
+    def _reset_reader_state(self, spec: CardSpec, serial: str) -> None:
         self.pinguard_state.mkdir(exist_ok=True)
         if spec.tries_left is not None:
             pinguard.set_pin_tries(self.pinguard_state, serial, spec.max_tries, spec.tries_left)
@@ -253,9 +268,6 @@ syslog = false
             pin_file = self.pinguard_state / f"{serial}.keypad"
             pinguard.write_pinpad_pin(pin_file, spec.pin)
             pinguard.set_pinpad(self.pinguard_state, serial, pin_file)
-        if spec.state == "revoked":
-            self.ca.revoke(cert)
-        return folder
 
     def _certificate_for(self, spec: CardSpec, key: PrivateKey) -> x509.Certificate:
         now = dt.datetime.now(UTC)
