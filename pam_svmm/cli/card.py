@@ -34,6 +34,9 @@ def list_cards(args: argparse.Namespace) -> int:
         print("no card found")
         return 3
     for token in tokens:
+        if not token.login_required:
+            print(f"token {token.label!r}: needs no PIN, holds no login key (not a card), skipped")
+            continue
         pad = ", PIN pad" if token.protected_auth_path else ""
         print(
             f"token {token.label!r} serial {token.serial} slot {token.slot_id}"

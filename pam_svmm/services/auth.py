@@ -215,14 +215,20 @@ class CardAuthenticator:
     # --- steps ----------------------------------------------------------------------------
 
     def _tokens(self, deadline: Deadline) -> list[TokenInfo]:
-        tokens = self.module.tokens(self.uri)
+        tokens = self._login_tokens()
         if not tokens and self.config.pkcs11.wait_for_card > 0:
             wait = min(self.config.pkcs11.wait_for_card, deadline.remaining())
             self.module.wait_for_token(self.uri, wait)
-            tokens = self.module.tokens(self.uri)
+            tokens = self._login_tokens()
         if not tokens:
             raise NoCard("no smart card found")
         return tokens
+
+    def _login_tokens(self) -> list[TokenInfo]:
+        # A login card protects its key with a PIN. Tokens that need no login (p11-kit's
+        # "System Trust" store of CA certificates, behind the default proxy) hold no key to
+        # prove possession with, and are not cards to log in with.
+        return [t for t in self.module.tokens(self.uri) if t.login_required]
 
     def select(
         self,

@@ -314,3 +314,12 @@ def test_mutual_authentication_refuses_to_ask_the_pin_on_an_unvouched_host(lab: 
     a = login(lab, "alice", user="alice", service=_mutual(lab, rogue=True))
     refused(a, "PAM_AUTH_ERR", "host_not_vouched")
     assert a.report.prompts == ()
+
+
+def test_the_default_p11_kit_proxy_finds_the_card_module(lab: Lab) -> None:
+    # The shipped default: p11-kit's proxy loads every registered module (SoftHSM2's among
+    # them), so the configuration need not name a card driver.
+    svc = lab.variant("p11kit", '[pkcs11]\nmodule = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so"\n')
+    a = login(lab, "bob", user="bob", service=svc)
+    assert a.report.ok, a.report
+    assert a.record["card"]["token"] == "bob ID card"

@@ -27,6 +27,7 @@ class Token:
     serial: str = "0001"
     pin_tries: errors.PinTries = errors.PinTries.UNKNOWN
     protected_auth_path: bool = False
+    login_required: bool = True
 
 
 @dataclass(frozen=True)
@@ -174,3 +175,11 @@ def test_the_login_time_budget_is_enforced(ca: LabCA) -> None:
     with pytest.raises(errors.LoginTimeout):
         auth.authenticate(LoginRequest("login", "h", "alice"), SlowPrompter(), Attempt())
     assert card.signed == []  # nothing signed after the budget ran out
+
+
+def test_tokens_that_need_no_login_are_not_cards(ca: LabCA) -> None:
+    # p11-kit's trust store shows up as a token without CKF_LOGIN_REQUIRED.
+    card = alice_card(ca)
+    card.tokens = lambda uri: [Token(label="System Trust", login_required=False)]  # type: ignore[method-assign]
+    with pytest.raises(errors.NoCard):
+        make(ca, card).authenticate(LoginRequest("login", "h", "alice"), Prompter(), Attempt())
