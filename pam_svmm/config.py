@@ -130,6 +130,100 @@ class AuditConfig:
     syslog: bool = True
 
 
+class TlsMode(enum.Enum):
+    STARTTLS = "starttls"  # ldap:// upgraded with StartTLS (ldaps:// URIs are TLS anyway)
+    NONE = "none"  # plain ldap:// (test labs only; password logins are then refused)
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    """The organisation's LDAP directory: who a card holder is, their account and roles."""
+
+    enabled: bool = False
+    uris: tuple[str, ...] = ()  # tried in order (failover)
+    base_dn: str = ""
+    users_base: str = ""  # default: base_dn
+    groups_base: str = ""  # default: base_dn
+    user_filter: str = "(objectClass=posixAccount)"
+    bind_dn: str = ""  # empty: anonymous
+    bind_password_file: Path | None = None  # root-only file
+    tls: TlsMode = TlsMode.STARTTLS
+    ca_file: Path | None = None
+    connect_timeout: float = 3.0
+    search_timeout: float = 5.0
+    # Roles: names of groups the user is in (under role_groups_base, default groups_base),
+    # found through member / memberUid / memberOf, plus values of role_attribute.
+    role_groups_base: str = ""
+    role_attribute: str = "svmmRole"
+    nested_depth: int = 3
+    require_certificate_in_entry: bool = False
+    # An attribute whose value TRUE marks a disabled account (besides shadowExpire and
+    # pwdAccountLockedTime, which are always honoured).
+    disabled_attribute: str = "svmmDisabled"
+    # Offline: the last good identity per user, root-only, at most this old (0: no offline).
+    cache_dir: Path = Path("/var/cache/svmm/identity")
+    cache_max_age: float = 86400.0
+
+
+class SanKind(enum.Enum):
+    UPN = "upn"
+    EMAIL = "email"
+    DNS = "dns"
+
+
+@dataclass(frozen=True)
+class CertmapRule:
+    """SSSD-style: a match part (which certificates) and a map part (an LDAP filter template).
+
+    Templates take {cert} (the DER, escaped for userCertificate;binary), {subject},
+    {issuer} (RFC 4514), {serial} (hex), {upn}, {upn_local}, {email}, {email_local}, {cn},
+    {subject_attr:OID}; every value is escaped before it is put in the filter."""
+
+    name: str
+    map: str
+    priority: int = 100  # lower runs first (SSSD's order)
+    match_issuer: str = ""  # regular expression on the issuer, RFC 4514 (empty: any)
+    match_subject: str = ""
+    match_ekus: tuple[str, ...] = ()  # all of these EKU OIDs must be present
+    match_san: tuple[SanKind, ...] = ()  # all of these SAN kinds must be present
+
+
+@dataclass(frozen=True)
+class CertmapConfig:
+    rules: tuple[CertmapRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class PasswordConfig:
+    """ID/password login against the directory, where policy allows it."""
+
+    enabled: bool = False
+    services: tuple[str, ...] = ()  # PAM services that may use it (empty: none)
+    card_required_roles: tuple[str, ...] = ()  # holders of these roles must use a card
+
+
+@dataclass(frozen=True)
+class NssConfig:
+    """The identity bridge's passwd/group files (libnss-extrausers reads this folder)."""
+
+    dir: Path = Path("/var/lib/extrausers")
+    uid_min: int = 10000
+    uid_max: int = 59999
+    gid_min: int = 10000
+    gid_max: int = 59999
+
+
+@dataclass(frozen=True)
+class IssueConfig:
+    """`svmm card issue`: how certificates get signed and published."""
+
+    # argv of a CA command: a CSR (PEM) on stdin, the certificate (PEM) on stdout.
+    ca_command: tuple[str, ...] = ()
+    # Directory account allowed to publish certificates to user entries.
+    publish_bind_dn: str = ""
+    publish_password_file: Path | None = None
+
+
 @dataclass(frozen=True)
 class Config:
     source: Path | None = None
@@ -140,6 +234,11 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     mutual: MutualConfig = field(default_factory=MutualConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    certmap: CertmapConfig = field(default_factory=CertmapConfig)
+    password: PasswordConfig = field(default_factory=PasswordConfig)
+    nss: NssConfig = field(default_factory=NssConfig)
+    issue: IssueConfig = field(default_factory=IssueConfig)
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -385,6 +484,154 @@ def _audit(t: _Table) -> AuditConfig:
     return cfg
 
 
+def _ldap_uri(key: str, uri: str) -> str:
+    if not uri.startswith(("ldap://", "ldaps://")):
+        raise ConfigError(key, f"must be an ldap:// or ldaps:// URI, got {uri!r}")
+    return uri
+
+
+def _directory(t: _Table) -> DirectoryConfig:
+    d = DirectoryConfig()
+    uris = tuple(_ldap_uri(f"{t.key('uris')}[{i}]", u) for i, u in enumerate(t.strings("uris", ())))
+    cfg = DirectoryConfig(
+        enabled=t.flag("enabled", d.enabled),
+        uris=uris,
+        base_dn=t.text("base_dn", d.base_dn),
+        users_base=t.text("users_base", d.users_base),
+        groups_base=t.text("groups_base", d.groups_base),
+        user_filter=t.text("user_filter", d.user_filter),
+        bind_dn=t.text("bind_dn", d.bind_dn),
+        bind_password_file=t.path("bind_password_file", None),
+        tls=t.enum("tls", d.tls),
+        ca_file=t.path("ca_file", None),
+        connect_timeout=t.number("connect_timeout", d.connect_timeout, minimum=0.1),
+        search_timeout=t.number("search_timeout", d.search_timeout, minimum=0.1),
+        role_groups_base=t.text("role_groups_base", d.role_groups_base),
+        role_attribute=t.text("role_attribute", d.role_attribute),
+        nested_depth=t.integer("nested_depth", d.nested_depth, minimum=0, maximum=10),
+        require_certificate_in_entry=t.flag(
+            "require_certificate_in_entry", d.require_certificate_in_entry
+        ),
+        disabled_attribute=t.text("disabled_attribute", d.disabled_attribute),
+        cache_dir=t.path("cache_dir", d.cache_dir) or d.cache_dir,
+        cache_max_age=t.number("cache_max_age", d.cache_max_age),
+    )
+    if cfg.enabled:
+        if not cfg.uris:
+            raise ConfigError(t.key("uris"), "at least one URI is required when enabled")
+        if not cfg.base_dn:
+            raise ConfigError(t.key("base_dn"), "is required when enabled")
+        if cfg.bind_dn and cfg.bind_password_file is None:
+            raise ConfigError(t.key("bind_password_file"), "is required with bind_dn")
+    if not (cfg.user_filter.startswith("(") and cfg.user_filter.endswith(")")):
+        raise ConfigError(t.key("user_filter"), "must be an LDAP filter in parentheses")
+    t.done()
+    return cfg
+
+
+_TEMPLATE_FIELDS = frozenset(
+    {"cert", "subject", "issuer", "serial", "upn", "upn_local", "email", "email_local", "cn"}
+)
+
+
+def _certmap(t: _Table) -> CertmapConfig:
+    raw = t.get("rules", [])
+    if not isinstance(raw, list):
+        raise ConfigError(t.key("rules"), "must be an array of tables")
+    import re
+
+    rules = []
+    names: set[str] = set()
+    for i, r in enumerate(raw):
+        rt = _Table(r, f"{t.key('rules')}[{i}]")
+        name = rt.text("name", f"rule{i}")
+        if name in names:
+            raise ConfigError(rt.key("name"), f"duplicate rule name {name!r}")
+        names.add(name)
+        template = rt.text("map", "")
+        if not (template.startswith("(") and template.endswith(")")):
+            raise ConfigError(rt.key("map"), "must be an LDAP filter template in parentheses")
+        for fld in re.findall(r"\{([^}]*)\}", template):
+            base = fld.split(":", 1)[0]
+            if base not in _TEMPLATE_FIELDS and base != "subject_attr":
+                known = ", ".join(sorted(_TEMPLATE_FIELDS | {"subject_attr:OID"}))
+                raise ConfigError(rt.key("map"), f"unknown field {{{fld}}}; known: {known}")
+        match = _Table(rt.get("match", {}), rt.key("match"))
+        for rx_key in ("issuer", "subject"):
+            rx = match.text(rx_key, "")
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise ConfigError(match.key(rx_key), f"not a regular expression: {e}") from None
+        sans = []
+        for j, kind in enumerate(match.strings("san", ())):
+            try:
+                sans.append(SanKind(kind))
+            except ValueError:
+                raise ConfigError(
+                    f"{match.key('san')}[{j}]", f"{kind!r} is not upn, email or dns"
+                ) from None
+        rules.append(
+            CertmapRule(
+                name=name,
+                map=template,
+                priority=rt.integer("priority", 100, minimum=0, maximum=1_000_000),
+                match_issuer=match.text("issuer", ""),
+                match_subject=match.text("subject", ""),
+                match_ekus=tuple(
+                    _eku(f"{match.key('eku')}[{j}]", v)
+                    for j, v in enumerate(match.strings("eku", ()))
+                ),
+                match_san=tuple(sans),
+            )
+        )
+        match.done()
+        rt.done()
+    t.done()
+    return CertmapConfig(rules=tuple(sorted(rules, key=lambda r: r.priority)))
+
+
+def _password(t: _Table) -> PasswordConfig:
+    d = PasswordConfig()
+    cfg = PasswordConfig(
+        enabled=t.flag("enabled", d.enabled),
+        services=t.strings("services", d.services),
+        card_required_roles=t.strings("card_required_roles", d.card_required_roles),
+    )
+    t.done()
+    return cfg
+
+
+def _nss(t: _Table) -> NssConfig:
+    d = NssConfig()
+    cfg = NssConfig(
+        dir=t.path("dir", d.dir) or d.dir,
+        uid_min=t.integer("uid_min", d.uid_min, minimum=1000, maximum=(1 << 31) - 2),
+        uid_max=t.integer("uid_max", d.uid_max, minimum=1000, maximum=(1 << 31) - 2),
+        gid_min=t.integer("gid_min", d.gid_min, minimum=1000, maximum=(1 << 31) - 2),
+        gid_max=t.integer("gid_max", d.gid_max, minimum=1000, maximum=(1 << 31) - 2),
+    )
+    if cfg.uid_min > cfg.uid_max:
+        raise ConfigError(t.key("uid_max"), "must not be below uid_min")
+    if cfg.gid_min > cfg.gid_max:
+        raise ConfigError(t.key("gid_max"), "must not be below gid_min")
+    t.done()
+    return cfg
+
+
+def _issue(t: _Table) -> IssueConfig:
+    cmd = t.strings("ca_command", ())
+    if cmd and not cmd[0].startswith("/"):
+        raise ConfigError(t.key("ca_command"), "the first element must be an absolute path")
+    cfg = IssueConfig(
+        ca_command=cmd,
+        publish_bind_dn=t.text("publish_bind_dn", ""),
+        publish_password_file=t.path("publish_password_file", None),
+    )
+    t.done()
+    return cfg
+
+
 def parse(data: dict[str, Any], source: Path | None = None) -> Config:
     """Build a validated Config from a parsed TOML document."""
     top = _Table(data, "")
@@ -397,7 +644,14 @@ def parse(data: dict[str, Any], source: Path | None = None) -> Config:
         auth=_auth(top.sub("auth")),
         mutual=_mutual(top.sub("mutual")),
         audit=_audit(top.sub("audit")),
+        directory=_directory(top.sub("directory")),
+        certmap=_certmap(top.sub("certmap")),
+        password=_password(top.sub("password")),
+        nss=_nss(top.sub("nss")),
+        issue=_issue(top.sub("issue")),
     )
+    if cfg.directory.enabled and not cfg.certmap.rules:
+        raise ConfigError("certmap.rules", "at least one rule is required with a directory")
     top.done()
     return cfg
 

@@ -119,6 +119,36 @@ class NoUsableCertificate(AuthFailed):
     reason = "no_usable_certificate"
 
 
+class AmbiguousUser(UnknownUser):
+    """The certificate maps to more than one directory entry; none is picked."""
+
+    reason = "mapping_ambiguous"
+
+
+class AccountDisabled(AuthFailed):
+    """The directory marks the account disabled or locked."""
+
+    reason = "account_disabled"
+
+
+class AccountExpired(AuthFailed):
+    """The account's expiry date (shadowExpire) has passed."""
+
+    reason = "account_expired"
+
+
+class MethodNotAllowed(AuthFailed):
+    """Policy does not allow this login method here (e.g. a password where a card is required)."""
+
+    reason = "method_not_allowed"
+
+
+class PasswordIncorrect(AuthFailed):
+    """The directory refused the password."""
+
+    reason = "password_incorrect"
+
+
 # --- we could not find out ----------------------------------------------------------------
 
 
@@ -150,6 +180,12 @@ class FetchError(Undecided):
     """A network fetch (CRL, OCSP) failed or timed out."""
 
     reason = "fetch_failed"
+
+
+class DirectoryUnavailable(Undecided):
+    """No directory server answered (and no usable offline entry)."""
+
+    reason = "directory_unavailable"
 
 
 class LoginTimeout(Undecided):

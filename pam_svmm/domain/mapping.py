@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from ..config import MappingKind, MappingRule
 from ..errors import ConfigError, UnknownUser, UserMismatch
+from .identity import Identity
 
 UPN_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
 _POSIX_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
@@ -35,6 +36,8 @@ class MappedIdentity:
     username: str
     rule: str  # which rule produced it, e.g. "upn" or "subject_attr:0.9.2342.19200300.100.1.1"
     source_value: str  # the certificate value the name came from
+    # The directory entry behind the name, when a directory mapped it (None: certificate only).
+    identity: Identity | None = None
 
     def __post_init__(self) -> None:
         if not is_valid_username(self.username):

@@ -6,11 +6,21 @@ import of its own on PAM. Order matters: the first matching class wins, most spe
 
 from __future__ import annotations
 
-from ..errors import AuthFailed, ConfigError, PinLocked, SvmmError, Undecided
+from ..errors import (
+    AccountDisabled,
+    AccountExpired,
+    AuthFailed,
+    ConfigError,
+    PinLocked,
+    SvmmError,
+    Undecided,
+)
 
 # (error class, name of the pamh constant)
 TABLE: tuple[tuple[type[BaseException], str], ...] = (
     (PinLocked, "PAM_MAXTRIES"),
+    (AccountExpired, "PAM_ACCT_EXPIRED"),
+    (AccountDisabled, "PAM_PERM_DENIED"),
     (AuthFailed, "PAM_AUTH_ERR"),
     (Undecided, "PAM_AUTHINFO_UNAVAIL"),
     (ConfigError, "PAM_SYSTEM_ERR"),

@@ -29,6 +29,10 @@ def test_every_error_has_a_pam_code_that_is_never_success(cls: type) -> None:
     assert name != "PAM_SUCCESS"
     if issubclass(cls, errors.PinLocked):
         assert name == "PAM_MAXTRIES"
+    elif issubclass(cls, errors.AccountExpired):
+        assert name == "PAM_ACCT_EXPIRED"
+    elif issubclass(cls, errors.AccountDisabled):
+        assert name == "PAM_PERM_DENIED"
     elif issubclass(cls, errors.AuthFailed):
         assert name == "PAM_AUTH_ERR"
     elif issubclass(cls, errors.Undecided):
