@@ -43,6 +43,8 @@ class AuditRecord:
     user: str = ""  # the identity decided on (or asked for, on failure)
     requested_user: str = ""  # PAM_USER as the application gave it
     method: str = ""  # card, password
+    roles: tuple[str, ...] = ()  # the roles the decision was made with
+    offline: bool = False  # identity from the offline cache (directory unreachable)
     card: CardFacts = field(default_factory=CardFacts)
     vm: str = ""
     tty: str = ""
@@ -52,6 +54,7 @@ class AuditRecord:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["outcome"] = self.outcome.value
+        d["roles"] = list(self.roles)
         d["time"] = self.time.astimezone(dt.UTC).isoformat(timespec="microseconds")
         return d
 
@@ -70,4 +73,8 @@ class AuditRecord:
         ]
         if self.vm:
             parts.append(f"vm={self.vm}")
+        if self.method:
+            parts.append(f"method={self.method}")
+        if self.offline:
+            parts.append("offline=yes")
         return " ".join(parts)

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -55,6 +56,7 @@ class CardSpec:
     tries_left: int | None = None  # PIN tries left (pinguard), None: not tracked
     max_tries: int = 3
     pinpad: bool = False
+    upn: bool = True  # carry a UPN in the SAN (without: only the e-mail address)
     story: str = ""
 
     @property
@@ -205,6 +207,45 @@ syslog = false
         self.write_pam_service(name=service, config=cfg)
         return service
 
+    def directory_overrides(self, slapd: Any, *, password_services: Sequence[str] = ()) -> str:
+        """TOML for the lab's directory: the running ``slapd``, the certificate mapping rules
+        (UPN first, then e-mail) and the password policy."""
+        secret = slapd.write_password_file(self.folder / "ldap-service.secret", "service")
+        services = ", ".join(f'"{s}"' for s in password_services)
+        return f"""
+[directory]
+enabled = true
+uris = ["{slapd.uri}"]
+base_dn = "{slapd.base_dn}"
+users_base = "ou=people,{slapd.base_dn}"
+groups_base = "ou=groups,{slapd.base_dn}"
+bind_dn = "{slapd.service_dn}"
+bind_password_file = "{secret}"
+tls = "starttls"
+ca_file = "{self.ca_dir / "root.pem"}"
+connect_timeout = 2
+search_timeout = 3
+cache_dir = "{self.folder / "identity-cache"}"
+cache_max_age = 3600
+
+[[certmap.rules]]
+name = "upn"
+priority = 10
+match = {{ san = ["upn"] }}
+map = "(svmmPrincipalName={{upn}})"
+
+[[certmap.rules]]
+name = "email"
+priority = 20
+match = {{ san = ["email"] }}
+map = "(mail={{email}})"
+
+[password]
+enabled = {"true" if password_services else "false"}
+services = [{services}]
+card_required_roles = ["vm-admins"]
+"""
+
     # --- cards ----------------------------------------------------------------------------
 
     def make_card(self, spec: CardSpec) -> Path:
@@ -272,7 +313,7 @@ syslog = false
     def _certificate_for(self, spec: CardSpec, key: PrivateKey) -> x509.Certificate:
         now = dt.datetime.now(UTC)
         kw: dict[str, object] = {
-            "upn": f"{spec.holder}@demo.example",
+            "upn": f"{spec.holder}@demo.example" if spec.upn else None,
             "email": f"{spec.holder}@demo.example",
         }
         if spec.state == "expired":

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import syslog
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import config as config_mod
-from ..errors import ConversationFailed
+from ..errors import ConversationFailed, NoCard
 from ..services.auth import LoginRequest
 from .codes import pam_code_name
 
 # One LoginService per config file per process: `login` and `sudo` authenticate once,
 # but a display manager's long-lived process authenticates many times.
 _services: dict[tuple[str, int], Any] = {}
-# Users this process authenticated by card (and how), for pam_sm_acct_mgmt / setcred.
-_card_users: dict[str, Any] = {}
+# Users this process authenticated (and how), for pam_sm_acct_mgmt / setcred.
+_logins: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,13 @@ def _code(pamh: Any, error: BaseException) -> int:
     return int(getattr(pamh, pam_code_name(error)))
 
 
+def _ask_user(pamh: Any) -> str:
+    try:
+        return str(pamh.get_user(None) or "")
+    except pamh.exception as e:
+        raise ConversationFailed(f"could not get the user name ({e.pam_result})") from None
+
+
 def _request(pamh: Any, svc: Any) -> LoginRequest:
     return LoginRequest(
         service=pamh.service or "",
@@ -122,10 +129,21 @@ def _tell_user(pamh: Any, error: BaseException) -> None:
 def pam_sm_authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
     try:
         svc = _service(ModuleArgs.parse(argv))
-        result = svc.card_login(_request(pamh, svc), PamPrompter(pamh))
+        prompter = PamPrompter(pamh)
+        request = _request(pamh, svc)
+        try:
+            result = svc.card_login(request, prompter)
+        except NoCard:
+            # Without a card, ID/password where policy allows it; else "no card" stands, so
+            # the stack can fall through to another method.
+            if not svc.password_allowed(request.service):
+                raise
+            if request.pam_user is None:
+                request = replace(request, pam_user=_ask_user(pamh))
+            result = svc.password_login(request, prompter)
         if pamh.user != result.user:
             pamh.user = result.user
-        _card_users[result.user] = result
+        _logins[result.user] = result
         return int(pamh.PAM_SUCCESS)
     except Exception as error:
         _log_failure("authenticate", error)
@@ -136,7 +154,7 @@ def pam_sm_authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
 def pam_sm_setcred(pamh: Any, flags: int, argv: list[str]) -> int:
     # No credentials to establish at this layer (volume keys come with the session).
     try:
-        return int(pamh.PAM_SUCCESS if (pamh.user or "") in _card_users else pamh.PAM_IGNORE)
+        return int(pamh.PAM_SUCCESS if (pamh.user or "") in _logins else pamh.PAM_IGNORE)
     except Exception as error:
         _log_failure("setcred", error)
         return _code(pamh, error)
@@ -144,14 +162,12 @@ def pam_sm_setcred(pamh: Any, flags: int, argv: list[str]) -> int:
 
 def pam_sm_acct_mgmt(pamh: Any, flags: int, argv: list[str]) -> int:
     try:
-        # This module vouches only for accounts it authenticated by card; for others (a
-        # password login through another module) it has nothing to say.
-        result = _card_users.get(pamh.user or "")
-        if result is None:
-            return int(pamh.PAM_IGNORE)
+        # Accounts this process logged in, and any directory account (however it was
+        # authenticated): disabled or expired ones are refused. For other accounts this
+        # module has nothing to say.
         svc = _service(ModuleArgs.parse(argv))
-        svc.account(_request(pamh, svc), result)
-        return int(pamh.PAM_SUCCESS)
+        decided = svc.account(_request(pamh, svc), _logins.get(pamh.user or ""))
+        return int(pamh.PAM_SUCCESS if decided else pamh.PAM_IGNORE)
     except Exception as error:
         _log_failure("acct_mgmt", error)
         return _code(pamh, error)

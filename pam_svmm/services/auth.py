@@ -29,6 +29,7 @@ from cryptography import x509
 from ..config import Config
 from ..domain import certpolicy, challenge, mapping, mutual
 from ..domain.audit_record import CardFacts
+from ..domain.identity import Identity
 from ..errors import (
     AuthFailed,
     CertificateInvalid,
@@ -73,6 +74,8 @@ class LoginResult:
     card: CardFacts
     chain: tuple[x509.Certificate, ...]
     notes: tuple[str, ...] = ()  # e.g. revocation soft-failed, for the audit trail
+    identity: Identity | None = None  # the directory entry (None: certificate-only mapping)
+    method: str = "card"
 
 
 @dataclass
@@ -83,7 +86,7 @@ class Candidate:
     card_cert: CardCertificate
     cert: x509.Certificate
     chain: list[x509.Certificate]
-    identity: mapping.MappedIdentity
+    mapped: mapping.MappedIdentity
 
     def facts(self) -> CardFacts:
         return card_facts(self.cert, self.token)
@@ -107,6 +110,8 @@ class Attempt:
     card: CardFacts = field(default_factory=CardFacts)
     user: str = ""
     notes: list[str] = field(default_factory=list)
+    identity: Identity | None = None
+    method: str = "card"
 
 
 class Deadline:
@@ -176,7 +181,8 @@ class CardAuthenticator:
         token, candidates = self.select(request, at, deadline, attempt)
         chosen = candidates[0]
         attempt.card = chosen.facts()
-        attempt.user = chosen.identity.username
+        attempt.user = chosen.mapped.username
+        attempt.identity = chosen.mapped.identity
         vouched = self._vouch_for_host(token, at) if self.config.mutual.enabled else None
         if vouched is not None:
             attempt.notes.append(f"host {vouched.name} vouched for by card anchor {vouched.anchor}")
@@ -202,14 +208,15 @@ class CardAuthenticator:
         # Every decision goes to the audit trail: how each certificate was found not revoked,
         # or that it was accepted without an answer (soft-fail).
         attempt.notes.extend(d.note or d.detail for _cert, d in decisions)
-        user = mapping.check_user(request.pam_user, chosen.identity)
+        user = mapping.check_user(request.pam_user, chosen.mapped)
         attempt.user = user
         return LoginResult(
             user=user,
-            rule=chosen.identity.rule,
+            rule=chosen.mapped.rule,
             card=attempt.card,
             chain=tuple(chain),
             notes=tuple(attempt.notes),
+            identity=chosen.mapped.identity,
         )
 
     # --- steps ----------------------------------------------------------------------------

@@ -24,7 +24,10 @@ from ..errors import AuthFailed, PinLocked, SvmmError, Undecided
 from .auth import Attempt, CardAuthenticator, LoginRequest, LoginResult, Prompter, load_pem_bundle
 
 if TYPE_CHECKING:
+    from ..adapters.directory import DirectoryClient
+    from ..adapters.identity_cache import IdentityCache
     from ..adapters.token import Pkcs11Module
+    from ..domain.identity import Identity
     from .revocation import RevocationChecker
 
 
@@ -104,8 +107,29 @@ class LoginService:
         return RevocationChecker(rc, fetcher=fetcher, store=store, clock=self.now)
 
     @cached_property
+    def directory(self) -> DirectoryClient:
+        from ..adapters.directory import DirectoryClient, read_secret_file
+
+        d = self.config.directory
+        password = read_secret_file(d.bind_password_file) if d.bind_password_file else None
+        return DirectoryClient(d, bind_password=password)
+
+    @cached_property
+    def identity_cache(self) -> IdentityCache:
+        from ..adapters.identity_cache import IdentityCache
+
+        d = self.config.directory
+        return IdentityCache(d.cache_dir, d.cache_max_age)
+
+    @cached_property
     def mapper(self) -> mapping.IdentityMapper:
-        return mapping.CertificateMapper(self.config.mapping.rules)
+        """The directory decides who a certificate is when one is configured; else the
+        certificate's own names do (mapping rules)."""
+        if not self.config.directory.enabled:
+            return mapping.CertificateMapper(self.config.mapping.rules)
+        from .identity import DirectoryMapper
+
+        return DirectoryMapper(self.config, self.directory, self.identity_cache, now=self.now)
 
     @cached_property
     def audit(self) -> AuditLog:
@@ -198,14 +222,79 @@ class LoginService:
         self._audit("auth", request, attempt, Outcome.SUCCESS, "ok", "; ".join(result.notes))
         return result
 
-    def account(self, request: LoginRequest, result: LoginResult) -> None:
-        """Account management for a user this process logged in by card.
+    def password_allowed(self, service: str) -> bool:
+        from .password import password_allowed
 
-        The card login already decided everything this layer knows about the account (the
-        directory's account state and the host policy come with later layers); the decision
-        is recorded so the trail shows each PAM phase."""
-        attempt = Attempt(card=result.card, user=result.user)
-        self._audit("account", request, attempt, Outcome.SUCCESS, "card_login")
+        return password_allowed(self.config, service)
+
+    def password_login(self, request: LoginRequest, prompter: Prompter) -> LoginResult:
+        """ID/password against the directory; one audit record whatever happens."""
+        from .password import PasswordAuthenticator
+
+        attempt = Attempt(user=request.pam_user or "", method="password")
+        try:
+            result = PasswordAuthenticator(self.config, self.directory).authenticate(
+                request, prompter, attempt
+            )
+        except BaseException as e:
+            self._audit("auth", request, attempt, outcome_of(e), reason_of(e), _detail(e))
+            raise
+        self._audit("auth", request, attempt, Outcome.SUCCESS, "ok")
+        return result
+
+    def account(self, request: LoginRequest, result: LoginResult | None) -> bool:
+        """Account management: is this account usable now?
+
+        ``result`` is this process's own login of the user, if any. Returns False when this
+        module has nothing to say (not a directory user and not logged in by us); raises
+        AccountDisabled / AccountExpired / DirectoryUnavailable; audits every decision.
+        """
+        identity = result.identity if result else None
+        name = request.pam_user or (result.user if result else "")
+        if identity is None and result is None:
+            if not self.config.directory.enabled or not name:
+                return False
+            identity = self._identity_by_name(name)
+            if identity is None:
+                return False
+        attempt = Attempt(
+            card=result.card if result else CardFacts(),
+            user=name,
+            identity=identity,
+            method=result.method if result else "",
+        )
+        try:
+            if identity is not None and not identity.state.active:
+                from ..domain.identity import AccountStatus
+                from ..errors import AccountDisabled, AccountExpired
+
+                err = (
+                    AccountExpired
+                    if identity.state.status is AccountStatus.EXPIRED
+                    else AccountDisabled
+                )
+                raise err(
+                    f"account {identity.name} is {identity.state.status.value}: "
+                    f"{identity.state.reason}"
+                )
+        except BaseException as e:
+            self._audit("account", request, attempt, outcome_of(e), reason_of(e), _detail(e))
+            raise
+        reason = "card_login" if result and result.method == "card" else "active"
+        self._audit("account", request, attempt, Outcome.SUCCESS, reason)
+        return True
+
+    def _identity_by_name(self, name: str) -> Identity | None:
+        """The directory's entry for a user, or the offline cache's while it is down."""
+        from ..errors import DirectoryUnavailable
+
+        try:
+            return self.directory.user_by_name(name)
+        except DirectoryUnavailable:
+            cached = self.identity_cache.by_name(name, now=self.now())
+            if cached is None:
+                raise
+            return cached
 
     def _audit(
         self,
@@ -226,7 +315,9 @@ class LoginService:
                 service=request.service,
                 user=attempt.user,
                 requested_user=request.pam_user or "",
-                method="card",
+                method=attempt.method,
+                roles=attempt.identity.roles if attempt.identity else (),
+                offline=bool(attempt.identity and attempt.identity.source == "offline-cache"),
                 card=attempt.card if attempt.card else CardFacts(),
                 tty=request.tty,
                 rhost=request.rhost,

@@ -56,8 +56,12 @@ class FakeService:
     def host_name(self) -> str:
         return "host"
 
-    def account(self, request: Any, result: LoginResult) -> None:
+    def account(self, request: Any, result: LoginResult | None) -> bool:
         self.calls.append(("account", request.pam_user))
+        return result is not None
+
+    def password_allowed(self, service: str) -> bool:
+        return False
 
     def card_login(self, request: Any, prompter: Any) -> LoginResult:
         self.calls.append(request)
@@ -70,7 +74,7 @@ class FakeService:
 def service(monkeypatch: pytest.MonkeyPatch) -> FakeService:
     svc = FakeService()
     monkeypatch.setattr(entry, "_service", lambda args: svc)
-    entry._card_users.clear()
+    entry._logins.clear()
     return svc
 
 
