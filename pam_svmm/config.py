@@ -175,7 +175,8 @@ class SanKind(enum.Enum):
 class CertmapRule:
     """SSSD-style: a match part (which certificates) and a map part (an LDAP filter template).
 
-    Templates take {cert} (the DER, escaped for userCertificate;binary), {subject},
+    Templates take {cert} (the DER, escaped for userCertificate;binary), {cert_exact} (a
+    certificateExactMatch assertion, serial + issuer: what OpenLDAP matches), {subject},
     {issuer} (RFC 4514), {serial} (hex), {upn}, {upn_local}, {email}, {email_local}, {cn},
     {subject_attr:OID}; every value is escaped before it is put in the filter."""
 
@@ -530,7 +531,18 @@ def _directory(t: _Table) -> DirectoryConfig:
 
 
 _TEMPLATE_FIELDS = frozenset(
-    {"cert", "subject", "issuer", "serial", "upn", "upn_local", "email", "email_local", "cn"}
+    {
+        "cert",
+        "cert_exact",
+        "subject",
+        "issuer",
+        "serial",
+        "upn",
+        "upn_local",
+        "email",
+        "email_local",
+        "cn",
+    }
 )
 
 

@@ -209,6 +209,15 @@ class PinLocked(SvmmError):
     reason = "pin_locked"
 
 
+# --- administration ----------------------------------------------------------------------
+
+
+class IssueFailed(SvmmError):
+    """Issuing a card failed (CA command, request or returned certificate); nothing was kept."""
+
+    reason = "issue_failed"
+
+
 # --- helpers -----------------------------------------------------------------------------
 
 

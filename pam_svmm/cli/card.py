@@ -15,6 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls = s.add_parser("list", help="list tokens and certificates; say which a login would use")
     ls.add_argument("--user", help="the user who would log in (default: whoever the card says)")
     ls.set_defaults(func=list_cards)
+    from . import issue  # `card issue` and `card revoke`
+
+    issue.register_into(s)
 
 
 def list_cards(args: argparse.Namespace) -> int:
@@ -73,7 +76,7 @@ def list_cards(args: argparse.Namespace) -> int:
         c = cands[0]
         print(
             f"a login{' as ' + args.user if args.user else ''} would use {c.card_cert.label!r}"
-            f" on {token.label!r} for {c.identity.username}"
+            f" on {token.label!r} for {c.mapped.username}"
         )
     except SvmmError as e:
         print(f"a login would fail: {e.reason}: {e.message}")

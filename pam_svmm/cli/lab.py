@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--dir", type=Path, default=Path(".lab"), help="lab folder (default .lab)")
     d.add_argument("--fresh", action="store_true", help="rebuild the lab from scratch")
     d.set_defaults(func=demo)
-    sv = s.add_parser("serve", help="run the lab's OCSP responder and CRL server until stopped")
+    sv = s.add_parser(
+        "serve", help="run the lab's OCSP responder, CRL server and directory until stopped"
+    )
     sv.add_argument("--dir", type=Path, default=Path(".lab"))
     sv.set_defaults(func=serve)
     sh = s.add_parser("shell", help="run a command with some demo cards inserted")

@@ -34,7 +34,7 @@ def exit_code(error: BaseException) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import card, cert, doctor, lab
+    from . import card, cert, certmap, doctor, lab, nss
 
     parser = argparse.ArgumentParser(
         prog="svmm", description="Smart-card identity for a secure VMM host."
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="configuration file (default: $SVMM_CONFIG or /etc/svmm/svmm.toml)"
     )
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
-    for module in (cert, card, doctor, lab):
+    for module in (cert, certmap, card, doctor, lab, nss):
         module.register(sub)
     return parser
 

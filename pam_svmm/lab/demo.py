@@ -1,5 +1,5 @@
-"""The demo: build the lab, then log in with each card through the real PAM stack and say
-what happened and why.
+"""The demo: build the lab (CA, responders, soft cards, a directory), then log in through the
+real PAM stack with each card, and with passwords, and say what happened and why.
 """
 
 from __future__ import annotations
@@ -8,37 +8,49 @@ import json
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from .lab import Lab, free_ports
+from .lab import DEMO_CARDS, CardSpec, Lab, free_ports
+
+PIN = "123456"
+PASSWORD = "demo-password"  # alice's and paul's in config/ldap/example-org.ldif
+PASSWORD_SERVICE = "svmm-login"
+
+DIRECTORY_CARDS = (
+    CardSpec("twin", "twin", "p256", upn=False, story="e-mail only, two entries share it"),
+    CardSpec("ghost", "ghost", "p256", story="a valid card for someone not in the directory"),
+    CardSpec("dora", "dora", "p256", story="the directory disables her account"),
+)
 
 
 @dataclass(frozen=True)
 class Scene:
     title: str
     cards: tuple[str, ...]
-    pin: str
+    secret: str  # the PIN, or the password when no card is inserted
     user: str = ""
     expect: str = "PAM_SUCCESS"
     before: str = ""  # an action on the lab before the login
 
 
 SCENES: tuple[Scene, ...] = (
-    Scene("alice logs in with her card (RSA 2048)", ("alice",), "123456", "alice"),
-    Scene("bob logs in; PAM_USER is taken from his card (EC P-256)", ("bob",), "123456"),
-    Scene("carol logs in (EC P-384)", ("carol",), "123456", "carol"),
-    Scene("alice types a wrong PIN", ("alice",), "000000", "alice", "PAM_AUTH_ERR"),
-    Scene("alice's card is used to log in as bob", ("alice",), "123456", "bob", "PAM_AUTH_ERR"),
-    Scene("mallory's card was revoked", ("mallory",), "123456", "mallory", "PAM_AUTH_ERR"),
-    Scene("eve's certificate has expired", ("eve",), "123456", "eve", "PAM_AUTH_ERR"),
     Scene(
-        "a forged card: alice's certificate, another key",
-        ("forged",),
-        "123456",
+        "alice logs in with her card (RSA 2048); the directory gives her roles",
+        ("alice",),
+        PIN,
         "alice",
-        "PAM_AUTH_ERR",
+    ),
+    Scene("bob logs in; PAM_USER is taken from his card (EC P-256)", ("bob",), PIN),
+    Scene("carol logs in (EC P-384)", ("carol",), PIN, "carol"),
+    Scene("alice types a wrong PIN", ("alice",), "000000", "alice", "PAM_AUTH_ERR"),
+    Scene("alice's card is used to log in as bob", ("alice",), PIN, "bob", "PAM_AUTH_ERR"),
+    Scene("mallory's card was revoked", ("mallory",), PIN, "mallory", "PAM_AUTH_ERR"),
+    Scene("eve's certificate has expired", ("eve",), PIN, "eve", "PAM_AUTH_ERR"),
+    Scene(
+        "a forged card: alice's certificate, another key", ("forged",), PIN, "alice", "PAM_AUTH_ERR"
     ),
     Scene(
         "dave has one PIN try left and mistypes it: the PIN locks",
@@ -50,34 +62,61 @@ SCENES: tuple[Scene, ...] = (
     Scene(
         "dave's PIN is locked: the right PIN no longer helps",
         ("dave",),
-        "123456",
+        PIN,
         "dave",
         "PAM_MAXTRIES",
     ),
     Scene(
-        "no card in the reader: the stack may fall through to a password",
-        (),
-        "",
-        "alice",
-        "PAM_AUTHINFO_UNAVAIL",
-    ),
-    Scene(
         "two cards inserted (bob's and alice's): alice's is picked for alice",
         ("bob", "alice"),
-        "123456",
+        PIN,
         "alice",
+    ),
+    Scene(
+        "a card whose e-mail address two directory entries share: ambiguous, refused",
+        ("twin",),
+        PIN,
+        "",
+        "PAM_AUTH_ERR",
+    ),
+    Scene(
+        "a valid card of someone the directory does not know", ("ghost",), PIN, "", "PAM_AUTH_ERR"
+    ),
+    Scene(
+        "dora's card is fine, but the directory disables her account",
+        ("dora",),
+        PIN,
+        "dora",
+        "PAM_PERM_DENIED",
+    ),
+    Scene("no card: alice logs in with her directory password", (), PASSWORD, "alice"),
+    Scene(
+        "no card: paul's password is refused, his role (vm-admins) demands a card",
+        (),
+        PASSWORD,
+        "paul",
+        "PAM_AUTH_ERR",
     ),
     Scene(
         "the OCSP responder is down: the CRL answers instead",
         ("alice",),
-        "123456",
+        PIN,
         "alice",
         before="stop-ocsp",
+    ),
+    Scene(
+        "the directory is down: alice's card still logs her in, offline",
+        ("alice",),
+        PIN,
+        "alice",
+        before="stop-directory",
     ),
 )
 
 
 def run_demo(folder: Path, *, fresh: bool = False, out: TextIO = sys.stdout) -> int:
+    from .directory import Slapd
+
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
@@ -87,49 +126,33 @@ def run_demo(folder: Path, *, fresh: bool = False, out: TextIO = sys.stdout) -> 
     crl_port, ocsp_port = _ports(lab)
     t0 = time.monotonic()
     say(f"Building the demo lab in {folder} ...")
-    lab.build(crl_port=crl_port, ocsp_port=ocsp_port, venv=Path(sys.prefix))
-    say(f"  CA: {lab.ca.root.cert.subject.rfc4514_string()}")
-    say(f"      -> {lab.ca.intermediate.cert.subject.rfc4514_string()}")
-    say(f"  OCSP responder {lab.ca.ocsp_url}   CRLs {lab.ca.crl_base}/intermediate.crl")
-    say(f"  PAM service {lab.pam_dir / 'svmm-login'}, configuration {lab.config_path}")
-    say(f"  ready in {time.monotonic() - t0:.1f} s")
-    say()
+    lab.build(
+        crl_port=crl_port,
+        ocsp_port=ocsp_port,
+        cards=(*DEMO_CARDS, *DIRECTORY_CARDS),
+        venv=Path(sys.prefix),
+    )
     failures = 0
-    with lab.responders() as (ocsp, _crl):
+    with ExitStack() as stack:
+        ocsp, _crl = stack.enter_context(lab.responders())
+        slapd = stack.enter_context(Slapd(lab.folder / "directory", ca=lab.ca))
+        lab.write_config(lab.directory_overrides(slapd, password_services=[PASSWORD_SERVICE]))
+        say(f"  CA: {lab.ca.root.cert.subject.rfc4514_string()}")
+        say(f"      -> {lab.ca.intermediate.cert.subject.rfc4514_string()}")
+        say(f"  OCSP responder {lab.ca.ocsp_url}   CRLs {lab.ca.crl_base}/intermediate.crl")
+        say(f"  directory {slapd.uri} (StartTLS), {slapd.base_dn}")
+        say(f"  PAM service {lab.pam_dir / 'svmm-login'}, configuration {lab.config_path}")
+        say(f"  ready in {time.monotonic() - t0:.1f} s")
+        say()
         for i, scene in enumerate(SCENES, 1):
             if scene.before == "stop-ocsp":
                 ocsp.stop()  # type: ignore[attr-defined]
-            reader = lab.insert(*scene.cards)
-            inserted = ", ".join(f"{c}'s card" for c in scene.cards) or "nothing"
-            say(f"{i:2}. {scene.title}")
-            say(f"    reader: {inserted}; PAM_USER: {scene.user or '(unset)'}")
-            before = len(lab.audit_records())
-            t = time.monotonic()
-            outcome = lab.login(reader, pin=scene.pin, user=scene.user)
-            ms = (time.monotonic() - t) * 1000
-            for m in outcome.messages:
-                if not m.startswith("PIN for"):
-                    say(f"    the module said: {m}")
-            records = lab.audit_records()[before:]
-            rec = records[-1] if records else {}
-            verdict = "as expected" if outcome.name == scene.expect else f"EXPECTED {scene.expect}"
-            who = f" as {outcome.user}" if outcome.ok else ""
-            say(f"    result: {outcome.name}{who} ({ms:.0f} ms) -- {verdict}")
-            if rec:
-                card = rec.get("card", {})
-                fp = str(card.get("fingerprint", ""))[:16] if isinstance(card, dict) else ""
-                say(
-                    f"    audit:  outcome={rec['outcome']} reason={rec['reason']}"
-                    f" user={rec['user'] or '-'} card={fp or '-'}"
-                )
-                if rec.get("detail"):
-                    say(f"            {rec['detail']}")
-            if outcome.name != scene.expect:
-                failures += 1
-            say()
-        reader = lab.insert("alice")
-        proc = lab.pamtester(reader, pin="123456", user="alice")
-        say("pamtester, a separate PAM application, logs alice in:")
+            elif scene.before == "stop-directory":
+                slapd.stop()
+            failures += _play(lab, i, scene, say)
+        reader = lab.insert("bob")
+        proc = lab.pamtester(reader, pin=PIN, user="bob")
+        say("pamtester, a separate PAM application, logs bob in (offline too):")
         for line in (proc.stdout + proc.stderr).splitlines():
             if line.startswith("pamtester:"):
                 say(f"    {line}")
@@ -138,9 +161,13 @@ def run_demo(folder: Path, *, fresh: bool = False, out: TextIO = sys.stdout) -> 
     say()
     say(f"Audit trail: {lab.audit_path} ({len(lab.audit_records())} records). Try:")
     say(f"  export SVMM_CONFIG={lab.config_path}")
+    say(f"  {sys.prefix}/bin/svmm lab serve --dir {folder} &")
     say(f"  {sys.prefix}/bin/svmm cert verify {lab.cards_dir / 'mallory' / 'cert.pem'}")
+    say(f"  {sys.prefix}/bin/svmm cert map {lab.cards_dir / 'twin' / 'cert.pem'}")
+    say(f"  {sys.prefix}/bin/svmm id alice")
     say(
-        f"  {sys.prefix}/bin/svmm lab shell --dir {folder} alice -- {sys.prefix}/bin/svmm card list"
+        f"  {sys.prefix}/bin/svmm lab shell --dir {folder} --card alice -- "
+        f"{sys.prefix}/bin/svmm card list"
     )
     say()
     say(
@@ -149,6 +176,36 @@ def run_demo(folder: Path, *, fresh: bool = False, out: TextIO = sys.stdout) -> 
         else f"Demo finished: {failures} scene(s) NOT as expected."
     )
     return 0 if not failures else 1
+
+
+def _play(lab: Lab, i: int, scene: Scene, say: Any) -> int:
+    """One login; returns 1 if it did not end as the scene expects."""
+    reader = lab.insert(*scene.cards)
+    inserted = ", ".join(f"{c}'s card" for c in scene.cards) or "nothing"
+    say(f"{i:2}. {scene.title}")
+    say(f"    reader: {inserted}; PAM_USER: {scene.user or '(unset)'}")
+    before = len(lab.audit_records())
+    t = time.monotonic()
+    outcome = lab.login(reader, pin=scene.secret, user=scene.user)
+    ms = (time.monotonic() - t) * 1000
+    for m in outcome.messages:
+        say(f"    the module said: {m}")
+    verdict = "as expected" if outcome.name == scene.expect else f"EXPECTED {scene.expect}"
+    who = f" as {outcome.user}" if outcome.ok else ""
+    say(f"    result: {outcome.name}{who} ({ms:.0f} ms) -- {verdict}")
+    for rec in lab.audit_records()[before:]:
+        card = rec.get("card", {})
+        fp = str(card.get("fingerprint", ""))[:16] if isinstance(card, dict) else ""
+        extra = f" roles={','.join(rec['roles'])}" if rec.get("roles") else ""
+        extra += " OFFLINE" if rec.get("offline") else ""
+        say(
+            f"    audit:  {rec['event']} {rec['outcome']} reason={rec['reason']}"
+            f" method={rec.get('method') or '-'} user={rec['user'] or '-'} card={fp or '-'}{extra}"
+        )
+        if rec.get("detail") and rec["outcome"] != "success":
+            say(f"            {rec['detail']}")
+    say()
+    return 0 if outcome.name == scene.expect else 1
 
 
 def _ports(lab: Lab) -> tuple[int, int]:

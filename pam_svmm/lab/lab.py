@@ -425,7 +425,7 @@ card_required_roles = ["vm-admins"]
             check=False,
         )
 
-    def audit_records(self) -> list[dict[str, object]]:
+    def audit_records(self) -> list[dict[str, Any]]:
         if not self.audit_path.exists():
             return []
         return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line]

@@ -175,8 +175,10 @@ class LabCA:
         not_after: dt.datetime | None = None,
         issuer: Issued | None = None,
         extra_subject: Iterable[x509.NameAttribute] = (),
+        sans: Sequence[x509.GeneralName] = (),
     ) -> x509.Certificate:
-        """An end-entity certificate for a card holder, signed by the intermediate."""
+        """An end-entity certificate for a card holder, signed by the intermediate.
+        ``sans``: further subjectAltName entries (DNS names, IP addresses, ...)."""
         issuer = issuer or self.intermediate
         now = dt.datetime.now(UTC)
         nb = not_before or now - dt.timedelta(minutes=5)
@@ -206,22 +208,67 @@ class LabCA:
             b = b.add_extension(self._ee_usage(), critical=True)
         if ekus:
             b = b.add_extension(x509.ExtendedKeyUsage(list(ekus)), critical=False)
-        sans: list[x509.GeneralName] = []
+        names: list[x509.GeneralName] = []
         if upn:
-            sans.append(upn_other_name(upn))
+            names.append(upn_other_name(upn))
         if email:
-            sans.append(x509.RFC822Name(email))
-        if sans:
-            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            names.append(x509.RFC822Name(email))
+        names.extend(sans)
+        if names:
+            b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
         cert = b.sign(issuer.key, hashes.SHA256())
         (self.folder / "issued" / f"{cert.serial_number:X}.pem").write_bytes(
             cert.public_bytes(serialization.Encoding.PEM)
         )
         return cert
 
-    def issue_host(self, hostname: str, public_key: object) -> x509.Certificate:
-        """A host certificate (serverAuth) for mutual authentication."""
-        return self.issue_user(hostname, public_key, ekus=(ExtendedKeyUsageOID.SERVER_AUTH,))
+    def issue_host(
+        self, hostname: str, public_key: object, *, sans: Sequence[x509.GeneralName] = ()
+    ) -> x509.Certificate:
+        """A host certificate (serverAuth) for mutual authentication; ``sans``: its
+        subjectAltName (DNS names, IP addresses) for TLS servers that clients check."""
+        return self.issue_user(
+            hostname, public_key, ekus=(ExtendedKeyUsageOID.SERVER_AUTH,), sans=sans
+        )
+
+    def sign_csr(
+        self,
+        csr: x509.CertificateSigningRequest,
+        *,
+        upn: str | None = None,
+        email: str | None = None,
+        common_name: str | None = None,
+    ) -> x509.Certificate:
+        """Certify the key of a request whose self-signature verifies (`svmm card issue`).
+
+        The CA decides the subject: the request's CN (or ``common_name``), the UPN and
+        e-mail given here or, when not given, those the request asks for in its SAN.
+        """
+        if not csr.is_signature_valid:
+            raise ValueError("the certificate request's signature does not verify")
+        if common_name is None:
+            cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            if len(cns) != 1:
+                raise ValueError("the certificate request has no single common name")
+            common_name = str(cns[0].value)
+        try:
+            asked = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            asked = x509.SubjectAlternativeName([])
+        if upn is None:
+            upns = [
+                n.value for n in asked.get_values_for_type(x509.OtherName) if n.type_id == UPN_OID
+            ]
+            upn = asn1.decode_der(str, upns[0]) if upns else None
+        if email is None:
+            emails = asked.get_values_for_type(x509.RFC822Name)
+            email = emails[0] if emails else None
+        return self.issue_user(common_name, csr.public_key(), upn=upn, email=email)
+
+    def issued(self, serial: int) -> x509.Certificate | None:
+        """The certificate this CA issued with ``serial``, if any."""
+        path = self.folder / "issued" / f"{serial:X}.pem"
+        return x509.load_pem_x509_certificate(path.read_bytes()) if path.is_file() else None
 
     # --- revocation -----------------------------------------------------------------------
 
@@ -303,9 +350,13 @@ class LabCA:
             cert = x509.load_pem_x509_certificate(pem.read_bytes())
             serial_hex = f"{cert.serial_number:X}"
             expiry = cert.not_valid_after_utc.strftime("%y%m%d%H%M%SZ")
+            # One line per certificate, tab-separated: a subject with control characters
+            # (tests put NUL, tabs and newlines in names) must not break the file, or
+            # `openssl ocsp` refuses to reload it and keeps answering from the old one.
             subject = "/" + "/".join(
                 f"{a.rfc4514_attribute_name}={a.value!s}" for a in cert.subject
             )
+            subject = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in subject)
             if serial_hex in state:
                 info = state[serial_hex]
                 revoked = dt.datetime.fromisoformat(str(info["at"])).strftime("%y%m%d%H%M%SZ")
@@ -316,7 +367,13 @@ class LabCA:
                 lines.append(f"R\t{expiry}\t{revoked},{reason}\t{serial_hex}\tunknown\t{subject}")
             else:
                 lines.append(f"V\t{expiry}\t\t{serial_hex}\tunknown\t{subject}")
-        self._atomic(self.folder / "index.txt", ("\n".join(lines) + "\n").encode())
+        index = self.folder / "index.txt"
+        old = int(index.stat().st_mtime) if index.exists() else 0
+        self._atomic(index, ("\n".join(lines) + "\n").encode())
+        # `openssl ocsp` reloads the index when its mtime changes, in whole seconds: two
+        # publications within one second would leave it on the older one.
+        if int(index.stat().st_mtime) <= old:
+            os.utime(index, (old + 1, old + 1))
         (self.folder / "index.txt.attr").write_text("unique_subject = no\n")
 
     # --- helpers --------------------------------------------------------------------------
@@ -416,3 +473,31 @@ class LabCA:
         key_path = self.folder / f"{name}.key"
         key_path.write_bytes(key_pem(issued.key))
         key_path.chmod(0o600)
+
+
+def _sign_csr_command(argv: Sequence[str]) -> int:
+    """``python -m pam_svmm.lab.pki sign-csr CA_DIR``: the demo CA as an [issue] ca_command.
+
+    Reads a CSR (PEM) on stdin, writes the certificate and the intermediate (PEM) on stdout.
+    """
+    import sys
+
+    if len(argv) != 2 or argv[0] != "sign-csr":
+        print("usage: python -m pam_svmm.lab.pki sign-csr CA_DIR", file=sys.stderr)
+        return 2
+    ca = LabCA.open(Path(argv[1]))
+    try:
+        csr = x509.load_pem_x509_csr(sys.stdin.buffer.read())
+        cert = ca.sign_csr(csr)
+    except ValueError as e:
+        print(f"sign-csr: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(cert.public_bytes(serialization.Encoding.PEM))
+    sys.stdout.buffer.write(ca.intermediate.cert.public_bytes(serialization.Encoding.PEM))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_sign_csr_command(sys.argv[1:]))

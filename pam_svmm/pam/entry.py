@@ -170,6 +170,7 @@ def pam_sm_acct_mgmt(pamh: Any, flags: int, argv: list[str]) -> int:
         return int(pamh.PAM_SUCCESS if decided else pamh.PAM_IGNORE)
     except Exception as error:
         _log_failure("acct_mgmt", error)
+        _tell_user(pamh, error)
         return _code(pamh, error)
 
 

@@ -21,6 +21,9 @@ TEST_CARDS = (
     CardSpec("pad", "pad", "p256", pinpad=True),
     CardSpec("tries", "tries", "rsa", tries_left=3, max_tries=3, pin="914273"),
     CardSpec("renewed", "renewed", "p256", state="renewed"),
+    CardSpec("twin", "twin", "p256", upn=False),  # e-mail shared by two directory entries
+    CardSpec("ghost", "ghost", "p256"),  # not in the directory
+    CardSpec("dora", "dora", "p256"),  # disabled in the directory
 )
 
 
