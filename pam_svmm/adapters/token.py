@@ -457,6 +457,65 @@ class TokenSession:
                 return cert
         return None
 
+    # --- object management (issuing, rollback) -------------------------------------------------
+
+    def object_ids(self) -> set[bytes]:
+        """CKA_IDs of every object this session can see (to pick a free key id)."""
+        pk = _pk()
+        with self._calls():
+            handles = self._s.findObjects([])
+            return {
+                bytes(self._s.getAttributeValue(h, [pk.CKA_ID], allAsBinary=True)[0])
+                for h in handles
+            }
+
+    def key_protection(self, key_id: bytes) -> tuple[bool, bool]:
+        """(CKA_SENSITIVE, CKA_EXTRACTABLE) of the private key ``key_id``."""
+        pk = _pk()
+        with self._calls():
+            keys = self._s.findObjects([(pk.CKA_CLASS, pk.CKO_PRIVATE_KEY), (pk.CKA_ID, key_id)])
+            if len(keys) != 1:
+                raise TokenError(
+                    f"private key {key_id.hex()} is not on the card", reason="private_key_missing"
+                )
+            sensitive, extractable = self._s.getAttributeValue(
+                keys[0], [pk.CKA_SENSITIVE, pk.CKA_EXTRACTABLE]
+            )
+        return bool(sensitive), bool(extractable)
+
+    def destroy(
+        self,
+        *,
+        key_id: bytes | None = None,
+        kinds: tuple[str, ...] = ("private", "public", "cert"),
+        label: str | None = None,
+        value: bytes | None = None,
+    ) -> int:
+        """Destroy objects of these kinds with this CKA_ID (or label); certificates only when
+        their value is ``value``, if given. Returns how many were destroyed."""
+        pk = _pk()
+        classes = {
+            "private": pk.CKO_PRIVATE_KEY,
+            "public": pk.CKO_PUBLIC_KEY,
+            "cert": pk.CKO_CERTIFICATE,
+        }
+        n = 0
+        with self._calls():
+            for kind in kinds:
+                template = [(pk.CKA_CLASS, classes[kind])]
+                if key_id is not None:
+                    template.append((pk.CKA_ID, key_id))
+                if label is not None:
+                    template.append((pk.CKA_LABEL, label))
+                for h in self._s.findObjects(template):
+                    if value is not None:
+                        (v,) = self._s.getAttributeValue(h, [pk.CKA_VALUE], allAsBinary=True)
+                        if bytes(v) != value:
+                            continue
+                    self._s.destroyObject(h)
+                    n += 1
+        return n
+
     # --- provisioning (RW session, logged in as the user) ------------------------------------
 
     def import_private_key(self, key: PrivateKeyTypes, *, key_id: bytes, label: str) -> None:

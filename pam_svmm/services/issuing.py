@@ -447,7 +447,7 @@ class CardIssuer:
             raise IssueFailed("no trust anchor is configured", reason="anchors_missing")
         with self.module.session(token, rw=True) as s:
             s.login(pin)
-            used = _object_ids(s)
+            used = s.object_ids()
             key_id = request.key_id or _free_key_id(used)
             if key_id in used:
                 raise IssueFailed(
@@ -544,35 +544,8 @@ def _after_undo(error: BaseException, problem: str, serial: int | None) -> Issue
     return IssueFailed(msg, reason=reason)
 
 
-# --- card objects: a seam ---------------------------------------------------------------------
-# TokenSession (adapters/token.py, not this helper's file) has no API yet to list object ids,
-# read a key's protection flags or destroy objects. These helpers use its error translation
-# (``_calls``) and handle; they should move into TokenSession as ``object_ids()``,
-# ``key_flags(key_id)`` and ``destroy(key_id, classes)``.
-
-
-def _pk() -> Any:
-    import PyKCS11
-
-    return PyKCS11
-
-
-def _object_ids(s: TokenSession) -> set[bytes]:
-    pk = _pk()
-    with s._calls():
-        handles = s._s.findObjects([])
-        return {bytes(s._s.getAttributeValue(h, [pk.CKA_ID], allAsBinary=True)[0]) for h in handles}
-
-
 def _check_key_stays_on_card(s: TokenSession, key_id: bytes) -> None:
-    pk = _pk()
-    with s._calls():
-        keys = s._s.findObjects([(pk.CKA_CLASS, pk.CKO_PRIVATE_KEY), (pk.CKA_ID, key_id)])
-        if len(keys) != 1:
-            raise TokenError(f"the generated key {key_id.hex()} is not on the card")
-        sensitive, extractable = s._s.getAttributeValue(
-            keys[0], [pk.CKA_SENSITIVE, pk.CKA_EXTRACTABLE]
-        )
+    sensitive, extractable = s.key_protection(key_id)
     if not sensitive or extractable:
         raise IssueFailed(
             "the card generated a key it would let out (not sensitive or extractable)",
@@ -591,30 +564,20 @@ class _Undo:
     anchor: bytes | None = None
 
     def run(self, anchor_label: str) -> str:
-        pk = _pk()
-        s = self.session
-        classes = []
+        kinds: tuple[str, ...] = ()
         if self.key:
-            classes += [pk.CKO_PRIVATE_KEY, pk.CKO_PUBLIC_KEY]
+            kinds += ("private", "public")
         if self.certificate:
-            classes.append(pk.CKO_CERTIFICATE)
+            kinds += ("cert",)
         problems = []
-        for cls in classes:
-            try:
-                with s._calls():
-                    for h in s._s.findObjects([(pk.CKA_CLASS, cls), (pk.CKA_ID, self.key_id)]):
-                        s._s.destroyObject(h)
-            except SvmmError as e:
-                problems.append(e.message)
+        try:
+            if kinds:
+                self.session.destroy(key_id=self.key_id, kinds=kinds)
+        except SvmmError as e:
+            problems.append(e.message)
         if self.anchor is not None:
             try:
-                with s._calls():
-                    for h in s._s.findObjects(
-                        [(pk.CKA_CLASS, pk.CKO_CERTIFICATE), (pk.CKA_LABEL, anchor_label)]
-                    ):
-                        (value,) = s._s.getAttributeValue(h, [pk.CKA_VALUE], allAsBinary=True)
-                        if bytes(value) == self.anchor:
-                            s._s.destroyObject(h)
+                self.session.destroy(kinds=("cert",), label=anchor_label, value=self.anchor)
             except SvmmError as e:
                 problems.append(e.message)
         return "; ".join(problems)
