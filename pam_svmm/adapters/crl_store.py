@@ -23,7 +23,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import datetime as dt
-import errno
 import hashlib
 import json
 import mmap
@@ -40,8 +39,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..domain.revocation import CrlEntry, RevocationResult, RevocationStatus, evaluate_crl
-from ..errors import ConfigError, FetchError, RevocationUnknown
+from ..errors import FetchError, RevocationUnknown
 from .fetch import CRL_MAX_BYTES, Fetcher
+from .private_dir import open_private_dir
 
 MAGIC = b"SVMMCRL1 "
 FORMAT_VERSION = 1
@@ -419,21 +419,8 @@ class CrlStore:
     def _dir(self) -> int:
         if self._dir_fd is not None:
             return self._dir_fd
-        path = self.cache_dir
-        try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise ConfigError(_CONFIG_KEY, f"{path} is a symlink or not a directory") from None
-            raise ConfigError(_CONFIG_KEY, f"{path}: {e.strerror}") from None
-        try:
-            _check_safe_dir(path, os.fstat(fd))
-            for parent in Path(os.path.realpath(path.parent)).joinpath("x").parents:
-                _check_safe_dir(parent, os.stat(parent), sticky_ok=True)
-        except BaseException:
-            os.close(fd)
-            raise
+        # Readable by others is fine for CRLs (public data); writable is not.
+        fd = open_private_dir(self.cache_dir, key=_CONFIG_KEY, private=False, check_parents=True)
         self._dir_fd = fd
         return fd
 
@@ -524,18 +511,6 @@ class CrlStore:
         if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None
-
-
-def _check_safe_dir(path: Path, st: os.stat_result, *, sticky_ok: bool = False) -> None:
-    if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(_CONFIG_KEY, f"{path} is not a directory")
-    if st.st_uid not in (0, os.geteuid()):
-        raise ConfigError(_CONFIG_KEY, f"{path} is owned by uid {st.st_uid}, not root")
-    if st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX):
-        raise ConfigError(
-            _CONFIG_KEY,
-            f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})",
-        )
 
 
 def _number(crl: x509.CertificateRevocationList) -> int | None:

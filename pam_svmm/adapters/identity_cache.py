@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
-import errno
 import json
 import os
 import re
@@ -34,6 +33,7 @@ from typing import Any
 from ..domain.identity import AccountState, AccountStatus, Identity, PosixAccount, PosixGroup
 from ..domain.mapping import is_valid_username
 from ..errors import ConfigError
+from .private_dir import open_private_dir
 
 FORMAT_VERSION = 1
 SOURCE = "offline-cache"
@@ -108,24 +108,8 @@ class IdentityCache:
 
     @contextlib.contextmanager
     def _dir(self) -> Iterator[int]:
-        path = self.folder
+        fd = open_private_dir(self.folder, key=_CONFIG_KEY)
         try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise ConfigError(_CONFIG_KEY, f"{path} is a symlink or not a directory") from None
-            raise ConfigError(_CONFIG_KEY, f"{path}: {e.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if st.st_uid not in (0, os.geteuid()):
-                raise ConfigError(_CONFIG_KEY, f"{path} is owned by uid {st.st_uid}, not root")
-            if st.st_mode & 0o077:
-                raise ConfigError(
-                    _CONFIG_KEY,
-                    f"{path} is accessible by group or others (mode "
-                    f"{stat.S_IMODE(st.st_mode):o}); it must be 0700",
-                )
             yield fd
         finally:
             os.close(fd)

@@ -1,0 +1,59 @@
+"""Root's private folders (caches, state): opened so that no user can redirect them.
+
+One place for the rule invariant 5 asks of every folder root writes in: created 0700 if
+missing, opened without following a symlink, owned by root (or the running user, for tests),
+and neither it nor (optionally) any parent writable by others, unless the parent is sticky
+like /tmp. Callers then work relative to the returned descriptor.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+def open_private_dir(
+    path: Path, *, key: str, private: bool = True, check_parents: bool = False
+) -> int:
+    """An O_DIRECTORY descriptor for ``path``; ConfigError (naming ``key``) if unsafe.
+
+    A missing folder is created 0700. ``private``: group and others may not even read an
+    existing one; otherwise they may read but not write it (an admin's 0755 is accepted).
+    ``check_parents``: no parent may be writable by others either.
+    """
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ConfigError(key, f"{path} is a symlink or not a directory") from None
+        raise ConfigError(key, f"{path}: {e.strerror}") from None
+    try:
+        check_dir(path, os.fstat(fd), key=key, private=private)
+        if check_parents:
+            for parent in Path(os.path.realpath(path.parent)).joinpath("x").parents:
+                check_dir(parent, os.stat(parent), key=key, private=False, sticky_ok=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_dir(
+    path: Path, st: os.stat_result, *, key: str, private: bool, sticky_ok: bool = False
+) -> None:
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(key, f"{path} is not a directory")
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(key, f"{path} is owned by uid {st.st_uid}, not root")
+    mode = stat.S_IMODE(st.st_mode)
+    if private and mode & 0o077:
+        raise ConfigError(
+            key, f"{path} is accessible by group or others (mode {mode:o}); it must be 0700"
+        )
+    if mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX):
+        raise ConfigError(key, f"{path} is writable by group or others (mode {mode:o})")
