@@ -260,6 +260,11 @@ class Slapd:
         assert self._proc is not None
         os.killpg(self._proc.pid, signal.SIGSTOP)
         self._paused = True
+        # The signal is asynchronous: a thread running on the other core could still answer
+        # a request sent right now. Wait until every thread is stopped.
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and not _all_threads_stopped(self._proc.pid):
+            time.sleep(0.005)
 
     def resume(self) -> None:
         if self._proc is not None and self._paused:
@@ -488,6 +493,22 @@ class Slapd:
             return self.log_path.read_text(errors="replace")[-2000:]
         except OSError:
             return ""
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return True
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            continue
+        if state not in ("T", "t"):
+            return False
+    return True
 
 
 @atexit.register
