@@ -128,6 +128,9 @@ class MutualConfig:
 class AuditConfig:
     path: Path = Path("/var/log/svmm/audit.jsonl")
     syslog: bool = True
+    # Root-only key that seals the hash chain (created on first use if missing).
+    seal_key: Path = Path("/etc/svmm/audit-seal.key")
+    seal_every: int = 100  # records between seals
 
 
 class TlsMode(enum.Enum):
@@ -225,6 +228,35 @@ class IssueConfig:
     publish_password_file: Path | None = None
 
 
+# The product's OID arc (2.25.<UUID>, ITU-T X.667); the policy-signing EKU lives under it.
+OID_ARC = "2.25.74009480635607549551734685832537171584"
+POLICY_SIGNING_EKU = f"{OID_ARC}.3.1"
+
+
+class PolicySource(enum.Enum):
+    FILE = "file"
+    DIRECTORY = "directory"
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Where the signed VM policy comes from and where the accepted one is kept."""
+
+    source: PolicySource = PolicySource.FILE
+    file: Path = Path("/etc/svmm/policy.bundle")
+    directory_dn: str = ""  # entry whose svmmPolicyBundle holds the bundle
+    signer_eku: str = POLICY_SIGNING_EKU
+    state_dir: Path = Path("/var/lib/svmm/policy")
+    host: str = ""  # this host's name in the policy (default: auth.host_name or node name)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    allowlist_dir: Path = Path("/run/svmm/allowlist")
+    state_dir: Path = Path("/run/svmm/sessions")
+    allowlist_ttl: float = 43200.0
+
+
 @dataclass(frozen=True)
 class Config:
     source: Path | None = None
@@ -240,6 +272,8 @@ class Config:
     password: PasswordConfig = field(default_factory=PasswordConfig)
     nss: NssConfig = field(default_factory=NssConfig)
     issue: IssueConfig = field(default_factory=IssueConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -480,7 +514,39 @@ def _mutual(t: _Table) -> MutualConfig:
 
 def _audit(t: _Table) -> AuditConfig:
     d = AuditConfig()
-    cfg = AuditConfig(path=t.path("path", d.path) or d.path, syslog=t.flag("syslog", d.syslog))
+    cfg = AuditConfig(
+        path=t.path("path", d.path) or d.path,
+        syslog=t.flag("syslog", d.syslog),
+        seal_key=t.path("seal_key", d.seal_key) or d.seal_key,
+        seal_every=t.integer("seal_every", d.seal_every, minimum=1, maximum=1_000_000),
+    )
+    t.done()
+    return cfg
+
+
+def _policy(t: _Table) -> PolicyConfig:
+    d = PolicyConfig()
+    cfg = PolicyConfig(
+        source=t.enum("source", d.source),
+        file=t.path("file", d.file) or d.file,
+        directory_dn=t.text("directory_dn", d.directory_dn),
+        signer_eku=_eku(t.key("signer_eku"), t.text("signer_eku", d.signer_eku)),
+        state_dir=t.path("state_dir", d.state_dir) or d.state_dir,
+        host=t.text("host", d.host),
+    )
+    if cfg.source is PolicySource.DIRECTORY and not cfg.directory_dn:
+        raise ConfigError(t.key("directory_dn"), "is required when source is 'directory'")
+    t.done()
+    return cfg
+
+
+def _session(t: _Table) -> SessionConfig:
+    d = SessionConfig()
+    cfg = SessionConfig(
+        allowlist_dir=t.path("allowlist_dir", d.allowlist_dir) or d.allowlist_dir,
+        state_dir=t.path("state_dir", d.state_dir) or d.state_dir,
+        allowlist_ttl=t.number("allowlist_ttl", d.allowlist_ttl, minimum=60),
+    )
     t.done()
     return cfg
 
@@ -661,7 +727,11 @@ def parse(data: dict[str, Any], source: Path | None = None) -> Config:
         password=_password(top.sub("password")),
         nss=_nss(top.sub("nss")),
         issue=_issue(top.sub("issue")),
+        policy=_policy(top.sub("policy")),
+        session=_session(top.sub("session")),
     )
+    if cfg.policy.source is PolicySource.DIRECTORY and not cfg.directory.enabled:
+        raise ConfigError("policy.source", "'directory' needs [directory] enabled")
     if cfg.directory.enabled and not cfg.certmap.rules:
         raise ConfigError("certmap.rules", "at least one rule is required with a directory")
     top.done()
