@@ -19,8 +19,10 @@ level of group nesting, every user with a published certificate):
 * warm: one process with the client connected, --warm mappings of random sampled users per
   rule kind: p50/p90/p99 of DirectoryMapper.map (all of it), of DirectoryClient.search_users
   with the rule's rendered filter (the indexed lookup alone), of DirectoryClient.identity(dn)
-  (role resolution: direct groups, memberOf, nested groups; POSIX groups), of
-  IdentityCache.by_fingerprint (the offline answer) and IdentityCache.store.
+  (role resolution: direct groups, memberOf, nested groups; POSIX groups), and of
+  IdentityCache.by_fingerprint (the offline answer) and IdentityCache.store with 10 users
+  cached and with every sampled user cached (both read every file of the cache folder).
+  map() includes a store(); each kind maps into its own, initially empty, cache.
   Rule kinds: upn (svmmPrincipalName={upn}), cert (userCertificate={cert_exact}, the
   published certificate, which the mapper also compares byte for byte) and email
   (mail={email}); each runs alone in its own mapper.
@@ -77,6 +79,7 @@ from pam_svmm.adapters.identity_cache import IdentityCache  # noqa: E402
 from pam_svmm.config import CertmapRule  # noqa: E402
 from pam_svmm.domain import certmap  # noqa: E402
 from pam_svmm.domain.certpolicy import fingerprint  # noqa: E402
+from pam_svmm.domain.identity import Identity  # noqa: E402
 from pam_svmm.lab.directory import (  # noqa: E402
     EXAMPLE_LDIF,
     SLAPD,
@@ -89,7 +92,7 @@ from pam_svmm.lab.pki import SMARTCARD_LOGON, LabCA, new_key, upn_other_name  # 
 from pam_svmm.services.identity import DirectoryMapper  # noqa: E402
 
 # Bump when the generated data, the lab or the layout changes: old folders are not reused.
-VERSION = "dirbench-v1"
+VERSION = "dirbench-v2"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pam_svmm-bench"
 DOMAIN = "demo.example"
 LOGIN_CARD = "alice"
@@ -211,8 +214,15 @@ class Directory:
             meta = json.loads(self.meta_path.read_text())
         except (OSError, ValueError):
             return None
-        ok = meta.get("version") == VERSION and meta.get("size") == self.size
+        ok = (
+            meta.get("version") == VERSION
+            and meta.get("size") == self.size
+            and meta.get("ca") == self._ca_id()  # slapd's TLS certificate and the users'
+        )
         return meta if ok and self.slapd.built and self.sample_pem.exists() else None
+
+    def _ca_id(self) -> str:
+        return fingerprint(self.lab.ca.root.cert)
 
     def _build(self, log: Log) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -244,12 +254,14 @@ class Directory:
         build_s = time.perf_counter() - t0
         people.unlink()  # the database holds it now
         log(f"  slapadd: {self.slapd.load_seconds:.1f} s (whole build {build_s:.1f} s)")
+        rng(f"order-{self.size}").shuffle(kept)  # a shorter --sample takes a random subset
         self.sample_pem.write_bytes(
             b"".join(c.public_bytes(serialization.Encoding.PEM) for c in kept)
         )
         meta = {
             "version": VERSION,
             "size": self.size,
+            "ca": self._ca_id(),
             "sample": len(kept),
             "entries": self.size + len(_dns_in(EXAMPLE_LDIF)) + _group_entries(self.size),
             "ldif_mb": round(ldif_bytes / 1e6, 1),
@@ -364,28 +376,28 @@ def cold(directory: Directory, kind: str, runs: int, work: Path, log: Log) -> di
 
 
 def warm(directory: Directory, mappings: int, work: Path, log: Log) -> dict[str, Any]:
-    cache_dir = work / f"warm-{directory.size}"
-    data = directory.config_data([rule(k) for k in RULES], cache_dir)
-    base = svmm_config.parse(data)
+    """Warm rows; each rule kind maps into its own (initially empty) offline cache, so the
+    kinds and the sizes pay the same store() cost (which grows with the cache's files)."""
+    base = svmm_config.parse(directory.config_data([rule("upn")], work / "unused"))
     out: dict[str, Any] = {}
     client = DirectoryClient.from_config(base.directory)
     certs = directory.certs
     pick = rng(f"warm-{directory.size}")
+    identities: dict[str, Identity] = {}
     with client:
-        cache = IdentityCache(cache_dir, base.directory.cache_max_age)
-        dns: dict[str, str] = {}
         for kind in RULES:
+            cache_dir = work / f"warm-{directory.size}-{kind}"
             cfg = svmm_config.parse(directory.config_data([rule(kind)], cache_dir))
+            cache = IdentityCache(cache_dir, cfg.directory.cache_max_age)
             mapper = DirectoryMapper(cfg, client, cache)
             mapper.map(certs[0])  # connects, binds: not timed
             picks = [pick.choice(certs) for _ in range(mappings)]
             samples = []
             for cert in picks:
                 elapsed, m = timed(lambda c=cert, mp=mapper: mp.map(c))  # type: ignore[misc]
-                if m.username != uid_of(cert):
+                if m.username != uid_of(cert) or m.identity is None:
                     raise SystemExit(f"warm {kind}: {uid_of(cert)} mapped to {m.username}")
-                assert m.identity is not None
-                dns[m.username] = m.identity.dn
+                identities[m.username] = m.identity
                 samples.append(elapsed)
             out[f"map {kind}"] = summary(samples)
             crule = CertmapRule(name=kind, map=RULES[kind])
@@ -400,12 +412,17 @@ def warm(directory: Directory, mappings: int, work: Path, log: Log) -> dict[str,
             log(f"  warm {kind}: map p50 {out[f'map {kind}']['p50']:.2f} ms, "
                 f"search p50 {out[f'search {kind}']['p50']:.2f} ms")  # fmt: skip
         # Role resolution alone: identity(dn) of users whose role comes through a nested group.
+        for cert in certs:
+            uid = uid_of(cert)
+            if uid not in identities:
+                identities[uid] = client.identity(directory.slapd.user_dn(uid))
         samples = []
         roles_seen: tuple[str, ...] = ()
-        names = list(dns)
+        names = sorted(identities)
         for _ in range(mappings):
             name = pick.choice(names)
-            elapsed, identity = timed(lambda n=name: client.identity(dns[n]))  # type: ignore[misc]
+            dn = identities[name].dn
+            elapsed, identity = timed(lambda dn=dn: client.identity(dn))  # type: ignore[misc]
             team = int(name.removeprefix("user")) // 100
             if f"role-{team % 10}" not in identity.roles or f"squad-{team}" not in identity.roles:
                 raise SystemExit(f"{name}: nested role missing in {identity.roles}")
@@ -414,27 +431,43 @@ def warm(directory: Directory, mappings: int, work: Path, log: Log) -> dict[str,
         out["identity (roles)"] = summary(samples)
         log(f"  warm identity(dn): p50 {out['identity (roles)']['p50']:.2f} ms; "
             f"e.g. roles {', '.join(roles_seen)}")  # fmt: skip
-        # The offline cache, filled by the mappings above.
-        now = dt.datetime.now(dt.UTC)
-        cached = [c for c in certs if uid_of(c) in dns]
-        samples = []
-        for _ in range(mappings):
-            cert = pick.choice(cached)
-            fp = fingerprint(cert)
-            elapsed, ident = timed(lambda fp=fp: cache.by_fingerprint(fp, now=now))  # type: ignore[misc]
-            if ident is None or ident.name != uid_of(cert):
-                raise SystemExit(f"offline cache: no entry for {uid_of(cert)}")
-            samples.append(elapsed)
-        out["cache by_fingerprint"] = summary(samples)
-        identity = client.identity(dns[names[0]])
-        fp = fingerprint(next(c for c in certs if uid_of(c) == names[0]))
-        samples = [
-            timed(lambda: cache.store(identity, fingerprints=[fp], now=now))[0]
-            for _ in range(min(mappings, 200))
-        ]
-        out["cache store"] = summary(samples)
-        out["cache files"] = len(os.listdir(cache_dir))
+    fps = {uid_of(c): fingerprint(c) for c in certs}
+    for users in (CACHE_FEW, len(names)):
+        folder = work / f"cache-{directory.size}-{users}"
+        rows = cache_rows(folder, names[:users], identities, fps, mappings, pick)
+        out[f"cache by_fingerprint, {users} users"] = rows["by_fingerprint"]
+        out[f"cache store, {users} users"] = rows["store"]
     return out
+
+
+CACHE_FEW = 10  # users in the small offline cache (a console host)
+
+
+def cache_rows(
+    folder: Path,
+    names: Sequence[str],
+    identities: dict[str, Identity],
+    fps: dict[str, str],
+    lookups: int,
+    pick: random.Random,
+) -> dict[str, dict[str, float]]:
+    """IdentityCache.by_fingerprint and .store with ``names`` cached (two files each)."""
+    cache = IdentityCache(folder, 3600)
+    now = dt.datetime.now(dt.UTC)
+    for name in names:
+        cache.store(identities[name], fingerprints=[fps[name]], now=now)
+    found, stored = [], []
+    for _ in range(lookups):
+        name = pick.choice(names)
+        elapsed, ident = timed(lambda fp=fps[name]: cache.by_fingerprint(fp, now=now))  # type: ignore[misc]
+        if ident is None or ident.name != name:
+            raise SystemExit(f"offline cache: no entry for {name}")
+        found.append(elapsed)
+        elapsed, _ = timed(
+            lambda n=name: cache.store(identities[n], fingerprints=[fps[n]], now=now)  # type: ignore[misc]
+        )
+        stored.append(elapsed)
+    return {"by_fingerprint": summary(found), "store": summary(stored)}
 
 
 # --- indexes ------------------------------------------------------------------------------------
@@ -578,6 +611,7 @@ def machine() -> dict[str, Any]:
         "ldap3": ldap3.__version__,
         "cryptography": cryptography.__version__,
         "slapd": slapd_version,
+        "loadavg_start": os.getloadavg()[0],
     }
 
 
@@ -592,7 +626,8 @@ def table(result: dict[str, Any]) -> str:
     m = result["machine"]
     sizes = [int(s) for s in result["sizes"]]
     lines = [
-        f"machine: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}",
+        f"machine: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, load average "
+        f"{m['loadavg_start']:.1f} at the start, {m['loadavg_end']:.1f} at the end",
         f"versions: python {m['python']}, ldap3 {m['ldap3']}, cryptography "
         f"{m['cryptography']}, slapd {m['slapd']}",
         f"command: {result['command']}",
@@ -644,15 +679,16 @@ def table(result: dict[str, Any]) -> str:
     warm_rows = {
         name: {str(s): result["warm"][str(s)][name] for s in sizes}
         for name in result["warm"][str(sizes[0])]
-        if name != "cache files"
     }
     grid(
         f"warm: one connected process, {result['params']['warm']} lookups each",
         warm_rows,
         ["p50", "p90", "p99"],
     )
-    files = result["warm"][str(sizes[0])]["cache files"]
-    lines.append(f"  (offline cache folder holds {files} files; store() sweeps it on every call)")
+    lines.append(
+        "  (map = search + identity + offline-cache store; each kind starts with an empty cache;"
+        "\n   store and by_fingerprint read every file of the cache: see the rows by users cached)"
+    )
     if result.get("probes"):
         probe_rows = {
             f"{name} ({result['probes'][str(sizes[0])][name]['entries']} hit)": {
@@ -695,18 +731,27 @@ def verdict(result: dict[str, Any], threshold: float) -> list[str]:
         return []
     small, big = sizes[0], sizes[-1]
     indexed = {a.lower() for i in result["indexes"] for a in i.split()[0].split(",")}
+    missing = [p for p, _, _ in PROBES if ":" not in p and p.lower() not in indexed]
+    templates = {name: template for name, _, template in PROBES}
     out = []
     for section in ("warm", "probes"):
         for name, s in result.get(section, {}).get(small, {}).items():
-            if not isinstance(s, dict):
-                continue
             a, b = s["p50"], result[section][big][name]["p50"]
-            if a > 0 and b / a > threshold:
-                out.append(f"  GROWS: {section} {name}: p50 {a:.2f} -> {b:.2f} ms ({b / a:.1f}x)")
-    missing = [p for p, _, _ in PROBES if ":" not in p and p.lower() not in indexed]
+            if a <= 0 or b / a <= threshold:
+                continue
+            line = f"  GROWS: {section} {name}: p50 {a:.2f} -> {b:.2f} ms ({b / a:.1f}x)"
+            unindexed = [m for m in missing if f"({m}=" in templates.get(name, "")]
+            if unindexed:
+                line += f"; its filter tests unindexed {', '.join(unindexed)}"
+            elif name.startswith("identity"):
+                line += "; it sends the 'roles:' filters (see the probes)"
+            out.append(line)
     head = [f"index check (growth over {threshold}x from {int(small):,} to {int(big):,} users):"]
     if missing:
-        head.append(f"  not indexed (olcDbIndex): {', '.join(missing)}")
+        head.append(
+            f"  not indexed (olcDbIndex): {', '.join(missing)} -- an OR filter with an "
+            "unindexed term makes slapd test every entry in the search scope"
+        )
     return head + (out or ["  nothing grows: the lookups are index-bound"])
 
 
@@ -789,6 +834,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["login_error"] = (
                     f"lab responders: {e}; remove {lab.folder} to make a lab on free ports"
                 )
+    result["machine"]["loadavg_end"] = os.getloadavg()[0]  # other work skews the figures
     result["verdict"] = verdict(result, args.grow)
     result["seconds"] = time.perf_counter() - t_start
     if args.json:

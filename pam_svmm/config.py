@@ -242,6 +242,8 @@ class PolicySource(enum.Enum):
 class PolicyConfig:
     """Where the signed VM policy comes from and where the accepted one is kept."""
 
+    # Off: no host-login rule beyond authentication, and no VM grants (no allowlist).
+    enabled: bool = False
     source: PolicySource = PolicySource.FILE
     file: Path = Path("/etc/svmm/policy.bundle")
     directory_dn: str = ""  # entry whose svmmPolicyBundle holds the bundle
@@ -527,6 +529,7 @@ def _audit(t: _Table) -> AuditConfig:
 def _policy(t: _Table) -> PolicyConfig:
     d = PolicyConfig()
     cfg = PolicyConfig(
+        enabled=t.flag("enabled", d.enabled),
         source=t.enum("source", d.source),
         file=t.path("file", d.file) or d.file,
         directory_dn=t.text("directory_dn", d.directory_dn),

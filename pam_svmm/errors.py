@@ -137,6 +137,12 @@ class AccountExpired(AuthFailed):
     reason = "account_expired"
 
 
+class LoginNotAllowed(AuthFailed):
+    """The policy does not let this user log in on this host through this service."""
+
+    reason = "login_not_allowed"
+
+
 class MethodNotAllowed(AuthFailed):
     """Policy does not allow this login method here (e.g. a password where a card is required)."""
 
@@ -216,6 +222,65 @@ class IssueFailed(SvmmError):
     """Issuing a card failed (CA command, request or returned certificate); nothing was kept."""
 
     reason = "issue_failed"
+
+
+# --- sessions ----------------------------------------------------------------------------
+
+
+class SessionFailed(SvmmError):
+    """The session's allowlist or its session record could not be written, read or removed
+    safely (I/O error, or a file or folder that someone else could have redirected)."""
+
+    reason = "session_failed"
+
+
+# --- VM policy ---------------------------------------------------------------------------
+
+
+class PolicyError(SvmmError):
+    """The VM policy document is invalid; the message names the key."""
+
+    reason = "policy_invalid"
+
+    def __init__(self, key: str, problem: str = "invalid", *, reason: str | None = None) -> None:
+        text = f"policy: {key}: {problem}" if key else f"policy: {problem}"
+        super().__init__(text, reason=reason)
+        self.key = key
+        self.problem = problem
+
+
+class PolicyBundleInvalid(SvmmError):
+    """A signed policy bundle was refused (malformed, bad signature, untrusted signer)."""
+
+    reason = "policy_bundle_invalid"
+
+
+class PolicyRollback(PolicyBundleInvalid):
+    """A policy bundle older than (or as old as, with other content) the accepted one."""
+
+    reason = "policy_rollback"
+
+
+class PolicyUnavailable(Undecided):
+    """No policy could be obtained and none was accepted before: nothing can be allowed."""
+
+    reason = "policy_unavailable"
+
+
+class AllowlistInvalid(SvmmError):
+    """An allowlist document is malformed; the message names the field."""
+
+    reason = "allowlist_invalid"
+
+
+# --- audit -------------------------------------------------------------------------------
+
+
+class AuditTampered(SvmmError):
+    """The audit trail does not verify: a record was edited, deleted, reordered, inserted or
+    truncated, or a seal or the head file is bad."""
+
+    reason = "audit_tampered"
 
 
 # --- helpers -----------------------------------------------------------------------------

@@ -311,6 +311,19 @@ class DirectoryClient:
             )
         return _entries(conn.response)
 
+    def read_attribute(self, dn: str, attribute: str) -> bytes | None:
+        """The first raw value of ``attribute`` on the entry at ``dn``; None when the entry or
+        the value does not exist (for the signed policy bundle, svmmPolicyBundle)."""
+
+        def op(conn: ldap3.Connection) -> bytes | None:
+            found = self._search(
+                conn, dn, "(objectClass=*)", [attribute], scope=ldap3.BASE, missing_base_ok=True
+            )
+            values = found[0].raw(attribute) if found else []
+            return bytes(values[0]) if values else None
+
+        return self._failover(f"reading {attribute} of {dn}", op)
+
     def search_users(self, ldap_filter: str) -> list[str]:
         """DNs of user entries (``user_filter`` AND ``ldap_filter``) under users_base."""
         full = f"(&{self.config.user_filter}{ldap_filter})"

@@ -17,17 +17,35 @@ from ..errors import ConfigError
 
 
 def open_private_dir(
-    path: Path, *, key: str, private: bool = True, check_parents: bool = False
+    path: Path,
+    *,
+    key: str,
+    private: bool = True,
+    check_parents: bool = False,
+    mode: int | None = None,
 ) -> int:
     """An O_DIRECTORY descriptor for ``path``; ConfigError (naming ``key``) if unsafe.
 
-    A missing folder is created 0700. ``private``: group and others may not even read an
+    A missing folder is created with ``mode`` (default 0700; with ``private=False`` e.g.
+    0755, for a folder others read). ``private``: group and others may not even read an
     existing one; otherwise they may read but not write it (an admin's 0755 is accepted).
     ``check_parents``: no parent may be writable by others either.
     """
+    if mode is None:
+        mode = 0o700
+    if (private and mode & 0o077) or mode & 0o022:
+        raise ValueError(f"mode {mode:o} is not a safe mode for {path}")
+    created = False
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.makedirs(path.parent, exist_ok=True)
+        try:
+            os.mkdir(path, mode)
+            created = True
+        except FileExistsError:
+            pass
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        if created:
+            os.fchmod(fd, mode)  # the umask may have taken bits the readers need
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
             raise ConfigError(key, f"{path} is a symlink or not a directory") from None

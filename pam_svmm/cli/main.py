@@ -11,13 +11,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..errors import AuthFailed, ConfigError, PinLocked, SvmmError, Undecided
+from ..errors import AuditTampered, AuthFailed, ConfigError, PinLocked, SvmmError, Undecided
 
 # The ONE table from errors to exit codes (first match wins).
 EXIT_OK = 0
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (PinLocked, 4),
     (AuthFailed, 1),  # the answer is no (a certificate fails, a login is refused)
+    (AuditTampered, 1),  # the audit trail does not verify
     (Undecided, 3),  # could not find out
     (ConfigError, 5),
     (SvmmError, 6),
@@ -34,7 +35,7 @@ def exit_code(error: BaseException) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import card, cert, certmap, doctor, lab, nss
+    from . import audit, card, cert, certmap, doctor, lab, nss, policy
 
     parser = argparse.ArgumentParser(
         prog="svmm", description="Smart-card identity for a secure VMM host."
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="configuration file (default: $SVMM_CONFIG or /etc/svmm/svmm.toml)"
     )
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
-    for module in (cert, certmap, card, doctor, lab, nss):
+    for module in (cert, certmap, card, doctor, lab, nss, audit, policy):
         module.register(sub)
     return parser
 

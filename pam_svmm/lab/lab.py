@@ -10,6 +10,7 @@ tests check. Layout of the lab folder:
     pam/                  PAM service files naming the module
     svmm.toml             the product's configuration for this lab
     audit.jsonl  cache/   what the module writes
+    run/allowlist/        the per-user VM allowlists of open sessions (run/sessions: refcount)
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from . import pinguard
-from .pamclient import PamReport, build_client, pam_env, run_client
+from .pamclient import PamReport, PamSession, build_client, pam_env, run_client, start_session
 from .pki import SMARTCARD_LOGON, LabCA, PrivateKey, key_pem, load_key, new_key
 
 SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
@@ -99,6 +100,8 @@ class Lab:
         self.config_path = self.folder / "svmm.toml"
         self.audit_path = self.folder / "audit.jsonl"
         self.cache_dir = self.folder / "cache"
+        # What the session hook writes (the lab's stand-in for /run/svmm).
+        self.allowlist_dir = self.folder / "run" / "allowlist"
         # PIN counters live with the card, not the reader: pulling a card and inserting it
         # elsewhere does not reset them.
         self.pinguard_state = self.folder / "pinguard-state"
@@ -180,6 +183,11 @@ login_timeout = 30
 [audit]
 path = "{self.audit_path}"
 syslog = false
+seal_key = "{self.folder / "audit-seal.key"}"
+
+[session]
+allowlist_dir = "{self.allowlist_dir}"
+state_dir = "{self.folder / "run" / "sessions"}"
 """
         inter = self.folder / "intermediates"
         inter.mkdir(exist_ok=True)
@@ -347,6 +355,32 @@ card_required_roles = ["vm-admins"]
                 )
         return self._rogue
 
+    def write_policy(self, policy: bytes, path: Path | None = None) -> Path:
+        """Sign ``policy`` (TOML) with the lab's policy-signing key and write the bundle."""
+        from ..domain.policy_bundle import make_bundle
+
+        folder = self.folder / "policy-signer"
+        key_path, cert_path = folder / "signer.key", folder / "signer.pem"
+        if not cert_path.exists():
+            folder.mkdir(mode=0o700, exist_ok=True)
+            key = new_key("p256")
+            cert = self.ca.issue_policy_signer("Demo Org policy signer", key.public_key())
+            key_path.write_bytes(key_pem(key))
+            key_path.chmod(0o600)
+            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key = load_key(key_path)
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        path = path or self.folder / "policy.bundle"
+        path.write_bytes(make_bundle(policy, key, [cert, self.ca.intermediate.cert]))
+        return path
+
+    def policy_overrides(self, bundle: Path, *, state: Path | None = None) -> str:
+        """TOML enabling the policy from ``bundle`` (accepted state kept under the lab)."""
+        return (
+            f'\n[policy]\nenabled = true\nsource = "file"\nfile = "{bundle}"\n'
+            f'state_dir = "{state or self.folder / "policy-state"}"\nhost = "lab-host"\n'
+        )
+
     def host_credentials(self, *, rogue: bool = False) -> tuple[Path, Path]:
         """This lab host's certificate and key for mutual authentication (made once).
         ``rogue``: the same host name under another organisation's CA."""
@@ -398,6 +432,30 @@ card_required_roles = ["vm-admins"]
 
     # --- logging in -----------------------------------------------------------------------
 
+    @overload
+    def login(
+        self,
+        reader: Reader,
+        *,
+        pin: str,
+        user: str = ...,
+        service: str = ...,
+        timeout: float = ...,
+        session: Literal[False] = ...,
+    ) -> PamReport: ...
+
+    @overload
+    def login(
+        self,
+        reader: Reader,
+        *,
+        pin: str,
+        user: str = ...,
+        service: str = ...,
+        timeout: float = ...,
+        session: Literal[True],
+    ) -> PamSession: ...
+
     def login(
         self,
         reader: Reader,
@@ -406,10 +464,23 @@ card_required_roles = ["vm-admins"]
         user: str = "",
         service: str = LOGIN_SERVICE,
         timeout: float = 60,
-    ) -> PamReport:
-        """One login through the real PAM stack, in a fresh process."""
+        session: bool = False,
+    ) -> PamReport | PamSession:
+        """One login through the real PAM stack, in a fresh process.
+
+        ``session``: the process also opens a PAM session and holds it; the PamSession
+        returned closes it with ``close()`` (or at the end of a ``with`` block)."""
         client = build_client(self.folder / "bin")
+        if session:
+            return start_session(
+                client, self.pam_dir, service, user, pin, env=reader.env, timeout=timeout
+            )
         return run_client(client, self.pam_dir, service, user, pin, env=reader.env, timeout=timeout)
+
+    def allowlist(self, uid: int) -> dict[str, Any] | None:
+        """The allowlist the session hook wrote for ``uid`` (None: there is none)."""
+        path = self.allowlist_dir / f"{uid}.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
     def pamtester(
         self, reader: Reader, *, pin: str, user: str, service: str = LOGIN_SERVICE
@@ -428,7 +499,10 @@ card_required_roles = ["vm-admins"]
     def audit_records(self) -> list[dict[str, Any]]:
         if not self.audit_path.exists():
             return []
-        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line]
+        records = (json.loads(line) for line in self.audit_path.read_text().splitlines() if line)
+        return [
+            r for r in records if r.get("event") != "seal"
+        ]  # seals are the chain's, not decisions
 
     # --- responders -----------------------------------------------------------------------
 

@@ -4,12 +4,19 @@
  * PAM_USER the stack ended with -- as one JSON object on stdout.
  *
  *   svmm-pamclient SERVICE USER < pin      (USER "" leaves PAM_USER for the modules to set)
+ *   svmm-pamclient SERVICE USER session < pin
+ *
+ * Session mode: after a successful setcred, pam_open_session, then a line {"session_open":N}
+ * on stdout; the client then waits for a second line on stdin (or its end, or SIGTERM/SIGHUP)
+ * before pam_close_session and pam_setcred(PAM_DELETE_CRED). The report carries both codes
+ * ("session_open", "session_close"; -1 when the call was not made).
  *
  * Run it with pam_wrapper preloaded so it reads the lab's service files. The answer to every
  * echo-off prompt is the first line of stdin; it is never printed. (python-pam cannot host
  * pam_python modules: two Python runtimes in one process crash, so the client is C.)
  */
 #include <security/pam_appl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,9 +66,38 @@ static int conv(int n, const struct pam_message **msg, struct pam_response **res
     return PAM_SUCCESS;
 }
 
+static volatile sig_atomic_t stop_waiting;
+
+static void on_signal(int sig) {
+    (void)sig;
+    stop_waiting = 1;
+}
+
+/* SIGTERM/SIGHUP end the session; no SA_RESTART, so a waiting fgets returns. Installed
+ * before the session opens: a signal sent as soon as it is reported must not kill us. */
+static void catch_end_signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+}
+
+/* Until a line on stdin, its end, or a signal. */
+static void wait_for_end_of_session(void) {
+    char line[64];
+    while (!stop_waiting) {
+        if (fgets(line, sizeof(line), stdin)) break;
+        if (feof(stdin)) break;
+        clearerr(stdin); /* interrupted: look at the flag again */
+    }
+}
+
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s SERVICE USER < pin\n", argv[0]);
+    int session = argc == 4 && strcmp(argv[3], "session") == 0;
+    if (argc != 3 && !session) {
+        fprintf(stderr, "usage: %s SERVICE USER [session] < pin\n", argv[0]);
         return 2;
     }
     if (!fgets(secret, sizeof(secret), stdin)) secret[0] = '\0';
@@ -81,6 +117,18 @@ int main(int argc, char **argv) {
     if (rc == PAM_SUCCESS) { step = "acct_mgmt"; rc = pam_acct_mgmt(h, 0); }
     if (rc == PAM_SUCCESS) { step = "setcred"; rc = pam_setcred(h, PAM_ESTABLISH_CRED); }
     memset(secret, 0, sizeof(secret));
+    int open_rc = -1, close_rc = -1;
+    if (session && rc == PAM_SUCCESS) {
+        catch_end_signals();
+        open_rc = pam_open_session(h, 0);
+        printf("\n{\"session_open\":%d}\n", open_rc);
+        fflush(stdout);
+        if (open_rc == PAM_SUCCESS) {
+            wait_for_end_of_session();
+            close_rc = pam_close_session(h, 0);
+        }
+        pam_setcred(h, PAM_DELETE_CRED);
+    }
     const void *item = NULL;
     const char *final_user = "";
     if (pam_get_item(h, PAM_USER, &item) == PAM_SUCCESS && item) final_user = item;
@@ -90,7 +138,9 @@ int main(int argc, char **argv) {
     add_json_string(pam_strerror(h, rc));
     add("%s", ",\"user\":");
     add_json_string(final_user);
-    add("%s", "}");
+    char codes[80];
+    snprintf(codes, sizeof(codes), ",\"session_open\":%d,\"session_close\":%d}", open_rc, close_rc);
+    add("%s", codes);
     fflush(stdout);
     printf("\n%s\n", report);
     pam_end(h, rc);

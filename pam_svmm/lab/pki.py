@@ -231,6 +231,28 @@ class LabCA:
             hostname, public_key, ekus=(ExtendedKeyUsageOID.SERVER_AUTH,), sans=sans
         )
 
+    def issue_policy_signer(
+        self,
+        name: str,
+        public_key: object,
+        *,
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+        issuer: Issued | None = None,
+    ) -> x509.Certificate:
+        """A certificate for the organisation's policy-signing key (the product's
+        policy-signing EKU only), for `svmm policy sign`."""
+        from ..config import POLICY_SIGNING_EKU
+
+        return self.issue_user(
+            name,
+            public_key,
+            ekus=(ObjectIdentifier(POLICY_SIGNING_EKU),),
+            not_before=not_before,
+            not_after=not_after,
+            issuer=issuer,
+        )
+
     def sign_csr(
         self,
         csr: x509.CertificateSigningRequest,

@@ -174,12 +174,222 @@ def pam_sm_acct_mgmt(pamh: Any, flags: int, argv: list[str]) -> int:
         return _code(pamh, error)
 
 
+# --- sessions --------------------------------------------------------------------------
+#
+# PAM has no session id, so pam_sm_open_session makes one: TTY (or X display), this process
+# id and a random token, e.g. "tty1:4242:9f3c2a1b5d7e0c48". XDG_SESSION_ID is not used as
+# the id: it is not one per PAM handle (su or sudo inside a logind session carry the same
+# one, and closing theirs would close the login's), and whether it is set depends on the
+# stack's order; when present it goes into the session record. The id is kept in this
+# process (``_sessions``) and in the PAM environment (SVMM_SESSION_ID), and close accepts
+# it only for a session this process opened (the record holds the pid), since a PAM
+# environment variable may come from somewhere a user can write.
+
+SESSION_ENV = "SVMM_SESSION_ID"
+# Session ids this process opened, by user, for pam_sm_close_session.
+_sessions: dict[str, list[str]] = {}
+# One SessionManager per LoginService; it shares the service's policy (loaded once).
+_managers: dict[int, tuple[Any, Any]] = {}
+
+
+def _session_manager(svc: Any) -> Any:
+    held = _managers.get(id(svc))
+    if held is None or held[0] is not svc:
+        from ..services.session import SessionManager
+
+        held = (svc, SessionManager(svc.config, policy=svc.policy))
+        _managers.clear()
+        _managers[id(svc)] = held
+    return held[1]
+
+
+def _env(pamh: Any, name: str) -> str:
+    try:
+        return str(pamh.env[name] or "")
+    except Exception:
+        return ""  # unset (KeyError) or an application without a PAM environment
+
+
+def _new_session_id(pamh: Any) -> str:
+    import os
+    import re
+    import secrets
+
+    where = str(getattr(pamh, "xdisplay", None) or pamh.tty or "-")
+    where = re.sub(r"[^A-Za-z0-9._-]", "_", where.removeprefix("/dev/"))[:32]
+    return f"{where}:{os.getpid()}:{secrets.token_hex(8)}"
+
+
+def _session_subject(svc: Any, user: str) -> tuple[Any, Any, str]:
+    """(SessionSubject or None, Attempt for the audit record, why there is no subject).
+
+    The user's own login in this process when there is one. A directory account that
+    another module authenticated gets no allowlist (the allowlist says how its holder
+    logged in: card or password, by this module): audited, then ignored. Accounts this
+    module knows nothing about: ("", no audit), ignored."""
+    import pwd
+
+    from ..services.auth import Attempt
+    from ..services.session import SessionSubject
+
+    result = _logins.get(user)
+    if result is None:
+        if not user or not svc.config.directory.enabled:
+            return None, None, ""
+        from ..errors import Undecided
+
+        try:
+            identity = svc._identity_by_name(user)
+        except Undecided:
+            return None, None, ""  # only asked to audit: no allowlist either way
+        if identity is None:
+            return None, None, ""
+        return None, Attempt(user=user, identity=identity, method=""), "not_logged_in_by_svmm"
+    attempt = Attempt(card=result.card, user=user, identity=result.identity, method=result.method)
+    card = result.card if result.card.fingerprint else None
+    if result.identity is not None:
+        return SessionSubject.of(result.identity, card, result.method), attempt, ""
+    # Mapped from the certificate alone (no directory): the uid comes from NSS, no roles.
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None, attempt, "no_posix_account"
+    return SessionSubject(user, uid, (), card, result.method), attempt, ""
+
+
 def pam_sm_open_session(pamh: Any, flags: int, argv: list[str]) -> int:
-    return int(pamh.PAM_SUCCESS)
+    try:
+        import os
+
+        from ..domain.audit_record import Outcome
+        from ..services.login import _detail, outcome_of, reason_of
+
+        svc = _service(ModuleArgs.parse(argv))
+        if not svc.config.policy.enabled:
+            return int(pamh.PAM_IGNORE)  # no VM policy here: no grants, no allowlist
+        request = _request(pamh, svc)
+        user = pamh.user or ""
+        subject, attempt, why_not = _session_subject(svc, user)
+        if subject is None:
+            if attempt is not None:
+                svc.audit_event(
+                    "session_open", request, attempt, Outcome.FAILURE, why_not, "no allowlist"
+                )
+            return int(pamh.PAM_IGNORE)
+        manager = _session_manager(svc)
+        sid = _new_session_id(pamh)
+        facts = {
+            "pid": os.getpid(),
+            "service": request.service,
+            "tty": request.tty,
+            "rhost": request.rhost,
+            "logind_session": _env(pamh, "XDG_SESSION_ID"),
+        }
+        try:
+            try:
+                opened = manager.open(subject, sid, now=svc.now(), facts=facts)
+            finally:
+                svc.audit_policy_loads(request.service)
+        except BaseException as e:
+            svc.audit_event(
+                "session_open",
+                request,
+                attempt,
+                outcome_of(e),
+                reason_of(e),
+                f"session {sid}: {_detail(e)}",
+            )
+            raise
+        _sessions.setdefault(user, []).append(sid)
+        with contextlib.suppress(Exception):
+            pamh.env[SESSION_ENV] = sid
+        a = opened.allowlist
+        svc.audit_event(
+            "session_open",
+            request,
+            attempt,
+            Outcome.SUCCESS,
+            "allowlist_written",
+            f"session {sid}; {opened.sessions} open; allowlist {opened.path}: "
+            f"{len(a.vms)} VMs ({', '.join(sorted(a.vms)) or 'none'}), "
+            f"policy version {a.policy_version}, expires {a.expires_at.isoformat()}"
+            + (f"; dropped (process gone): {', '.join(opened.pruned)}" if opened.pruned else ""),
+        )
+        return int(pamh.PAM_SUCCESS)
+    except Exception as error:
+        _log_failure("open_session", error)
+        return int(getattr(pamh, pam_code_name(error, session=True)))
 
 
 def pam_sm_close_session(pamh: Any, flags: int, argv: list[str]) -> int:
-    return int(pamh.PAM_SUCCESS)
+    try:
+        import os
+
+        from ..domain.audit_record import Outcome
+        from ..services.auth import Attempt
+        from ..services.login import _detail, outcome_of, reason_of
+
+        user = pamh.user or ""
+        mine = _sessions.get(user, [])
+        from_env = _env(pamh, SESSION_ENV)
+        candidates = [sid for sid in (from_env, *reversed(mine)) if sid]
+        if not candidates:
+            return int(pamh.PAM_IGNORE)  # not a session this module opened
+        svc = _service(ModuleArgs.parse(argv))
+        request = _request(pamh, svc)
+        result = _logins.get(user)
+        attempt = Attempt(
+            card=result.card if result else Attempt().card,
+            user=user,
+            identity=result.identity if result else None,
+            method=result.method if result else "",
+        )
+        manager = _session_manager(svc)
+        closed = None
+        sid = candidates[0]
+        try:
+            for sid in dict.fromkeys(candidates):
+                closed = manager.close(user, sid, pid=os.getpid())
+                if closed is not None:
+                    break
+        except BaseException as e:
+            svc.audit_event(
+                "session_close",
+                request,
+                attempt,
+                outcome_of(e),
+                reason_of(e),
+                f"session {sid}: {_detail(e)}",
+            )
+            raise
+        if closed is None:
+            svc.audit_event(
+                "session_close",
+                request,
+                attempt,
+                Outcome.ERROR,
+                "session_unknown",
+                f"no open session {', '.join(candidates)} of {user} from this process",
+            )
+            return int(pamh.PAM_SESSION_ERR)
+        if sid in mine:
+            mine.remove(sid)
+        if closed.remaining:
+            what = f"{closed.remaining} still open; allowlist {closed.path} kept"
+        else:
+            what = f"last session: allowlist {closed.path} removed"
+        svc.audit_event(
+            "session_close",
+            request,
+            attempt,
+            Outcome.SUCCESS,
+            "allowlist_removed" if not closed.remaining else "session_closed",
+            f"session {sid}; {what}",
+        )
+        return int(pamh.PAM_SUCCESS)
+    except Exception as error:
+        _log_failure("close_session", error)
+        return int(getattr(pamh, pam_code_name(error, session=True)))
 
 
 __all__ = [

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ..adapters.identity_cache import IdentityCache
     from ..adapters.token import Pkcs11Module
     from ..domain.identity import Identity
+    from .policy import PolicyService
     from .revocation import RevocationChecker
 
 
@@ -133,7 +134,10 @@ class LoginService:
 
     @cached_property
     def audit(self) -> AuditLog:
-        return AuditLog(self.config.audit.path, syslog_mirror=self.config.audit.syslog)
+        a = self.config.audit
+        return AuditLog(
+            a.path, syslog_mirror=a.syslog, seal_key=a.seal_key, seal_every=a.seal_every
+        )
 
     @cached_property
     def host_credentials(self) -> tuple[x509.Certificate, Any] | None:
@@ -264,25 +268,52 @@ class LoginService:
             method=result.method if result else "",
         )
         try:
-            if identity is not None and not identity.state.active:
-                from ..domain.identity import AccountStatus
-                from ..errors import AccountDisabled, AccountExpired
+            if identity is not None:
+                from .identity import require_active
 
-                err = (
-                    AccountExpired
-                    if identity.state.status is AccountStatus.EXPIRED
-                    else AccountDisabled
-                )
-                raise err(
-                    f"account {identity.name} is {identity.state.status.value}: "
-                    f"{identity.state.reason}"
-                )
+                require_active(identity)
+            self._check_host_login(request, identity)
         except BaseException as e:
             self._audit("account", request, attempt, outcome_of(e), reason_of(e), _detail(e))
             raise
         reason = "card_login" if result and result.method == "card" else "active"
         self._audit("account", request, attempt, Outcome.SUCCESS, reason)
         return True
+
+    @cached_property
+    def policy(self) -> PolicyService:
+        from .policy import PolicyService
+
+        directory = self.directory if self.config.directory.enabled else None
+        return PolicyService(
+            self.config,
+            anchors=self.anchors,
+            intermediates=self.intermediates,
+            directory=directory,
+            now=self.now,
+        )
+
+    def audit_policy_loads(self, service: str = "") -> None:
+        """One record per policy load since the last call (accepted, kept, refused)."""
+        for load in self.policy.take_loads():
+            self.audit.write(self.policy.audit_record(load, service=service))
+
+    def _check_host_login(self, request: LoginRequest, identity: Identity | None) -> None:
+        """The policy's rule for logging in on this host through this PAM service."""
+        if not self.config.policy.enabled:
+            return
+        from ..errors import LoginNotAllowed
+
+        roles = identity.roles if identity else ()
+        try:
+            decision = self.policy.host_login(request.service, roles)
+        finally:
+            self.audit_policy_loads(request.service)
+        if not decision.allowed:
+            raise LoginNotAllowed(
+                f"the policy does not let {request.pam_user or 'this user'} log in here through "
+                f"{request.service!r} ({decision.reason}: {decision.rule})"
+            )
 
     def _identity_by_name(self, name: str) -> Identity | None:
         """The directory's entry for a user, or the offline cache's while it is down."""
@@ -295,6 +326,18 @@ class LoginService:
             if cached is None:
                 raise
             return cached
+
+    def audit_event(
+        self,
+        event: str,
+        request: LoginRequest,
+        attempt: Attempt,
+        outcome: Outcome,
+        reason: str,
+        detail: str = "",
+    ) -> None:
+        """One audit record for a decision made outside the login (e.g. session_open)."""
+        self._audit(event, request, attempt, outcome, reason, detail)
 
     def _audit(
         self,

@@ -31,7 +31,7 @@ def test_every_error_has_a_pam_code_that_is_never_success(cls: type) -> None:
         assert name == "PAM_MAXTRIES"
     elif issubclass(cls, errors.AccountExpired):
         assert name == "PAM_ACCT_EXPIRED"
-    elif issubclass(cls, errors.AccountDisabled):
+    elif issubclass(cls, errors.AccountDisabled | errors.LoginNotAllowed):
         assert name == "PAM_PERM_DENIED"
     elif issubclass(cls, errors.AuthFailed):
         assert name == "PAM_AUTH_ERR"

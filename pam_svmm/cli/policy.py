@@ -1,0 +1,309 @@
+"""`svmm policy check|sign|explain|grants|show|load`: the VM policy and its signed bundles.
+
+explain/grants use the host's accepted policy (or ``--policy FILE``, a TOML document, to try
+one out) and the user's roles from the directory when it is configured and ``--roles`` is
+not given. `explain` exits 0 when the action is allowed, 1 when it is denied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from .. import config as config_mod
+from ..config import POLICY_SIGNING_EKU, Config
+from ..domain import policy as pdp
+from ..errors import (
+    CertificateInvalid,
+    ConfigError,
+    PolicyBundleInvalid,
+    PolicyError,
+    PolicyUnavailable,
+    UnknownUser,
+)
+
+if TYPE_CHECKING:
+    from ..services.policy import PolicyService
+
+EXIT_DENIED = 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("policy", help="the VM policy: check, sign, explain decisions")
+    s = p.add_subparsers(dest="cmd", required=True, metavar="SUBCOMMAND")
+
+    c = s.add_parser("check", help="validate a policy document (TOML) and list warnings")
+    c.add_argument("file", type=Path)
+    c.add_argument("--strict", action="store_true", help="warnings fail the check too")
+    c.set_defaults(func=check)
+
+    g = s.add_parser("sign", help="sign a policy document into a bundle")
+    g.add_argument("file", type=Path, help="policy document (TOML)")
+    g.add_argument("--key", type=Path, required=True, help="signing key (PEM; asks a passphrase)")
+    g.add_argument("--cert", type=Path, required=True, help="the key's certificate (PEM)")
+    g.add_argument(
+        "--chain", type=Path, action="append", default=[], help="intermediate CA certificates"
+    )
+    g.add_argument("--anchor", type=Path, action="append", default=[], help="verify against")
+    g.add_argument("--eku", default=POLICY_SIGNING_EKU, help="the policy-signing EKU (OID)")
+    g.add_argument("-o", "--output", type=Path, required=True, help="bundle file to write")
+    g.set_defaults(func=sign)
+
+    e = s.add_parser("explain", help="the decision for USER on VM and the rule that made it")
+    e.add_argument("user")
+    e.add_argument("vm")
+    e.add_argument("--action", default="boot", help="boot, console, usb:VID:PID, network:NAME")
+    e.add_argument("--running", default="", help="VMs the user runs now, comma-separated")
+    _subject_args(e)
+    e.set_defaults(func=explain)
+
+    r = s.add_parser("grants", help="the VMs and permissions a user's grants give")
+    r.add_argument("user")
+    _subject_args(r)
+    r.set_defaults(func=grants)
+
+    sh = s.add_parser("show", help="the accepted policy bundle: version, signer, when")
+    sh.set_defaults(func=show)
+
+    ld = s.add_parser("load", help="fetch, verify and accept the bundle from the source now")
+    ld.set_defaults(func=load)
+
+
+def _subject_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--roles", help="comma-separated roles (default: from the directory)")
+    p.add_argument("--policy", type=Path, help="a policy document (TOML) instead of the host's")
+
+
+def _csv(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+# --- check / sign --------------------------------------------------------------------------
+
+
+def check(args: argparse.Namespace) -> int:
+    data = _read(args.file)
+    try:
+        policy = pdp.parse_policy(data)
+        pdp.compile_policy(policy)
+    except PolicyError as e:
+        print(f"{args.file}: {e.message}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: {pdp.summary(policy)}")
+    warnings = pdp.lint(policy)
+    for w in warnings:
+        print(f"warning: {w}")
+    print(f"{len(warnings)} warning(s)")
+    return 1 if warnings and args.strict else 0
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read: {e.strerror}") from None
+
+
+def _load_key(path: Path) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+    data = _read(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        # Encrypted: the passphrase from the terminal, never from argv or the environment.
+        passphrase = getpass.getpass(f"passphrase for {path}: ").encode()
+        try:
+            key = serialization.load_pem_private_key(data, password=passphrase)
+        except ValueError:
+            raise ConfigError(str(path), "wrong passphrase or not a PEM private key") from None
+    except ValueError:
+        raise ConfigError(str(path), "not a PEM private key") from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise ConfigError(str(path), "policy signing keys are RSA or EC")
+    return key
+
+
+def _load_certs(path: Path) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(_read(path))
+    except ValueError:
+        raise ConfigError(str(path), "not a PEM certificate file") from None
+    return certs
+
+
+def sign(args: argparse.Namespace) -> int:
+    from ..domain.certpolicy import CertPolicy, check_leaf
+    from ..domain.policy_bundle import make_bundle, verify_bundle
+
+    data = _read(args.file)
+    policy = pdp.parse_policy(data)  # never sign an invalid policy
+    pdp.compile_policy(policy)
+    key = _load_key(args.key)
+    leaf = _load_certs(args.cert)[0]
+    chain = [leaf] + [c for p in args.chain for c in _load_certs(p)]
+    now = dt.datetime.now(dt.UTC)
+    # The checks a host makes on the signer, before anything is written.
+    check_leaf(leaf, at=now, policy=CertPolicy(extended_key_usages=(args.eku,)))
+    try:
+        bundle = make_bundle(data, key, chain)
+    except PolicyBundleInvalid as e:  # the key is not the certificate's
+        raise CertificateInvalid(
+            f"{args.key} does not match {args.cert}: {e}", reason="key_mismatch"
+        ) from None
+    if args.anchor:
+        anchors = [c for p in args.anchor for c in _load_certs(p)]
+        verify_bundle(bundle, anchors, at=now, eku=args.eku)
+    _write_atomic(args.output, bundle)
+    print(
+        f"signed policy version {policy.version} by {leaf.subject.rfc4514_string()} -> "
+        f"{args.output} (sha256 {hashlib.sha256(bundle).hexdigest()})"
+    )
+    return 0
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --- explain / grants ----------------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return config_mod.load(args.config)
+
+
+def _service(cfg: Config) -> PolicyService:
+    from ..services.policy import PolicyService
+
+    return PolicyService(cfg)
+
+
+def _compiled(args: argparse.Namespace, cfg: Config | None) -> tuple[pdp.CompiledPolicy, str]:
+    if args.policy is not None:
+        return pdp.load_policy(_read(args.policy)), f"{args.policy} (not signed)"
+    assert cfg is not None
+    accepted = _service(cfg).accepted()
+    if accepted is None:
+        raise PolicyUnavailable(
+            f"no accepted policy in {cfg.policy.state_dir} (run `svmm policy load`)"
+        )
+    return accepted.compiled, f"accepted, signed by {accepted.signer_subject}"
+
+
+def _roles(args: argparse.Namespace, cfg: Config | None) -> tuple[list[str], str]:
+    if args.roles is not None:
+        return _csv(args.roles), "--roles"
+    if cfg is None or not cfg.directory.enabled:
+        return [], "no directory configured and no --roles"
+    from .nss import _closing, identity_source
+
+    with _closing(identity_source(cfg)) as source:
+        ident = source.user_by_name(args.user)
+    if ident is None:
+        raise UnknownUser(f"{args.user}: no such user in the directory")
+    return list(ident.roles), "directory"
+
+
+def _maybe_config(args: argparse.Namespace) -> Config | None:
+    # --policy with --roles needs no configuration at all (trying a policy out).
+    if args.policy is not None and args.roles is not None:
+        return None
+    if args.policy is not None:
+        try:
+            return _config(args)
+        except ConfigError:
+            return None
+    return _config(args)
+
+
+def explain(args: argparse.Namespace) -> int:
+    cfg = _maybe_config(args)
+    compiled, origin = _compiled(args, cfg)
+    roles, roles_from = _roles(args, cfg)
+    running = _csv(args.running)
+    d = pdp.decide(compiled, pdp.Subject(args.user, roles), args.vm, args.action, running)
+    verdict = "ALLOWED" if d.allowed else "DENIED"
+    print(f"{args.user}: {args.action} {args.vm}: {verdict}")
+    print(f"  rule:    {d.rule}")
+    print(f"  reason:  {d.reason}")
+    print(f"  roles:   {', '.join(roles) or '-'} ({roles_from})")
+    print(f"  running: {', '.join(running) or '-'}")
+    print(f"  policy:  version {compiled.version}, {origin}")
+    return 0 if d.allowed else EXIT_DENIED
+
+
+def grants(args: argparse.Namespace) -> int:
+    cfg = _maybe_config(args)
+    compiled, origin = _compiled(args, cfg)
+    roles, roles_from = _roles(args, cfg)
+    found = pdp.grants_for(compiled, pdp.Subject(args.user, roles))
+    print(f"{args.user}: roles {', '.join(roles) or '-'} ({roles_from})")
+    print(f"policy: version {compiled.version}, {origin}")
+    if not found:
+        print("no VM (default deny)")
+    for vm_id in sorted(found):
+        vm = compiled.policy.vms[vm_id]
+        perms = ", ".join(sorted(found[vm_id]))
+        print(f"  {vm_id:<16} {perms}   (class {vm.vm_class or '-'}, type {vm.type or '-'})")
+    return 0
+
+
+# --- show / load ---------------------------------------------------------------------------
+
+
+def show(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    accepted, floor, problem = _service(cfg).store.accepted_state()
+    if problem is not None:
+        print(f"state problem: {problem.message}")
+    if accepted is None:
+        print(
+            f"no accepted policy in {cfg.policy.state_dir}" + (f" (floor {floor})" if floor else "")
+        )
+        return 3
+    print(f"version:      {accepted.version}")
+    print(f"sha256:       {accepted.sha256}")
+    print(f"signer:       {accepted.signer_subject}")
+    print(f"signer sha256 {accepted.signer_fingerprint}")
+    print(f"accepted at:  {accepted.accepted_at.isoformat()}")
+    print(f"summary:      {pdp.summary(accepted.compiled.policy)}")
+    return 0
+
+
+def load(args: argparse.Namespace) -> int:
+    from ..adapters.audit_log import AuditLog
+    from ..adapters.policy_store import LoadEvent
+
+    cfg = _config(args)
+    service = _service(cfg)
+    result = service.load()
+    log = AuditLog(
+        cfg.audit.path,
+        syslog_mirror=cfg.audit.syslog,
+        seal_key=cfg.audit.seal_key,
+        seal_every=cfg.audit.seal_every,
+    )
+    log.write(service.audit_record(result))
+    print(result.describe())
+    if result.event is LoadEvent.NONE:
+        return 3
+    return 1 if result.refused else 0
