@@ -1,5 +1,6 @@
 """100 logins at once through the real PAM stack (each its own pamtester process) leave one
-intact, sealed audit chain with every record; `svmm audit verify` passes, and after a one-byte edit names the record."""
+intact, sealed audit chain with every record; `svmm audit verify` passes, and after a one-byte
+edit names the record."""
 
 from __future__ import annotations
 
