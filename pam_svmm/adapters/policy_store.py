@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes
 
 from ..config import PolicyConfig
 from ..domain.policy import CompiledPolicy, load_policy
-from ..domain.policy_bundle import MAX_BUNDLE_BYTES, verify_bundle
+from ..domain.policy_bundle import MAX_BUNDLE_BYTES, parse_bundle, verify_bundle
 from ..errors import (
     PolicyBundleInvalid,
     PolicyError,
@@ -212,9 +212,14 @@ class PolicyStore:
                     raise PolicyRollback(
                         f"policy version {new.version} is older than the accepted version {floor}"
                     )
-                # The same version again with other content is refused while a good copy is
-                # in force; when the copy is damaged, re-accepting that version heals it.
-                if accepted is not None and new.version == floor:
+                # The same version again with another policy is refused while a good copy is
+                # in force; when the copy is damaged, re-accepting that version heals it. The
+                # same policy signed again (a renewed signer) is fine.
+                if (
+                    accepted is not None
+                    and new.version == floor
+                    and parse_bundle(new.bundle).policy != parse_bundle(accepted.bundle).policy
+                ):
                     raise PolicyRollback(
                         f"policy version {new.version} is already accepted with other content; "
                         "a changed policy needs a higher version",

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from .lab import DEMO_CARDS, CardSpec, Lab, free_ports
 
 PIN = "123456"
+POLICY_EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "policy.example.toml"
 PASSWORD = "demo-password"  # alice's and paul's in config/ldap/example-org.ldif
 PASSWORD_SERVICE = "svmm-login"
 
@@ -136,14 +137,20 @@ def run_demo(folder: Path, *, fresh: bool = False, out: TextIO = sys.stdout) -> 
     with ExitStack() as stack:
         ocsp, _crl = stack.enter_context(lab.responders())
         slapd = stack.enter_context(Slapd(lab.folder / "directory", ca=lab.ca))
-        lab.write_config(lab.directory_overrides(slapd, password_services=[PASSWORD_SERVICE]))
+        bundle = lab.write_policy(POLICY_EXAMPLE.read_bytes())
+        lab.write_config(
+            lab.directory_overrides(slapd, password_services=[PASSWORD_SERVICE])
+            + lab.policy_overrides(bundle)
+        )
         say(f"  CA: {lab.ca.root.cert.subject.rfc4514_string()}")
         say(f"      -> {lab.ca.intermediate.cert.subject.rfc4514_string()}")
         say(f"  OCSP responder {lab.ca.ocsp_url}   CRLs {lab.ca.crl_base}/intermediate.crl")
         say(f"  directory {slapd.uri} (StartTLS), {slapd.base_dn}")
+        say(f"  VM policy {POLICY_EXAMPLE.name}, signed: {bundle}")
         say(f"  PAM service {lab.pam_dir / 'svmm-login'}, configuration {lab.config_path}")
         say(f"  ready in {time.monotonic() - t0:.1f} s")
         say()
+        failures += _session_and_policy(lab, say)
         for i, scene in enumerate(SCENES, 1):
             if scene.before == "stop-ocsp":
                 ocsp.stop()  # type: ignore[attr-defined]
@@ -159,12 +166,16 @@ def run_demo(folder: Path, *, fresh: bool = False, out: TextIO = sys.stdout) -> 
         if proc.returncode != 0:
             failures += 1
     say()
+    failures += _audit_trail(lab, say)
+    say()
     say(f"Audit trail: {lab.audit_path} ({len(lab.audit_records())} records). Try:")
     say(f"  export SVMM_CONFIG={lab.config_path}")
     say(f"  {sys.prefix}/bin/svmm lab serve --dir {folder} &")
     say(f"  {sys.prefix}/bin/svmm cert verify {lab.cards_dir / 'mallory' / 'cert.pem'}")
     say(f"  {sys.prefix}/bin/svmm cert map {lab.cards_dir / 'twin' / 'cert.pem'}")
     say(f"  {sys.prefix}/bin/svmm id alice")
+    say(f"  {sys.prefix}/bin/svmm policy explain alice bank-b --running bank-a")
+    say(f"  {sys.prefix}/bin/svmm audit show --user alice")
     say(
         f"  {sys.prefix}/bin/svmm lab shell --dir {folder} --card alice -- "
         f"{sys.prefix}/bin/svmm card list"
@@ -176,6 +187,85 @@ def run_demo(folder: Path, *, fresh: bool = False, out: TextIO = sys.stdout) -> 
         else f"Demo finished: {failures} scene(s) NOT as expected."
     )
     return 0 if not failures else 1
+
+
+def _session_and_policy(lab: Lab, say: Any) -> int:
+    """alice opens a session: the allowlist the launcher will read; then what the policy says
+    about VMs she may not start."""
+    say(" *  alice logs in with her card and opens a session: her VM allowlist")
+    with lab.login(lab.insert("alice"), pin=PIN, user="alice", session=True) as session:
+        if session.opened != 0:
+            say(f"    session not opened: {session.report}")
+            return 1
+        allow = lab.allowlist(10001)
+        if allow is None:
+            say("    NO ALLOWLIST WRITTEN")
+            return 1
+        path = lab.allowlist_dir / "10001.json"
+        st = path.stat()
+        say(
+            f"    {path} (uid {st.st_uid}, mode {st.st_mode & 0o777:o}),"
+            f" expires {allow['expires_at']}"
+        )
+        say(f"    user {allow['user']} uid {allow['uid']} roles {', '.join(allow['roles'])}")
+        say(
+            f"    card {str((allow.get('card') or {}).get('fingerprint', ''))[:16]}"
+            f"  method {allow['method']}  policy version {allow['policy_version']}"
+        )
+        for vm, grant in sorted(allow["vms"].items()):
+            say(f"      {vm:8} {', '.join(grant['permissions'])}")
+    gone = lab.allowlist(10001) is None
+    say(f"    session closed: allowlist {'removed' if gone else 'STILL THERE'}")
+    say()
+    failures = 0 if gone else 1
+    for args, expect in (
+        (["alice", "bank-b", "--running", "bank-a"], 1),
+        (["bob", "vm-db"], 1),
+        (["carol", "vm-db", "--action", "console"], 0),
+    ):
+        p = _svmm(lab, "policy", "explain", *args)
+        say(f" *  svmm policy explain {' '.join(args)}")
+        for line in p.stdout.strip().splitlines():
+            say(f"    {line}")
+        if p.returncode != expect:
+            say(f"    EXPECTED exit {expect}, got {p.returncode}: {p.stderr.strip()}")
+            failures += 1
+        say()
+    return failures
+
+
+def _audit_trail(lab: Lab, say: Any) -> int:
+    """The trail verifies; a copy with one record edited does not."""
+    key = lab.folder / "audit-seal.key"
+    ok = _svmm(lab, "audit", "verify", "--path", str(lab.audit_path), "--key", str(key))
+    say(f" *  svmm audit verify: {(ok.stdout or ok.stderr).strip()}")
+    copy = lab.folder / "tampered"
+    copy.mkdir(mode=0o700, exist_ok=True)
+    tampered = copy / "audit.jsonl"
+    data = lab.audit_path.read_bytes().replace(b'"outcome":"failure"', b'"outcome":"success"', 1)
+    tampered.write_bytes(data)
+    head = lab.audit_path.with_name(lab.audit_path.name + ".head")
+    if head.exists():
+        shutil.copy(head, copy / "audit.jsonl.head")
+    bad = _svmm(lab, "audit", "verify", "--path", str(tampered), "--key", str(key))
+    say(" *  a copy of the trail with one refusal turned into a success:")
+    say(f"    svmm audit verify: {(bad.stdout + bad.stderr).strip()}")
+    return int(ok.returncode != 0) + int(bad.returncode == 0)
+
+
+def _svmm(lab: Lab, *args: str) -> Any:
+    import os
+    import subprocess
+
+    env = dict(os.environ, SVMM_CONFIG=str(lab.config_path))
+    return subprocess.run(
+        [sys.executable, "-m", "pam_svmm.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
 
 
 def _play(lab: Lab, i: int, scene: Scene, say: Any) -> int:
