@@ -42,6 +42,7 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 _MAX_FILE = 1 << 20
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _CONFIG_KEY = "directory.cache_dir"
+SWEEP_INTERVAL = 60.0  # seconds between full sweeps of stale entries
 
 
 class IdentityCache:
@@ -62,7 +63,7 @@ class IdentityCache:
         name = _checked_name(identity.name)
         fps = [_checked_fingerprint(fp) for fp in fingerprints]
         with self._dir() as dir_fd:
-            self._sweep(dir_fd, now)
+            self._maybe_sweep(dir_fd, now)
             old = self._read(dir_fd, _user_file(name), now)
             known = old.get("fingerprints", []) if old else []
             merged = list(dict.fromkeys([*fps, *(f for f in known if isinstance(f, str))]))
@@ -80,7 +81,7 @@ class IdentityCache:
             return None
         fp = _checked_fingerprint(fingerprint)
         with self._dir() as dir_fd:
-            self._sweep(dir_fd, now)  # few entries per host: keep the folder free of stale ones
+            # Only the two files involved are read; a stale one is deleted on the spot.
             index = self._read(dir_fd, _fp_file(fp), now)
             if index is None or not is_valid_username(index.get("name")):
                 return None
@@ -94,7 +95,6 @@ class IdentityCache:
         if not self.enabled or not is_valid_username(name):
             return None
         with self._dir() as dir_fd:
-            self._sweep(dir_fd, now)
             entry = self._read(dir_fd, _user_file(name), now)
             identity = None if entry is None else _load_entry(entry)
             return identity if identity is not None and identity.name == name else None
@@ -151,6 +151,25 @@ class IdentityCache:
             _unlink(dir_fd, name)
             return None
         return value
+
+    def _maybe_sweep(self, dir_fd: int, now: dt.datetime) -> None:
+        """Sweep the whole folder at most once a minute: a login must not pay for reading
+        every cached user, but stale entries must not linger on disk either."""
+        marker = ".swept"
+        try:
+            last = os.stat(marker, dir_fd=dir_fd, follow_symlinks=False).st_mtime
+        except OSError:
+            last = 0.0
+        if now.timestamp() - last < SWEEP_INTERVAL:
+            return
+        self._sweep(dir_fd, now)
+        fd = os.open(
+            marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
+        )
+        try:
+            os.utime(fd, (now.timestamp(), now.timestamp()))
+        finally:
+            os.close(fd)
 
     def _sweep(self, dir_fd: int, now: dt.datetime) -> int:
         removed = 0

@@ -353,6 +353,7 @@ class Slapd:
             "cn eq",
             "mail eq",
             "member eq",
+            "uniqueMember eq",
             "memberUid eq",
             "memberOf eq",
             "uidNumber eq",

@@ -25,6 +25,11 @@ FP2 = "b" * 64
 HOUR = 3600.0
 
 
+def entries(folder: Path) -> list[Path]:
+    """The cache's entries (the sweep marker is housekeeping, not an entry)."""
+    return [p for p in folder.iterdir() if p.name != ".swept"]
+
+
 def alice(**kw: object) -> Identity:
     base: dict[str, object] = {
         "dn": "uid=alice,ou=people,dc=demo,dc=example",
@@ -74,9 +79,9 @@ def test_state_is_kept(cache: IdentityCache) -> None:
 def test_modes_are_root_only(cache: IdentityCache) -> None:
     cache.store(alice(), fingerprints=[FP], now=NOW)
     assert oct(cache.folder.stat().st_mode & 0o777) == "0o700"
-    files = sorted(p.name for p in cache.folder.iterdir())
+    files = sorted(p.name for p in entries(cache.folder))
     assert files == [f"f-{FP}.json", "u-alice.json"]  # no temporary left behind
-    for p in cache.folder.iterdir():
+    for p in entries(cache.folder):
         assert p.stat().st_mode & 0o777 == 0o600
 
 
@@ -100,7 +105,7 @@ def test_a_stale_entry_is_never_returned_and_is_deleted(cache: IdentityCache, ag
     later = NOW + dt.timedelta(seconds=age)
     assert cache.by_fingerprint(FP, now=later) is None
     assert cache.by_name("alice", now=later) is None
-    assert list(cache.folder.iterdir()) == []
+    assert entries(cache.folder) == []
 
 
 def test_exactly_max_age_is_still_fresh_one_second_later_is_not(cache: IdentityCache) -> None:
@@ -134,9 +139,9 @@ def test_store_sweeps_every_stale_file(cache: IdentityCache) -> None:
     cache.store(alice(), fingerprints=[FP], now=NOW)
     bob = alice(dn="uid=bob", account=PosixAccount("bob", 10002, 10002))
     cache.store(bob, fingerprints=[FP2], now=NOW + dt.timedelta(hours=2))
-    assert sorted(p.name for p in cache.folder.iterdir()) == [f"f-{FP2}.json", "u-bob.json"]
+    assert sorted(p.name for p in entries(cache.folder)) == [f"f-{FP2}.json", "u-bob.json"]
     assert cache.prune(now=NOW + dt.timedelta(hours=4)) == 2
-    assert list(cache.folder.iterdir()) == []
+    assert entries(cache.folder) == []
 
 
 def test_max_age_zero_disables(tmp_path: Path) -> None:
@@ -186,7 +191,7 @@ def test_cache_folder_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
     cache = IdentityCache(tmp_path / "link", max_age=HOUR)
     with pytest.raises(ConfigError, match="symlink"):
         cache.store(alice(), fingerprints=[FP], now=NOW)
-    assert list(real.iterdir()) == []
+    assert entries(real) == []
 
 
 def test_group_accessible_folder_is_refused(tmp_path: Path) -> None:
