@@ -273,6 +273,31 @@ class AllowlistInvalid(SvmmError):
     reason = "allowlist_invalid"
 
 
+# --- volumes -----------------------------------------------------------------------------
+
+
+class VolumeError(SvmmError):
+    """A LUKS volume could not be made, read, changed or opened; the message names the volume
+    and quotes the tool (e.g. cryptsetup), never a key. ``reason`` tells the cases apart:
+    ``volume_key_refused`` (no keyslot takes the key), ``dm_unavailable`` (no device-mapper on
+    this host), ``volume_failed`` (anything else)."""
+
+    reason = "volume_failed"
+
+
+# --- VMs ---------------------------------------------------------------------------------
+
+
+class VmError(SvmmError):
+    """A VM could not be built, started, controlled or stopped as asked; the message names the
+    VM and quotes QEMU, never a key. ``reason``: ``vm_spec_invalid`` (a name or value fails
+    validation), ``vm_start_failed`` (QEMU exited or never answered on QMP), ``qmp_failed``
+    (a QMP command failed, timed out or the connection was lost), ``vm_failed`` (else). A
+    volume key QEMU's LUKS driver refuses is a ``VolumeError`` (``volume_key_refused``)."""
+
+    reason = "vm_failed"
+
+
 # --- audit -------------------------------------------------------------------------------
 
 
@@ -281,6 +306,24 @@ class AuditTampered(SvmmError):
     truncated, or a seal or the head file is bad."""
 
     reason = "audit_tampered"
+
+
+# --- volume keys -------------------------------------------------------------------------
+
+
+class KeyReleaseFailed(AuthFailed):
+    """The card (or the escrow key) did not release a volume key: it is not the key the volume
+    key was wrapped to, the wrapped key does not authenticate (altered token or wrong key), or
+    the card holds no such secret object."""
+
+    reason = "key_release_failed"
+
+
+class KeyTokenInvalid(SvmmError):
+    """A wrapped-key token (the JSON kept beside a volume) is malformed; the message names the
+    field."""
+
+    reason = "key_token_invalid"
 
 
 # --- helpers -----------------------------------------------------------------------------

@@ -81,9 +81,11 @@ class IdentityCache:
             return None
         fp = _checked_fingerprint(fingerprint)
         with self._dir() as dir_fd:
-            # Only the two files involved are read; a stale one is deleted on the spot.
+            # A hit reads only its two files. A miss (the offline path, the directory is
+            # down anyway) also sweeps, so no stale entry outlives the question.
             index = self._read(dir_fd, _fp_file(fp), now)
             if index is None or not is_valid_username(index.get("name")):
+                self._sweep(dir_fd, now)
                 return None
             entry = self._read(dir_fd, _user_file(index["name"]), now)
             if entry is None or fp not in entry.get("fingerprints", ()):
@@ -96,6 +98,8 @@ class IdentityCache:
             return None
         with self._dir() as dir_fd:
             entry = self._read(dir_fd, _user_file(name), now)
+            if entry is None:
+                self._sweep(dir_fd, now)
             identity = None if entry is None else _load_entry(entry)
             return identity if identity is not None and identity.name == name else None
 

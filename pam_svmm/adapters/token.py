@@ -31,6 +31,7 @@ from ..domain.signing import KeyType, SignatureScheme
 from ..errors import (
     CertificateInvalid,
     ConversationFailed,
+    KeyReleaseFailed,
     NoCard,
     PinIncorrect,
     PinInvalid,
@@ -53,6 +54,8 @@ _ANY = Pkcs11Uri()
 _GONE = frozenset({"CKR_TOKEN_NOT_PRESENT", "CKR_DEVICE_REMOVED", "CKR_SLOT_ID_INVALID"})
 # Codes that mean "gone" only when the token is indeed no longer present.
 _MAYBE_GONE = frozenset({"CKR_SESSION_HANDLE_INVALID", "CKR_SESSION_CLOSED"})
+# The card says the ciphertext is not for its key (wrong card, or an altered token).
+_NOT_FOR_THIS_KEY = frozenset({"CKR_ENCRYPTED_DATA_INVALID", "CKR_ENCRYPTED_DATA_LEN_RANGE"})
 
 
 def _pk() -> Any:
@@ -178,6 +181,13 @@ class Pkcs11Module:
             return PinInvalid(f"the card rejected the PIN format ({name})")
         if name == "CKR_FUNCTION_CANCELED":
             return ConversationFailed(f"PIN entry cancelled on the reader ({name})")
+        if name in _NOT_FOR_THIS_KEY:
+            return KeyReleaseFailed(f"the card could not decrypt the wrapped key ({name})")
+        if name == "CKR_KEY_FUNCTION_NOT_PERMITTED":
+            return TokenError(
+                f"the card's key does not permit this operation ({name} from {where})",
+                reason="key_function_not_permitted",
+            )
         verb = "login" if login else "call"
         return TokenError(f"PKCS#11 {verb} failed on {where}: {name}")
 
@@ -516,6 +526,178 @@ class TokenSession:
                     n += 1
         return n
 
+    # --- volume keys (after login) ---------------------------------------------------------------
+
+    @property
+    def logged_in(self) -> bool:
+        return self._logged_in
+
+    def _need_login(self, what: str) -> None:
+        # Private objects are invisible before C_Login: say so rather than "no such key".
+        if not self._logged_in:
+            raise TokenError(f"log in to the card before {what}", reason="login_required")
+
+    def _private_key(self, key_id: bytes, key_type: int) -> Any:
+        pk = _pk()
+        keys = self._s.findObjects(
+            [(pk.CKA_CLASS, pk.CKO_PRIVATE_KEY), (pk.CKA_ID, key_id), (pk.CKA_KEY_TYPE, key_type)]
+        )
+        if len(keys) != 1:
+            kind = "RSA" if key_type == pk.CKK_RSA else "EC"
+            what = f"no {kind} private key" if not keys else f"{len(keys)} {kind} private keys"
+            raise TokenError(
+                f"{what} with id {key_id.hex()} on token {self.token.describe()}",
+                reason="private_key_missing",
+            )
+        return keys[0]
+
+    def decrypt_rsa_oaep(
+        self, key_id: bytes, ciphertext: bytes, *, hash: str = "sha256"
+    ) -> bytearray:
+        """Decrypt with the RSA key ``key_id`` on the card (CKM_RSA_PKCS_OAEP, MGF1 with the
+        same hash, no label). ``hash``: "sha256", or "sha1" for modules that do OAEP only
+        with SHA-1 (SoftHSM 2.6 refuses other hashes with CKR_ARGUMENTS_BAD)."""
+        pk = _pk()
+        mechs = {
+            "sha256": (pk.CKM_SHA256, pk.CKG_MGF1_SHA256),
+            "sha1": (pk.CKM_SHA_1, pk.CKG_MGF1_SHA1),
+        }
+        if hash not in mechs:
+            raise ValueError(f"unsupported OAEP hash {hash!r}")
+        self._need_login("decrypting a volume key")
+        with self._calls():
+            key = self._private_key(key_id, pk.CKK_RSA)
+            raw = self._s.decrypt(key, bytes(ciphertext), pk.RSAOAEPMechanism(*mechs[hash]))
+        return _take(raw)
+
+    def ecdh_derive(self, key_id: bytes, peer_public_key: Any) -> bytearray:
+        """ECDH of the card's EC key ``key_id`` with ``peer_public_key`` (a cryptography EC
+        public key): the shared secret (the x coordinate), as a bytearray to wipe.
+
+        CKM_ECDH1_DERIVE with CKD_NULL, into a session object (CKA_TOKEN false) that is
+        extractable so it can be read once, then destroyed. Chosen over a KDF on the card:
+        CKD_NULL is what every module offers (PKCS#11 3.0 HKDF is rare and SoftHSM 2.6 lacks
+        it) and the host runs one HKDF for cards, escrow and tests alike. The raw secret
+        reaching the host costs nothing: each token has its own ephemeral key, so it opens
+        only the secret the host is about to receive anyway. The private key never leaves.
+        """
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        pk = _pk()
+        if not isinstance(peer_public_key, ec.EllipticCurvePublicKey):
+            raise ValueError("ecdh_derive needs an EC public key")
+        self._need_login("deriving a volume key")
+        with self._calls():
+            key = self._private_key(key_id, pk.CKK_EC)
+            (params,) = self._s.getAttributeValue(key, [pk.CKA_EC_PARAMS], allAsBinary=True)
+        curve = _curve_name(bytes(params))
+        if peer_public_key.curve.name != curve:
+            raise KeyReleaseFailed(
+                f"the wrapped key is for {peer_public_key.curve.name}; the card key {key_id.hex()}"
+                f" is on {curve}",
+                reason="curve_mismatch",
+            )
+        size = (peer_public_key.curve.key_size + 7) // 8
+        point = peer_public_key.public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+        template = [
+            (pk.CKA_CLASS, pk.CKO_SECRET_KEY),
+            (pk.CKA_KEY_TYPE, pk.CKK_GENERIC_SECRET),
+            (pk.CKA_TOKEN, False),
+            (pk.CKA_PRIVATE, True),
+            (pk.CKA_SENSITIVE, False),
+            (pk.CKA_EXTRACTABLE, True),
+            (pk.CKA_VALUE_LEN, size),
+            *_no_usage(pk),
+        ]
+        with self._calls():
+            derived = self._s.deriveKey(key, template, pk.ECDH1_DERIVE_Mechanism(point))
+            try:
+                (value,) = self._s.getAttributeValue(derived, [pk.CKA_VALUE], allAsBinary=True)
+            finally:
+                self._s.destroyObject(derived)
+        out = bytearray(value)
+        del value  # a tuple of ints from PyKCS11: it cannot be wiped, only dropped
+        if len(out) != size:
+            n = len(out)
+            _wipe(out)
+            raise TokenError(f"the card derived {n} bytes for a {size}-byte ECDH secret")
+        return out
+
+    def store_secret(self, label: str, object_id: bytes, value: bytes | bytearray) -> None:
+        """Store a 256-bit secret as a private token object (RW session, after login).
+
+        A CKO_SECRET_KEY of type CKK_GENERIC_SECRET with CKA_PRIVATE (invisible before login),
+        CKA_SENSITIVE false and CKA_EXTRACTABLE true: its value can be read after login, which
+        is the point (it is the volume passphrase), and also the trade-off: whoever has the
+        card and its PIN can copy the secret and keep it after the card is revoked, where a
+        wrapped key needs the card at every unlock. No on-card use (no encrypt, sign, derive)
+        and not modifiable, so it cannot be repurposed.
+        """
+        pk = _pk()
+        if len(value) != 32:
+            raise ValueError(f"a volume secret is 32 bytes, not {len(value)}")
+        self._need_login("storing a secret")
+        data = pk.ckbytelist()
+        data.reserve(32)
+        for b in value:
+            data.append(b)
+        template = [
+            (pk.CKA_CLASS, pk.CKO_SECRET_KEY),
+            (pk.CKA_KEY_TYPE, pk.CKK_GENERIC_SECRET),
+            (pk.CKA_TOKEN, True),
+            (pk.CKA_PRIVATE, True),
+            (pk.CKA_SENSITIVE, False),
+            (pk.CKA_EXTRACTABLE, True),
+            (pk.CKA_MODIFIABLE, False),
+            (pk.CKA_LABEL, label),
+            (pk.CKA_ID, object_id),
+            (pk.CKA_VALUE, data),
+            *_no_usage(pk),
+        ]
+        try:
+            with self._calls():
+                clash = self._s.findObjects([(pk.CKA_ID, object_id)]) + self._s.findObjects(
+                    [(pk.CKA_LABEL, label), (pk.CKA_CLASS, pk.CKO_SECRET_KEY)]
+                )
+                if clash:
+                    raise TokenError(
+                        f"the card already holds an object with id {object_id.hex()} or a"
+                        f" secret labelled {label!r}",
+                        reason="secret_exists",
+                    )
+                self._s.createObject(template)
+        finally:
+            _wipe(data)
+
+    def read_secret(self, *, label: str | None = None, object_id: bytes | None = None) -> bytearray:
+        """The value of the private secret object with this label and/or CKA_ID (after
+        login). KeyReleaseFailed when the card holds no such object."""
+        pk = _pk()
+        if label is None and object_id is None:
+            raise ValueError("read_secret needs a label or an id")
+        self._need_login("reading a secret")
+        template = [(pk.CKA_CLASS, pk.CKO_SECRET_KEY), (pk.CKA_PRIVATE, True)]
+        if label is not None:
+            template.append((pk.CKA_LABEL, label))
+        if object_id is not None:
+            template.append((pk.CKA_ID, object_id))
+        name = f"label {label!r}" if label is not None else f"id {(object_id or b'').hex()}"
+        with self._calls():
+            found = self._s.findObjects(template)
+            if len(found) != 1:
+                raise KeyReleaseFailed(
+                    f"the card holds {'no' if not found else len(found)} secret objects with"
+                    f" {name}",
+                    reason="secret_missing",
+                )
+            (value,) = self._s.getAttributeValue(found[0], [pk.CKA_VALUE], allAsBinary=True)
+        out = bytearray(value)
+        del value  # PyKCS11 returns a tuple of ints: it cannot be wiped, only dropped
+        return out
+
     # --- provisioning (RW session, logged in as the user) ------------------------------------
 
     def import_private_key(self, key: PrivateKeyTypes, *, key_id: bytes, label: str) -> None:
@@ -560,7 +742,14 @@ class TokenSession:
             raise ValueError(f"unsupported key type {type(key).__name__}: use RSA or EC")
         with self._calls():
             self._s.createObject(
-                [(pk.CKA_CLASS, pk.CKO_PRIVATE_KEY), *common, *priv, *_private_key_flags(pk)]
+                [
+                    (pk.CKA_CLASS, pk.CKO_PRIVATE_KEY),
+                    *common,
+                    *priv,
+                    *_private_key_flags(
+                        pk, pk.CKK_RSA if isinstance(key, rsa.RSAPrivateKey) else pk.CKK_EC
+                    ),
+                ]
             )
             self._s.createObject(
                 [
@@ -594,7 +783,11 @@ class TokenSession:
                     (pk.CKA_PRIVATE, False),
                     (pk.CKA_VERIFY, True),
                 ],
-                [(pk.CKA_CLASS, pk.CKO_PRIVATE_KEY), *common, *_private_key_flags(pk)],
+                [
+                    (pk.CKA_CLASS, pk.CKO_PRIVATE_KEY),
+                    *common,
+                    *_private_key_flags(pk, pk.CKK_RSA if spec is KeySpec.RSA_2048 else pk.CKK_EC),
+                ],
                 mech,
             )
             if spec is KeySpec.RSA_2048:
@@ -766,13 +959,44 @@ def _int(value: int) -> bytes:
     return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
 
 
-def _private_key_flags(pk: Any) -> list[tuple[int, bool]]:
+def _private_key_flags(pk: Any, key_type: int) -> list[tuple[int, bool]]:
+    """Never extractable; signs (login) and releases volume keys: RSA decrypts (OAEP), EC
+    derives (ECDH). One key for both, as on cards with a single key pair."""
+    usage = (pk.CKA_DECRYPT, True) if key_type == pk.CKK_RSA else (pk.CKA_DERIVE, True)
     return [
         (pk.CKA_PRIVATE, True),
         (pk.CKA_SENSITIVE, True),
         (pk.CKA_EXTRACTABLE, False),
         (pk.CKA_SIGN, True),
+        usage,
     ]
+
+
+def _no_usage(pk: Any) -> list[tuple[int, bool]]:
+    """A secret object that is only data: the card may not use it as a key."""
+    return [
+        (pk.CKA_ENCRYPT, False),
+        (pk.CKA_DECRYPT, False),
+        (pk.CKA_SIGN, False),
+        (pk.CKA_VERIFY, False),
+        (pk.CKA_WRAP, False),
+        (pk.CKA_UNWRAP, False),
+        (pk.CKA_DERIVE, False),
+    ]
+
+
+def _take(raw: Any) -> bytearray:
+    """Copy a PyKCS11 ckbytelist into a bytearray and wipe the ckbytelist."""
+    out = bytearray(len(raw))
+    for i, b in enumerate(raw):
+        out[i] = b
+    _wipe(raw)
+    return out
+
+
+def _wipe(buf: Any) -> None:
+    for i in range(len(buf)):
+        buf[i] = 0
 
 
 _CURVES = {"secp256r1", "secp384r1"}

@@ -1,0 +1,95 @@
+"""The QEMU command line is built only from validated names, fixed words and fd numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pam_svmm.adapters.qemu import (
+    Accel,
+    LaunchFds,
+    LuksDisk,
+    Machine,
+    RunAs,
+    VmSpec,
+    _key_pipe,
+    build_argv,
+)
+from pam_svmm.errors import VmError
+
+FDS = LaunchFds(qmp_listener=10, images={"disk0": 11}, keys={"disk0": 12})
+
+
+def _spec(**kw: object) -> VmSpec:
+    return VmSpec("vm1", disks=(LuksDisk("disk0", Path("/srv/vm1.img")),), **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "Vm", "1vm", "vm,id=x", "vm=1", "vm 1", "vm\n", "-vm", "a" * 32, "vm/../x", "vm\x00"],
+)
+def test_names_outside_the_pattern_are_refused(name: str) -> None:
+    with pytest.raises(VmError) as e:
+        VmSpec(name)
+    assert e.value.reason == "vm_spec_invalid"
+    with pytest.raises(VmError):
+        LuksDisk(name, Path("/x.img"))
+
+
+def test_a_31_character_name_is_accepted() -> None:
+    assert VmSpec("a" * 31).name == "a" * 31
+
+
+def test_spec_values_are_checked() -> None:
+    with pytest.raises(VmError):
+        LuksDisk("disk0", Path("relative.img"))
+    with pytest.raises(VmError):
+        _spec(memory_mib=8)
+    with pytest.raises(VmError):
+        VmSpec("vm1", disks=(LuksDisk("d", Path("/a")), LuksDisk("d", Path("/b"))))
+    with pytest.raises(VmError):
+        RunAs("root").ids()
+    with pytest.raises(VmError):
+        RunAs("no-such-user-svmm").ids()
+
+
+def test_argv_names_descriptors_not_paths() -> None:
+    argv = build_argv(_spec(accel=Accel.KVM), FDS, binary="/usr/bin/qemu-system-x86_64")
+    assert argv[0] == "/usr/bin/qemu-system-x86_64"
+    assert "/srv/vm1.img" not in " ".join(argv)
+    assert argv[argv.index("-accel") + 1] == "kvm"
+    assert argv[argv.index("-machine") + 1] == "none"
+    assert "socket,id=qmp,fd=10,server=on,wait=off" in argv
+    assert "fd=11,set=1,opaque=disk0-image" in argv
+    assert "secret,id=disk0-key,format=raw,file=/proc/self/fd/12" in argv
+    blockdev = json.loads(argv[argv.index("-blockdev") + 1])
+    assert blockdev == {
+        "driver": "luks",
+        "node-name": "disk0",
+        "key-secret": "disk0-key",
+        "read-only": False,
+        "file": {"driver": "file", "filename": "/dev/fdset/1", "read-only": False},
+    }
+    assert argv[-1] == "-S" and "-sandbox" in argv and "-device" not in argv
+
+
+def test_a_q35_vm_attaches_disks_as_virtio() -> None:
+    argv = build_argv(_spec(machine=Machine.Q35, paused=False, memory_mib=256), FDS)
+    assert argv[argv.index("-device") + 1] == "virtio-blk-pci,drive=disk0,id=vd-disk0"
+    assert argv[argv.index("-m") + 1] == "256" and "-S" not in argv
+
+
+def test_missing_or_low_descriptors_are_refused() -> None:
+    with pytest.raises(VmError):
+        build_argv(_spec(), LaunchFds(10, {}, {"disk0": 12}))
+    with pytest.raises(VmError):
+        build_argv(_spec(), LaunchFds(1, {"disk0": 11}, {"disk0": 12}))
+
+
+@pytest.mark.parametrize("key", [b"", b"a\x00b", b"\xff\xfe", b"x" * 4097])
+def test_keys_qemu_cannot_take_are_refused_before_launch(key: bytes) -> None:
+    with pytest.raises(VmError) as e:
+        _key_pipe(key, None)
+    assert e.value.reason == "vm_spec_invalid"
