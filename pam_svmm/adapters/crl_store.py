@@ -27,7 +27,6 @@ import hashlib
 import json
 import mmap
 import os
-import secrets
 import stat
 import struct
 import time
@@ -41,7 +40,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from ..domain.revocation import CrlEntry, RevocationResult, RevocationStatus, evaluate_crl
 from ..errors import FetchError, RevocationUnknown
 from .fetch import CRL_MAX_BYTES, Fetcher
-from .private_dir import open_private_dir
+from .private_dir import open_private_dir, replace_file
 
 MAGIC = b"SVMMCRL1 "
 FORMAT_VERSION = 1
@@ -480,28 +479,9 @@ class CrlStore:
 
     def _write(self, name: str, parts: Sequence[bytes]) -> None:
         """Atomically replace ``name`` (a symlink there is replaced, never followed)."""
-        dir_fd = self._dir()
-        tmp = f".{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+            replace_file(self._dir(), name, parts)
         except OSError as e:
-            raise RevocationUnknown(f"CRL cache {self.cache_dir}: {e.strerror}") from None
-        try:
-            try:
-                os.fchmod(fd, 0o600)
-                for part in parts:
-                    view = memoryview(part)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            os.fsync(dir_fd)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
             raise RevocationUnknown(f"CRL cache {self.cache_dir}: {e.strerror}") from None
 
     def close(self) -> None:

@@ -24,7 +24,6 @@ import datetime as dt
 import json
 import os
 import re
-import secrets
 import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 from ..domain.identity import AccountState, AccountStatus, Identity, PosixAccount, PosixGroup
 from ..domain.mapping import is_valid_username
 from ..errors import ConfigError
-from .private_dir import open_private_dir
+from .private_dir import open_private_dir, replace_file
 
 FORMAT_VERSION = 1
 SOURCE = "offline-cache"
@@ -196,23 +195,9 @@ class IdentityCache:
 
     def _write(self, dir_fd: int, name: str, value: dict[str, Any]) -> None:
         data = json.dumps({"version": FORMAT_VERSION, **value}, sort_keys=True).encode()
-        tmp = f".{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
-            try:
-                os.fchmod(fd, 0o600)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            # rename() replaces a symlink at ``name`` itself; it never writes through it.
-            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            os.fsync(dir_fd)
+            replace_file(dir_fd, name, data)
         except OSError as e:
-            _unlink(dir_fd, tmp)
             raise ConfigError(
                 _CONFIG_KEY, f"cannot write {self.folder}/{name}: {e.strerror}"
             ) from e

@@ -43,7 +43,7 @@ from ..errors import (
     PolicyUnavailable,
     SvmmError,
 )
-from .private_dir import open_private_dir
+from .private_dir import open_private_dir, replace_file
 
 if TYPE_CHECKING:
     from .directory import DirectoryClient
@@ -345,24 +345,4 @@ class PolicyStore:
             "bundle": base64.b64encode(policy.bundle).decode("ascii"),
         }
         data = (json.dumps(doc, indent=1) + "\n").encode("ascii")
-        tmp = f".{STATE_FILE}.{os.getpid()}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=dfd)
-        fd = os.open(
-            tmp,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=dfd,
-        )
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp, dir_fd=dfd)
-            raise
-        os.close(fd)
-        os.rename(tmp, STATE_FILE, src_dir_fd=dfd, dst_dir_fd=dfd)
-        os.fsync(dfd)
+        replace_file(dfd, STATE_FILE, data)

@@ -8,9 +8,12 @@ like /tmp. Callers then work relative to the returned descriptor.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import secrets
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -75,3 +78,39 @@ def check_dir(
         )
     if mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX):
         raise ConfigError(key, f"{path} is writable by group or others (mode {mode:o})")
+
+
+def replace_file(
+    dir_fd: int, name: str, data: bytes | Sequence[bytes], *, mode: int = 0o600
+) -> None:
+    """Atomically replace ``name`` in the folder ``dir_fd`` with ``data``.
+
+    A fresh temporary file (O_EXCL|O_NOFOLLOW, a random name, ``mode``) is written, fsynced
+    and renamed over ``name``; rename(2) replaces a symlink or a stranger's file planted at
+    ``name`` itself and never writes through it. The folder is fsynced. Raises OSError; on
+    failure the temporary file is removed and ``name`` is untouched.
+    """
+    parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+    tmp = f".{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(
+        tmp,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        mode,
+        dir_fd=dir_fd,
+    )
+    try:
+        try:
+            os.fchmod(fd, mode)
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
