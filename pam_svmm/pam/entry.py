@@ -206,8 +206,8 @@ def _session_manager(svc: Any) -> Any:
 def _env(pamh: Any, name: str) -> str:
     try:
         return str(pamh.env[name] or "")
-    except Exception:
-        return ""  # unset (KeyError) or an application without a PAM environment
+    except (KeyError, pamh.exception):
+        return ""  # unset, or an application without a PAM environment
 
 
 def _new_session_id(pamh: Any) -> str:
