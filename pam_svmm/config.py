@@ -259,6 +259,30 @@ class SessionConfig:
     allowlist_ttl: float = 43200.0
 
 
+class CardRemovalAction(enum.Enum):
+    """What happens to a user's VMs when the card that opened their session is pulled."""
+
+    PAUSE = "pause"  # pause the VMs and close their volumes
+    STOP = "stop"
+    LOCK = "lock"  # lock the session only
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    """The VM launcher service (svmmd)."""
+
+    socket: Path = Path("/run/svmm/launcher.sock")  # in a root-owned 0755 folder; mode 0666
+    vm_user: str = "svmm-vm"  # the unprivileged account QEMU runs as
+    run_dir: Path = Path("/run/svmm/vms")  # per-VM private folders (QMP socket, QEMU log)
+    registry_dir: Path = Path("/run/svmm/registry")  # running VMs, root-only
+    start_timeout: float = 10.0  # seconds until QEMU answers on QMP
+    quit_timeout: float = 5.0  # stop: QMP quit, then SIGTERM, then SIGKILL, each this long
+    term_timeout: float = 3.0
+    kill_timeout: float = 3.0
+    card_removal: CardRemovalAction = CardRemovalAction.PAUSE
+    card_poll_interval: float = 1.0  # seconds between slot polls
+
+
 @dataclass(frozen=True)
 class Config:
     source: Path | None = None
@@ -276,6 +300,7 @@ class Config:
     issue: IssueConfig = field(default_factory=IssueConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -554,6 +579,30 @@ def _session(t: _Table) -> SessionConfig:
     return cfg
 
 
+def _launcher(t: _Table) -> LauncherConfig:
+    d = LauncherConfig()
+    vm_user = t.text("vm_user", d.vm_user)
+    if not vm_user or vm_user == "root" or not vm_user.isprintable() or ":" in vm_user:
+        raise ConfigError(t.key("vm_user"), f"{vm_user!r} is not an unprivileged account name")
+    sock = t.path("socket", d.socket) or d.socket
+    if len(os.fsencode(sock)) >= 108:
+        raise ConfigError(t.key("socket"), "is too long for a unix socket (107 bytes at most)")
+    cfg = LauncherConfig(
+        socket=sock,
+        vm_user=vm_user,
+        run_dir=t.path("run_dir", d.run_dir) or d.run_dir,
+        registry_dir=t.path("registry_dir", d.registry_dir) or d.registry_dir,
+        start_timeout=t.number("start_timeout", d.start_timeout, minimum=0.5),
+        quit_timeout=t.number("quit_timeout", d.quit_timeout, minimum=0.1),
+        term_timeout=t.number("term_timeout", d.term_timeout, minimum=0.1),
+        kill_timeout=t.number("kill_timeout", d.kill_timeout, minimum=0.1),
+        card_removal=t.enum("card_removal", d.card_removal),
+        card_poll_interval=t.number("card_poll_interval", d.card_poll_interval, minimum=0.05),
+    )
+    t.done()
+    return cfg
+
+
 def _ldap_uri(key: str, uri: str) -> str:
     if not uri.startswith(("ldap://", "ldaps://")):
         raise ConfigError(key, f"must be an ldap:// or ldaps:// URI, got {uri!r}")
@@ -732,6 +781,7 @@ def parse(data: dict[str, Any], source: Path | None = None) -> Config:
         issue=_issue(top.sub("issue")),
         policy=_policy(top.sub("policy")),
         session=_session(top.sub("session")),
+        launcher=_launcher(top.sub("launcher")),
     )
     if cfg.policy.source is PolicySource.DIRECTORY and not cfg.directory.enabled:
         raise ConfigError("policy.source", "'directory' needs [directory] enabled")

@@ -344,3 +344,19 @@ class PinTries(enum.Enum):
             PinTries.FINAL_TRY: "one try left before the PIN locks",
             PinTries.LOCKED: "PIN locked",
         }[self]
+
+
+# --- the launcher service ----------------------------------------------------------------
+
+
+class LauncherRefused(AuthFailed):
+    """The launcher service refused the request; ``reason`` carries its token (e.g.
+    ``not_in_allowlist``, ``conflict_of_interest``, ``volume_key_unavailable``)."""
+
+    reason = "launcher_refused"
+
+
+class LauncherUnavailable(Undecided):
+    """The launcher service could not be reached, or its answer was not the protocol."""
+
+    reason = "launcher_unavailable"

@@ -35,7 +35,7 @@ def exit_code(error: BaseException) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import audit, card, cert, certmap, doctor, lab, nss, policy, volume
+    from . import audit, card, cert, certmap, doctor, lab, nss, policy, vm, volume
 
     parser = argparse.ArgumentParser(
         prog="svmm", description="Smart-card identity for a secure VMM host."
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="configuration file (default: $SVMM_CONFIG or /etc/svmm/svmm.toml)"
     )
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
-    for module in (cert, certmap, card, doctor, lab, nss, audit, policy, volume):
+    for module in (cert, certmap, card, doctor, lab, nss, audit, policy, volume, vm):
         module.register(sub)
     return parser
 

@@ -1,0 +1,307 @@
+"""The launcher's running VMs: QEMU processes, their QMP connections, and a root-only record
+per VM so that a restarted launcher finds them again.
+
+``<registry_dir>/<vm>.json`` (0600 in a root-only 0700 folder, replaced atomically) holds the
+pid, the process start time (from /proc: a recycled pid is never mistaken for the VM), the QMP
+socket, the owner uid and user, and the card that started it. ``reattach()`` reads every
+record, keeps those whose process is still the same QEMU and answers on QMP, and removes the
+rest. One VM id runs at most once on the host: its run folder and disks are the VM's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import VmError
+from .private_dir import open_private_dir, replace_file
+from .qemu import NAME_PATTERN, QemuVm, QmpSync, RunAs, VmSpec
+
+FORMAT = "svmm-vm/1"
+_RECORD_MODE = 0o600
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    vm: str
+    uid: int
+    user: str
+    pid: int
+    start_time: int  # /proc/<pid>/stat field 22 (clock ticks since boot)
+    qmp_socket: str
+    run_dir: str
+    card_fingerprint: str = ""
+    card_serial: str = ""
+    started_at: str = ""  # ISO 8601, UTC
+
+    def to_json(self) -> bytes:
+        return (json.dumps({"format": FORMAT, **asdict(self)}, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> VmRecord:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.pop("format", None) != FORMAT:
+            raise ValueError(f"not a {FORMAT} record")
+        rec = cls(**doc)
+        ints = (rec.uid, rec.pid, rec.start_time)
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ints):
+            raise ValueError("uid, pid and start_time must be non-negative integers")
+        if not NAME_PATTERN.fullmatch(rec.vm) or rec.pid < 2:
+            raise ValueError("bad VM name or pid")
+        return rec
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` (None when it is gone or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # the name may hold spaces and ')'
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+class VmHandle:
+    """One running VM: its record, a QMP connection and (when we started it in this process)
+    its Popen."""
+
+    def __init__(
+        self, record: VmRecord, qmp: QmpSync, process: subprocess.Popen[bytes] | None = None
+    ) -> None:
+        self.record = record
+        self.qmp = qmp
+        self.process = process
+
+    def alive(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        _reap_if_child(self.record.pid)
+        return proc_start_time(self.record.pid) == self.record.start_time
+
+    def status(self) -> dict[str, Any]:
+        """QMP's view: ``query-status`` (running, paused, ...)."""
+        answer = self.qmp.execute("query-status")
+        if not isinstance(answer, dict):
+            raise VmError(f"VM {self.record.vm}: query-status answered {answer!r}")
+        return {"status": answer.get("status", ""), "running": bool(answer.get("running"))}
+
+    def stop(self, *, quit_timeout: float, term_timeout: float, kill_timeout: float) -> str:
+        """QMP quit, then SIGTERM, then SIGKILL; returns how it ended."""
+        how = "exited"
+        try:
+            if self.alive():
+                how = "quit"
+                with contextlib.suppress(Exception):  # escalate on any failure
+                    self.qmp.execute("quit", timeout=quit_timeout)
+                if not self._wait(quit_timeout):
+                    how = "term"
+                    self._signal(signal.SIGTERM)
+                    if not self._wait(term_timeout):
+                        how = "kill"
+                        self._signal(signal.SIGKILL)
+                        if not self._wait(kill_timeout):
+                            raise VmError(f"VM {self.record.vm}: pid {self.record.pid} survives")
+        finally:
+            self.qmp.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.record.qmp_socket)
+        return how
+
+    def _wait(self, timeout: float) -> bool:
+        if self.process is not None:
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def _signal(self, sig: int) -> None:
+        # Only the process we recorded: a recycled pid is left alone.
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.record.pid, sig)
+
+
+def _reap_if_child(pid: int) -> None:
+    # A QEMU started by an earlier launcher object of this same process is still our child.
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+class VmRegistry:
+    """The running VMs (thread-safe), backed by the record folder."""
+
+    def __init__(self, folder: Path, *, key: str = "launcher.registry_dir") -> None:
+        self.folder = folder
+        self.key = key
+        self._lock = threading.RLock()
+        self._vms: dict[str, VmHandle] = {}
+
+    def _dir(self) -> int:
+        return open_private_dir(self.folder, key=self.key, private=True, check_parents=True)
+
+    # --- views
+
+    def running(self) -> dict[str, VmRecord]:
+        """VM id -> record, for the VMs still alive (dead ones are forgotten)."""
+        with self._lock:
+            for vm in [vm for vm, h in self._vms.items() if not h.alive()]:
+                self._forget(vm)
+            return {vm: h.record for vm, h in self._vms.items()}
+
+    def get(self, vm: str) -> VmHandle | None:
+        with self._lock:
+            h = self._vms.get(vm)
+            if h is not None and not h.alive():
+                self._forget(vm)
+                return None
+            return h
+
+    # --- changes
+
+    def launch(
+        self,
+        spec: VmSpec,
+        keys: Mapping[str, bytes | bytearray],
+        *,
+        uid: int,
+        user: str,
+        run_dir: Path,
+        run_as: RunAs | None,
+        ready_timeout: float,
+        card_fingerprint: str = "",
+        card_serial: str = "",
+        now: dt.datetime | None = None,
+    ) -> VmRecord:
+        with self._lock:
+            if spec.name in self._vms:
+                raise VmError(f"VM {spec.name} is already running", reason="vm_already_running")
+            vm = QemuVm.launch(
+                spec, keys, run_dir=run_dir, run_as=run_as, ready_timeout=ready_timeout
+            )
+            start_time = proc_start_time(vm.pid)
+            record = VmRecord(
+                vm=spec.name,
+                uid=uid,
+                user=user,
+                pid=vm.pid,
+                start_time=start_time if start_time is not None else 0,
+                qmp_socket=str(vm.qmp_socket),
+                run_dir=str(run_dir),
+                card_fingerprint=card_fingerprint,
+                card_serial=card_serial,
+                started_at=(now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds"),
+            )
+            handle = VmHandle(record, vm.qmp, vm.process)
+            try:
+                self._save(record)
+            except BaseException:
+                handle.stop(quit_timeout=2, term_timeout=2, kill_timeout=2)
+                raise
+            self._vms[spec.name] = handle
+            return record
+
+    def stop(
+        self, vm: str, *, quit_timeout: float, term_timeout: float, kill_timeout: float
+    ) -> str:
+        with self._lock:
+            h = self._vms.get(vm)
+            if h is None:
+                raise VmError(f"VM {vm} is not running", reason="vm_not_running")
+            how = h.stop(
+                quit_timeout=quit_timeout, term_timeout=term_timeout, kill_timeout=kill_timeout
+            )
+            self._forget(vm)
+            return how
+
+    def reattach(self, *, timeout: float = 5.0) -> list[str]:
+        """Load the records of VMs a previous launcher started; returns the VM ids found
+        running. Records of VMs that are gone (or whose pid now is another process) go."""
+        found = []
+        with self._lock:
+            fd = self._dir()
+            try:
+                names = sorted(n for n in os.listdir(fd) if n.endswith(".json"))
+                for name in names:
+                    record = self._load(fd, name)
+                    if record is None or record.vm in self._vms:
+                        continue
+                    handle = self._attach(record, timeout)
+                    if handle is None:
+                        with contextlib.suppress(OSError):
+                            os.unlink(name, dir_fd=fd)
+                        continue
+                    self._vms[record.vm] = handle
+                    found.append(record.vm)
+            finally:
+                os.close(fd)
+        return found
+
+    def detach(self) -> None:
+        """Let go of every QMP connection without stopping anything (service shutdown)."""
+        with self._lock:
+            for h in self._vms.values():
+                h.qmp.close()
+            self._vms.clear()
+
+    # --- records
+
+    def _attach(self, record: VmRecord, timeout: float) -> VmHandle | None:
+        if record.start_time == 0 or proc_start_time(record.pid) != record.start_time:
+            return None
+        qmp = QmpSync(record.vm, timeout=timeout)
+        try:
+            qmp.connect(record.qmp_socket, timeout=timeout)
+        except VmError:
+            qmp.close()
+            return None
+        return VmHandle(record, qmp)
+
+    def _load(self, fd: int, name: str) -> VmRecord | None:
+        from .allowlist_store import read_file
+
+        try:
+            data = read_file(fd, name, mode=_RECORD_MODE, shown=self.folder / name)
+            record = VmRecord.from_json(data or b"")
+        except Exception:
+            return None
+        return record if name == f"{record.vm}.json" else None
+
+    def _save(self, record: VmRecord) -> None:
+        fd = self._dir()
+        try:
+            replace_file(fd, f"{record.vm}.json", record.to_json(), mode=_RECORD_MODE)
+        except OSError as e:
+            raise VmError(f"cannot record VM {record.vm}: {e.strerror}") from None
+        finally:
+            os.close(fd)
+
+    def _forget(self, vm: str) -> None:
+        h = self._vms.pop(vm, None)
+        if h is not None:
+            h.qmp.close()
+        fd = self._dir()
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{vm}.json", dir_fd=fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,1 @@
+"""svmmd, the VM launcher service (see server.py)."""

@@ -1,0 +1,215 @@
+"""svmmd end to end: a real Unix socket, clients run as `nobody` (the uid is the kernel's),
+real QEMU started as `nobody` (-machine none), QMP status, Chinese Wall against a running VM,
+stop, and a restarted service that finds its VMs again."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pam_svmm.adapters.allowlist_store import AllowlistStore
+from pam_svmm.adapters.vm_registry import proc_start_time
+from pam_svmm.daemon.server import LauncherServer, bind_socket, peer_uid, serve
+from pam_svmm.services.launcher import Launcher
+from tests.unit.launcher_fixtures import (
+    LocalPolicy,
+    allowlist_bytes,
+    audit_records,
+    make_launcher,
+)
+
+NOBODY = 65534
+ROOT = Path(__file__).resolve().parents[2]
+QEMU = shutil.which("qemu-system-x86_64")
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (SO_PEERCRED as another user)"),
+]
+needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
+
+CLIENT = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rwb")
+for line in sys.stdin.buffer:
+    f.write(line); f.flush()
+    sys.stdout.write(f.readline().decode())
+"""
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    # Not under pytest's tmp_path: its 0700 parents would keep `nobody` from the socket.
+    d = Path(tempfile.mkdtemp(prefix="svmmd-", dir="/tmp"))
+    os.chmod(d, 0o755)  # noqa: S103 - root's folder, readable so nobody reaches the socket
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class Running:
+    def __init__(self, launcher: Launcher, sock: socket.socket) -> None:
+        self.launcher = launcher
+        self.server: LauncherServer = serve(launcher, sock)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def service(base: Path) -> Iterator[Running]:
+    policy = LocalPolicy()
+    launcher = make_launcher(base, policy)
+    AllowlistStore(launcher.config.session.allowlist_dir).write_bytes(
+        NOBODY, allowlist_bytes(policy, user="nobody", uid=NOBODY)
+    )
+    running = Running(launcher, bind_socket(launcher.config.launcher.socket))
+    yield running
+    running.close()
+    for vm in list(launcher.registry.running()):
+        launcher.registry.stop(vm, quit_timeout=2, term_timeout=2, kill_timeout=2)
+
+
+def ask(sock: Path, *requests: dict[str, Any], user: int | None = NOBODY) -> list[dict[str, Any]]:
+    """Requests sent by a separate process running as ``user`` over one connection."""
+    lines = "".join(json.dumps({"version": "svmm-launcher/1", **r}) + "\n" for r in requests)
+    out = subprocess.run(
+        [sys.executable, "-c", CLIENT, str(sock)],
+        input=lines.encode(), capture_output=True, check=True, timeout=60,
+        user=user, group=user, extra_groups=[] if user is not None else None,
+    )  # fmt: skip
+    return [json.loads(x) for x in out.stdout.decode().splitlines()]
+
+
+def test_socket_folder_and_mode(service: Running) -> None:
+    path = service.launcher.config.launcher.socket
+    st = path.stat()
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o666 and st.st_uid == 0
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o755 and path.parent.stat().st_uid == 0
+
+
+def test_the_uid_is_the_kernels(service: Running) -> None:
+    sock = service.launcher.config.launcher.socket
+    mine = ask(sock, {"op": "list"})[0]
+    assert mine["ok"] and mine["data"]["allowlist"] == "ok"
+    assert [v["vm"] for v in mine["data"]["allowed"]] == ["bank-a", "bank-b", "plain", "secret"]
+    as_root = ask(sock, {"op": "list"}, user=None)[0]
+    assert as_root["ok"] and as_root["data"] == {
+        "allowed": [], "running": [], "allowlist": "no_allowlist"}  # fmt: skip
+    claim = ask(sock, {"op": "start", "vm": "plain", "uid": 0}, {"op": "list", "uid": 0})
+    assert [r["reason"] for r in claim] == ["bad_request", "bad_request"]
+    details = [r["detail"] for r in audit_records(service.launcher.config.launcher.run_dir.parent)]
+    assert details[0].startswith(f"uid={NOBODY};") and details[1].startswith("uid=0;")
+    assert all(d.startswith(f"uid={NOBODY};") for d in details[2:])
+
+
+def test_peer_uid_of_a_socketpair() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        assert peer_uid(a) == os.getuid()
+
+
+@needs_qemu
+def test_start_status_wall_stop_through_the_socket(service: Running, base: Path) -> None:
+    sock = service.launcher.config.launcher.socket
+    start, status = ask(sock, {"op": "start", "vm": "bank-a"}, {"op": "status", "vm": "bank-a"})
+    assert start["ok"], start
+    pid = start["data"]["pid"]
+    assert os.stat(f"/proc/{pid}").st_uid == NOBODY  # QEMU runs as the VM account
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert b"guest=bank-a" in argv and b"none" in argv
+    assert status["ok"] and status["data"]["status"] == "prelaunch"
+    assert status["data"]["owner"] == "nobody"
+    # root may look; nobody else but the owner
+    assert ask(sock, {"op": "status", "vm": "bank-a"}, user=None)[0]["ok"]
+    wall = ask(sock, {"op": "start", "vm": "bank-b"})[0]
+    assert not wall["ok"] and wall["reason"] == "conflict_of_interest"
+    stop = ask(sock, {"op": "stop", "vm": "bank-a"})[0]
+    assert stop["ok"] and stop["data"]["how"] == "quit"
+    assert proc_start_time(pid) is None
+    replies = ask(sock, {"op": "start", "vm": "bank-b"}, {"op": "stop", "vm": "bank-b"})
+    assert [r["ok"] for r in replies] == [True, True]
+    events = [(r["event"], r["vm"], r["reason"]) for r in audit_records(base)]
+    assert events == [
+        ("vm_start", "bank-a", "ok"),
+        ("vm_status", "bank-a", "ok"),
+        ("vm_status", "bank-a", "ok"),
+        ("vm_deny", "bank-b", "conflict_of_interest"),
+        ("vm_stop", "bank-a", "ok"),
+        ("vm_start", "bank-b", "ok"),
+        ("vm_stop", "bank-b", "ok"),
+    ]
+    fp = audit_records(base)[0]["card"]["fingerprint"]
+    assert fp == "ab" * 32 and all(r["card"]["fingerprint"] == fp for r in audit_records(base))
+
+
+@needs_qemu
+def test_a_restarted_service_finds_its_vms(service: Running, base: Path) -> None:
+    sock = service.launcher.config.launcher.socket
+    start = ask(sock, {"op": "start", "vm": "plain"})[0]
+    assert start["ok"], start
+    pid = start["data"]["pid"]
+    # The service goes away (its QMP connections too); QEMU keeps running.
+    service.close()
+    service.launcher.registry.detach()
+    assert proc_start_time(pid) is not None
+    fresh = make_launcher(base, LocalPolicy())
+    assert fresh.registry.reattach() == ["plain"]
+    service.launcher = fresh
+    again = Running(fresh, bind_socket(fresh.config.launcher.socket))
+    try:
+        listed, status, stop = ask(
+            sock, {"op": "list"}, {"op": "status", "vm": "plain"}, {"op": "stop", "vm": "plain"}
+        )
+        assert listed["data"]["running"] == ["plain"]
+        assert status["ok"] and status["data"]["pid"] == pid
+        assert stop["ok"] and stop["data"]["how"] == "quit", stop
+        assert proc_start_time(pid) is None
+        assert list((base / "registry").iterdir()) == []
+    finally:
+        again.close()
+
+
+@needs_qemu
+def test_a_dead_vms_record_is_dropped_on_reattach(service: Running, base: Path) -> None:
+    sock = service.launcher.config.launcher.socket
+    pid = ask(sock, {"op": "start", "vm": "plain"})[0]["data"]["pid"]
+    service.launcher.registry.detach()
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    fresh = make_launcher(base, LocalPolicy())
+    assert fresh.registry.reattach() == []
+    assert list((base / "registry").iterdir()) == []
+
+
+def test_cli_client_as_nobody(service: Running) -> None:
+    sock = service.launcher.config.launcher.socket
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    cmd = [sys.executable, "-m", "pam_svmm.cli.main", "vm", "--socket", str(sock)]
+    as_nobody: dict = dict(capture_output=True, text=True, env=env, timeout=60, user=NOBODY,
+                           group=NOBODY, extra_groups=[], cwd="/")  # fmt: skip
+    out = subprocess.run([*cmd, "list"], **as_nobody)
+    assert out.returncode == 0, out.stderr
+    assert "plain" in out.stdout and "boot,console" in out.stdout
+    out = subprocess.run([*cmd, "start", "secret"], **as_nobody)
+    assert out.returncode == 1 and "volume_key_unavailable" in out.stderr
+    out = subprocess.run([*cmd, "start", "x,y"], **as_nobody)
+    assert out.returncode == 1 and "vm_name_invalid" in out.stderr

@@ -1,0 +1,61 @@
+"""The [launcher] section: defaults, the card-removal keys, and refusals naming the key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from pam_svmm import config
+from pam_svmm.errors import ConfigError
+
+
+def test_launcher_defaults() -> None:
+    lc = config.parse({}).launcher
+    assert lc.socket == Path("/run/svmm/launcher.sock")
+    assert lc.vm_user == "svmm-vm"
+    assert lc.run_dir == Path("/run/svmm/vms") and lc.registry_dir == Path("/run/svmm/registry")
+    assert lc.card_removal is config.CardRemovalAction.PAUSE
+    assert lc.card_poll_interval == 1.0
+    assert (lc.quit_timeout, lc.term_timeout, lc.kill_timeout) == (5.0, 3.0, 3.0)
+
+
+def test_launcher_values_are_read() -> None:
+    text = """[launcher]
+socket = "/run/x/l.sock"
+vm_user = "qemu-vm"
+run_dir = "/run/x/vms"
+registry_dir = "/run/x/reg"
+start_timeout = 20
+quit_timeout = 1
+term_timeout = 0.5
+kill_timeout = 0.5
+card_removal = "stop"
+card_poll_interval = 0.25
+"""
+    lc = config.parse(tomllib.loads(text)).launcher
+    assert lc.socket == Path("/run/x/l.sock") and lc.vm_user == "qemu-vm"
+    assert lc.registry_dir == Path("/run/x/reg") and lc.start_timeout == 20.0
+    assert lc.card_removal is config.CardRemovalAction.STOP and lc.card_poll_interval == 0.25
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ('[launcher]\nsocket = "svmm.sock"', "launcher.socket", "absolute"),
+        (f'[launcher]\nsocket = "/{"x" * 120}"', "launcher.socket", "too long"),
+        ('[launcher]\nvm_user = "root"', "launcher.vm_user", "unprivileged"),
+        ('[launcher]\nvm_user = ""', "launcher.vm_user", "unprivileged"),
+        ('[launcher]\ncard_removal = "shred"', "launcher.card_removal", "'pause'"),
+        ("[launcher]\ncard_poll_interval = 0", "launcher.card_poll_interval", "at least"),
+        ("[launcher]\nquit_timeout = -1", "launcher.quit_timeout", "at least"),
+        ('[launcher]\nrun_dir = "vms"', "launcher.run_dir", "absolute"),
+        ("[launcher]\nsockets = 1", "launcher.sockets", "unknown key"),
+    ],
+)
+def test_bad_launcher_values_name_the_key(text: str, key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.parse(tomllib.loads(text))
+    assert err.value.key == key
+    assert words in str(err.value)
