@@ -283,6 +283,21 @@ class LauncherConfig:
     card_poll_interval: float = 1.0  # seconds between slot polls
 
 
+class VolumeMode(enum.Enum):
+    VMM = "vmm"  # QEMU's LUKS driver decrypts; the key goes to svmmd at session open
+    DMCRYPT = "dm-crypt"  # cryptsetup open at session open (needs device-mapper)
+
+
+@dataclass(frozen=True)
+class VolumesConfig:
+    """Encrypted VM volumes whose keys the card releases at session open."""
+
+    enabled: bool = False
+    # A policy volume NAME is the LUKS image <dir>/NAME.img (tokens in NAME.img.svmm.json).
+    dir: Path = Path("/var/lib/svmm/volumes")
+    mode: VolumeMode = VolumeMode.VMM
+
+
 @dataclass(frozen=True)
 class Config:
     source: Path | None = None
@@ -299,6 +314,7 @@ class Config:
     nss: NssConfig = field(default_factory=NssConfig)
     issue: IssueConfig = field(default_factory=IssueConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    volumes: VolumesConfig = field(default_factory=VolumesConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
@@ -762,6 +778,17 @@ def _issue(t: _Table) -> IssueConfig:
     return cfg
 
 
+def _volumes(t: _Table) -> VolumesConfig:
+    d = VolumesConfig()
+    cfg = VolumesConfig(
+        enabled=t.flag("enabled", d.enabled),
+        dir=t.path("dir", d.dir) or d.dir,
+        mode=t.enum("mode", d.mode),
+    )
+    t.done()
+    return cfg
+
+
 def parse(data: dict[str, Any], source: Path | None = None) -> Config:
     """Build a validated Config from a parsed TOML document."""
     top = _Table(data, "")
@@ -780,9 +807,12 @@ def parse(data: dict[str, Any], source: Path | None = None) -> Config:
         nss=_nss(top.sub("nss")),
         issue=_issue(top.sub("issue")),
         policy=_policy(top.sub("policy")),
+        volumes=_volumes(top.sub("volumes")),
         session=_session(top.sub("session")),
         launcher=_launcher(top.sub("launcher")),
     )
+    if cfg.volumes.enabled and not cfg.policy.enabled:
+        raise ConfigError("volumes.enabled", "needs [policy] enabled (grants name the volumes)")
     if cfg.policy.source is PolicySource.DIRECTORY and not cfg.directory.enabled:
         raise ConfigError("policy.source", "'directory' needs [directory] enabled")
     if cfg.directory.enabled and not cfg.certmap.rules:
