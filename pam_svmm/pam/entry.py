@@ -8,6 +8,7 @@ Module arguments (after the shim's path in the PAM rule):
 from __future__ import annotations
 
 import contextlib
+import os
 import syslog
 from dataclasses import dataclass, replace
 from typing import Any
@@ -257,6 +258,42 @@ def _session_subject(svc: Any, user: str) -> tuple[Any, Any, str]:
     return SessionSubject(user, uid, (), card, result.method), attempt, ""
 
 
+def _release_volume_keys(
+    svc: Any, manager: Any, request: Any, attempt: Any, user: str, sid: str, opened: Any
+) -> list[Any]:
+    """The card releases the keys of the volumes this session may use; all or nothing: on a
+    failure the session just counted is closed again and the error ends the session open."""
+    if not svc.config.volumes.enabled:
+        return []
+    from ..services.login import _detail, outcome_of, reason_of
+
+    login = _logins.get(user)
+
+    def audit(event: str, outcome: Any, reason: str, vm: str, detail: str) -> None:
+        svc.audit_event(event, request, attempt, outcome, reason, detail, vm=vm)
+
+    try:
+        return list(svc.key_release.release(opened.allowlist, login, sid, audit))
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            manager.close(user, sid, pid=os.getpid())
+        svc.audit_event(
+            "session_open",
+            request,
+            attempt,
+            outcome_of(e),
+            reason_of(e),
+            f"session {sid}: volume keys: {_detail(e)}",
+        )
+        raise
+    finally:
+        # The card's job in this session is done: log it out.
+        if login is not None and getattr(login, "card_session", None) is not None:
+            with contextlib.suppress(Exception):
+                login.card_session.close()
+            _logins[user] = replace(login, card_session=None)
+
+
 def pam_sm_open_session(pamh: Any, flags: int, argv: list[str]) -> int:
     try:
         import os
@@ -300,6 +337,7 @@ def pam_sm_open_session(pamh: Any, flags: int, argv: list[str]) -> int:
                 f"session {sid}: {_detail(e)}",
             )
             raise
+        released = _release_volume_keys(svc, manager, request, attempt, user, sid, opened)
         _sessions.setdefault(user, []).append(sid)
         with contextlib.suppress(Exception):
             pamh.env[SESSION_ENV] = sid
@@ -313,12 +351,41 @@ def pam_sm_open_session(pamh: Any, flags: int, argv: list[str]) -> int:
             f"session {sid}; {opened.sessions} open; allowlist {opened.path}: "
             f"{len(a.vms)} VMs ({', '.join(sorted(a.vms)) or 'none'}), "
             f"policy version {a.policy_version}, expires {a.expires_at.isoformat()}"
-            + (f"; dropped (process gone): {', '.join(opened.pruned)}" if opened.pruned else ""),
+            + (f"; dropped (process gone): {', '.join(opened.pruned)}" if opened.pruned else "")
+            + (f"; volume keys held: {', '.join(r.volume for r in released)}" if released else ""),
         )
         return int(pamh.PAM_SUCCESS)
     except Exception as error:
         _log_failure("open_session", error)
         return int(getattr(pamh, pam_code_name(error, session=True)))
+
+
+def _drop_volume_keys(svc: Any, request: Any, attempt: Any, uid: int, sid: str) -> None:
+    """The session's volume keys leave the launcher's memory (audited either way)."""
+    from ..domain.audit_record import Outcome
+    from ..services.login import _detail, outcome_of, reason_of
+
+    try:
+        reply = svc.launcher_call({"op": "drop_keys", "uid": uid, "session": sid})
+    except Exception as e:
+        svc.audit_event(
+            "key_drop",
+            request,
+            attempt,
+            outcome_of(e),
+            reason_of(e),
+            f"session {sid}: {_detail(e)}",
+        )
+        return
+    ok = bool(reply.get("ok"))
+    svc.audit_event(
+        "key_drop",
+        request,
+        attempt,
+        Outcome.SUCCESS if ok else Outcome.ERROR,
+        "dropped" if ok else str(reply.get("reason", "refused")),
+        f"session {sid}",
+    )
 
 
 def pam_sm_close_session(pamh: Any, flags: int, argv: list[str]) -> int:
@@ -374,6 +441,8 @@ def pam_sm_close_session(pamh: Any, flags: int, argv: list[str]) -> int:
             return int(pamh.PAM_SESSION_ERR)
         if sid in mine:
             mine.remove(sid)
+        if svc.config.volumes.enabled:
+            _drop_volume_keys(svc, request, attempt, closed.uid, sid)
         if closed.remaining:
             what = f"{closed.remaining} still open; allowlist {closed.path} kept"
         else:

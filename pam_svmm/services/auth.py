@@ -20,7 +20,7 @@ import datetime as dt
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -76,6 +76,10 @@ class LoginResult:
     notes: tuple[str, ...] = ()  # e.g. revocation soft-failed, for the audit trail
     identity: Identity | None = None  # the directory entry (None: certificate-only mapping)
     method: str = "card"
+    card_key_id: bytes = b""  # CKA_ID of the key that proved possession
+    # The card's PKCS#11 session, still logged in, when the session phase needs the card
+    # (volume keys); whoever takes it closes it. None otherwise.
+    card_session: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -174,8 +178,15 @@ class CardAuthenticator:
     # --- public ---------------------------------------------------------------------------
 
     def authenticate(
-        self, request: LoginRequest, prompter: Prompter, attempt: Attempt
+        self,
+        request: LoginRequest,
+        prompter: Prompter,
+        attempt: Attempt,
+        *,
+        keep_card_session: bool = False,
     ) -> LoginResult:
+        """Run the pipeline. ``keep_card_session``: leave the card logged in and hand the
+        session over in the result (the session phase releases volume keys with it)."""
         deadline = Deadline(self.config.auth.login_timeout)
         at = self.now()
         token, candidates = self.select(request, at, deadline, attempt)
@@ -187,7 +198,8 @@ class CardAuthenticator:
         if vouched is not None:
             attempt.notes.append(f"host {vouched.name} vouched for by card anchor {vouched.anchor}")
 
-        with self.module.session(token) as session:
+        session = self.module.session(token)
+        try:
             self._login(session, token, prompter, deadline, vouched)
             deadline.check("challenge")
             ch = challenge.new_challenge(
@@ -198,8 +210,24 @@ class CardAuthenticator:
             )
             data = ch.to_be_signed()
             scheme, signature = session.sign(chosen.card_cert.id, data)
-        challenge.verify_possession(chosen.cert, scheme, data, signature)
+            challenge.verify_possession(chosen.cert, scheme, data, signature)
+            result = self._trust(request, attempt, chosen, at, deadline)
+        except BaseException:
+            session.close()
+            raise
+        if not keep_card_session:
+            session.close()
+            return result
+        return replace(result, card_session=session)
 
+    def _trust(
+        self,
+        request: LoginRequest,
+        attempt: Attempt,
+        chosen: Candidate,
+        at: dt.datetime,
+        deadline: Deadline,
+    ) -> LoginResult:
         # Trust decisions, now that the card has proved it holds the key. The chain was
         # built offline during selection at the same instant `at`; it is only relied on now.
         chain = chosen.chain
@@ -217,6 +245,7 @@ class CardAuthenticator:
             chain=tuple(chain),
             notes=tuple(attempt.notes),
             identity=chosen.mapped.identity,
+            card_key_id=chosen.card_cert.id,
         )
 
     # --- steps ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ..adapters.identity_cache import IdentityCache
     from ..adapters.token import Pkcs11Module
     from ..domain.identity import Identity
+    from .key_release import KeyRelease
     from .policy import PolicyService
     from .revocation import RevocationChecker
 
@@ -219,7 +220,9 @@ class LoginService:
         """Authenticate with the card; write one audit record whatever happens."""
         attempt = Attempt(user=request.pam_user or "")
         try:
-            result = self.authenticator().authenticate(request, prompter, attempt)
+            result = self.authenticator().authenticate(
+                request, prompter, attempt, keep_card_session=self.config.volumes.enabled
+            )
         except BaseException as e:
             self._audit("auth", request, attempt, outcome_of(e), reason_of(e), _detail(e))
             raise
@@ -280,6 +283,24 @@ class LoginService:
         self._audit("account", request, attempt, Outcome.SUCCESS, reason)
         return True
 
+    def launcher_call(self, request: dict[str, Any]) -> dict[str, Any]:
+        from ..adapters.launcher_client import call
+
+        return call(self.config.launcher.socket, request)
+
+    @cached_property
+    def key_release(self) -> KeyRelease:
+        from ..config import VolumeMode
+        from ..errors import VolumeError
+        from .key_release import KeyRelease
+
+        if self.config.volumes.mode is VolumeMode.DMCRYPT:
+            raise VolumeError(
+                "volumes.mode = 'dm-crypt' is not supported by the session hook yet; "
+                "use 'vmm' (QEMU's LUKS driver)"
+            )
+        return KeyRelease(self.config, send=self.launcher_call)
+
     @cached_property
     def policy(self) -> PolicyService:
         from .policy import PolicyService
@@ -335,9 +356,11 @@ class LoginService:
         outcome: Outcome,
         reason: str,
         detail: str = "",
+        *,
+        vm: str = "",
     ) -> None:
         """One audit record for a decision made outside the login (e.g. session_open)."""
-        self._audit(event, request, attempt, outcome, reason, detail)
+        self._audit(event, request, attempt, outcome, reason, detail, vm=vm)
 
     def _audit(
         self,
@@ -347,6 +370,8 @@ class LoginService:
         outcome: Outcome,
         reason: str,
         detail: str = "",
+        *,
+        vm: str = "",
     ) -> None:
         self.audit.write(
             AuditRecord(
@@ -364,6 +389,7 @@ class LoginService:
                 card=attempt.card if attempt.card else CardFacts(),
                 tty=request.tty,
                 rhost=request.rhost,
+                vm=vm,
                 detail=detail,
             )
         )

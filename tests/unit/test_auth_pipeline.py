@@ -56,6 +56,9 @@ class Card:
     def __exit__(self, *exc: object) -> None:
         pass
 
+    def close(self) -> None:
+        self.closed = getattr(self, "closed", 0) + 1
+
     def tokens(self, uri: Any) -> list[Token]:
         return [Token()]
 
@@ -183,3 +186,19 @@ def test_tokens_that_need_no_login_are_not_cards(ca: LabCA) -> None:
     card.tokens = lambda uri: [Token(label="System Trust", login_required=False)]  # type: ignore[method-assign]
     with pytest.raises(errors.NoCard):
         make(ca, card).authenticate(LoginRequest("login", "h", "alice"), Prompter(), Attempt())
+
+
+def test_the_card_session_is_closed_unless_the_session_phase_needs_it(ca: LabCA) -> None:
+    card = alice_card(ca)
+    auth = make(ca, card)
+    result = auth.authenticate(LoginRequest("login", "h", "alice"), Prompter(), Attempt())
+    assert result.card_session is None and card.closed == 1
+    kept = auth.authenticate(
+        LoginRequest("login", "h", "alice"), Prompter(), Attempt(), keep_card_session=True
+    )
+    assert kept.card_session is card and card.closed == 1 and kept.card_key_id == b"\x01"
+    with pytest.raises(errors.PinIncorrect):
+        auth.authenticate(
+            LoginRequest("login", "h", "alice"), Prompter("0000"), Attempt(), keep_card_session=True
+        )
+    assert card.closed == 2  # a failed login never leaves the card logged in

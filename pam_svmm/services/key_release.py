@@ -1,0 +1,163 @@
+"""Volume keys released by the card at session open, handed to the launcher (svmmd).
+
+Only after the whole login succeeded (card proved, chain valid, not revoked, user mapped,
+account allowed by the policy) does the session phase run, and only the volumes of VMs the
+allowlist lets this user boot are released: each is unwrapped with the still logged-in card,
+checked against its LUKS header, and handed over in one request to svmmd, which keeps them in
+memory for this session (QEMU's LUKS driver decrypts in the VMM layer; nothing is mapped on
+the host). All or nothing: if one volume fails, whatever was handed over for this session is
+dropped again and the session fails with the reason. Every release is audited (user, card,
+volume, VM); passphrases live in bytearrays wiped when the operation ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..domain.allowlist import Allowlist
+from ..domain.audit_record import Outcome
+from ..errors import SvmmError, VolumeError
+
+# (event, outcome, reason, vm, detail): the caller writes the audit record.
+Audit = Callable[[str, Outcome, str, str, str], None]
+Send = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Released:
+    volume: str
+    vms: tuple[str, ...]
+
+
+def volumes_to_release(allowlist: Allowlist) -> dict[str, tuple[str, ...]]:
+    """Volume name -> the VMs (that this user may boot) using it."""
+    out: dict[str, list[str]] = {}
+    for vm, allowance in sorted(allowlist.vms.items()):
+        if "boot" not in allowance.permissions:
+            continue
+        for volume in allowance.volumes:
+            out.setdefault(volume, []).append(vm)
+    return {v: tuple(vms) for v, vms in out.items()}
+
+
+def volume_image(config: Config, name: str) -> Path:
+    """The LUKS image of a policy volume: a root-owned regular file, never a symlink."""
+    path = config.volumes.dir / f"{name}.img"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise VolumeError(f"volume {name!r}: {path} does not exist") from None
+    if not stat.S_ISREG(st.st_mode) or (st.st_uid != 0 and st.st_uid != os.geteuid()):
+        raise VolumeError(f"volume {name!r}: {path} is not a regular file owned by root")
+    return path
+
+
+class KeyRelease:
+    def __init__(self, config: Config, *, send: Send, volumes: Any = None) -> None:
+        self.config = config
+        self.send = send
+        if volumes is None:
+            from ..adapters.luks import Cryptsetup, Pbkdf
+            from .volumes import Volumes
+
+            volumes = Volumes(Cryptsetup(), Pbkdf())
+        self.volumes = volumes
+
+    def release(
+        self, allowlist: Allowlist, login: Any, session_id: str, audit: Audit
+    ) -> list[Released]:
+        """Release and hand over every volume key this session needs; [] when none."""
+        wanted = volumes_to_release(allowlist)
+        if not wanted:
+            return []
+        if login is None or login.method != "card" or login.card_session is None:
+            for volume, vms in wanted.items():
+                audit(
+                    "key_release",
+                    Outcome.FAILURE,
+                    "no_card",
+                    ",".join(vms),
+                    f"volume {volume}: the keys need a card login",
+                )
+            return []
+        from .volumes import Card, Unlock
+
+        card = Card(
+            certificate=login.chain[0],
+            key_id=login.card_key_id,
+            token_label=login.card.token,
+            token_serial=login.card.token_serial,
+        )
+        unlock = Unlock.with_card(card, login.card_session)
+        held: list[tuple[str, bytearray]] = []
+        handed_over = False
+        try:
+            for volume, vms in wanted.items():
+                try:
+                    passphrase = self.volumes.release(volume_image(self.config, volume), unlock)
+                except SvmmError as e:
+                    audit(
+                        "key_release",
+                        Outcome.FAILURE,
+                        e.reason,
+                        ",".join(vms),
+                        f"volume {volume}: {e.message}",
+                    )
+                    raise
+                held.append((volume, passphrase))
+            reply = self.send(
+                {
+                    "op": "hold_keys",
+                    "uid": allowlist.uid,
+                    "user": allowlist.user,
+                    "session": session_id,
+                    "card_fingerprint": login.card.fingerprint,
+                    "card_serial": login.card.token_serial,
+                    "volumes": [{"name": v, "passphrase": p.decode("ascii")} for v, p in held],
+                }
+            )
+            handed_over = True
+            if not reply.get("ok"):
+                raise VolumeError(
+                    f"the launcher did not take the volume keys: {reply.get('reason')}: "
+                    f"{reply.get('message', '')}",
+                    reason="key_handover_refused",
+                )
+        except BaseException as e:
+            if handed_over or held:
+                self.drop(allowlist.uid, session_id)
+            reason = e.reason if isinstance(e, SvmmError) else type(e).__name__
+            for volume, _ in held:
+                audit(
+                    "key_release",
+                    Outcome.FAILURE,
+                    reason,
+                    ",".join(wanted[volume]),
+                    f"volume {volume}: rolled back ({reason})",
+                )
+            raise
+        finally:
+            for _, p in held:
+                p[:] = bytes(len(p))
+        for volume, vms in wanted.items():
+            audit(
+                "key_release",
+                Outcome.SUCCESS,
+                "released",
+                ",".join(vms),
+                f"volume {volume}: released by the card, held by the launcher for session "
+                f"{session_id}",
+            )
+        return [Released(v, vms) for v, vms in wanted.items()]
+
+    def drop(self, uid: int, session_id: str) -> None:
+        """Tell the launcher to forget this session's keys (best effort on a rollback)."""
+        with contextlib.suppress(SvmmError):
+            self.send({"op": "drop_keys", "uid": uid, "session": session_id})

@@ -1,0 +1,154 @@
+"""Key release at session open: only for VMs the user may boot, only with a card login, all or
+nothing, every release audited, buffers wiped (the launcher and the LUKS volumes are stand-ins
+here; tests/integration/test_volume_session.py runs the real ones)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pam_svmm import config
+from pam_svmm.domain.allowlist import Allowlist, VmAllowance
+from pam_svmm.domain.audit_record import CardFacts, Outcome
+from pam_svmm.errors import VolumeError
+from pam_svmm.services.key_release import KeyRelease, volumes_to_release
+
+NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
+
+
+def allowlist(vms: dict[str, VmAllowance]) -> Allowlist:
+    return Allowlist(
+        user="alice",
+        uid=10001,
+        roles=("vm-users",),
+        card=None,
+        method="card",
+        sessions=("s1",),
+        policy_version=1,
+        host="h",
+        issued_at=NOW,
+        expires_at=NOW + dt.timedelta(hours=1),
+        vms=vms,
+    )
+
+
+@dataclass
+class Login:
+    method: str = "card"
+    card_session: Any = "logged-in session"
+    chain: tuple[Any, ...] = ("certificate",)
+    card_key_id: bytes = b"\x01"
+    card: CardFacts = field(
+        default_factory=lambda: CardFacts(
+            fingerprint="ab" * 32, token="alice ID card", token_serial="s1"
+        )
+    )
+
+
+@dataclass
+class Volumes:
+    fail_on: str = ""
+    given: list[bytearray] = field(default_factory=list)
+
+    def release(self, path: Path, unlock: Any) -> bytearray:
+        if path.stem == self.fail_on:
+            raise VolumeError(f"{path.stem}: Invalid password", reason="volume_key_refused")
+        secret = bytearray(f"pass-{path.stem}".encode())
+        self.given.append(secret)
+        return secret
+
+
+@dataclass
+class Launcher:
+    ok: bool = True
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+    def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.requests.append(request)
+        return {"ok": self.ok, "reason": "ok" if self.ok else "not_permitted"}
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> config.Config:
+    for name in ("web-disk", "db-disk", "db-logs"):
+        (tmp_path / f"{name}.img").write_bytes(b"LUKS")
+    return config.parse(
+        {
+            "policy": {"enabled": True},
+            "volumes": {"enabled": True, "dir": str(tmp_path)},
+        }
+    )
+
+
+VMS = {
+    "vm-web": VmAllowance(("boot", "console"), ("web-disk",)),
+    "vm-db": VmAllowance(("boot",), ("db-disk", "db-logs")),
+    "vm-view": VmAllowance(("console",), ("secret-disk",)),  # no boot: never released
+}
+
+
+def run(cfg: config.Config, login: Any, volumes: Volumes, launcher: Launcher) -> Any:
+    records: list[tuple[str, Outcome, str, str, str]] = []
+    kr = KeyRelease(cfg, send=launcher, volumes=volumes)
+    try:
+        out = kr.release(allowlist(VMS), login, "s1", lambda *r: records.append(r))
+    except VolumeError as e:
+        return e, records
+    return out, records
+
+
+def test_only_volumes_of_vms_the_user_may_boot() -> None:
+    assert volumes_to_release(allowlist(VMS)) == {
+        "db-disk": ("vm-db",),
+        "db-logs": ("vm-db",),
+        "web-disk": ("vm-web",),
+    }
+
+
+def test_release_hands_every_key_over_in_one_request_and_wipes(cfg: config.Config) -> None:
+    volumes, launcher = Volumes(), Launcher()
+    out, records = run(cfg, Login(), volumes, launcher)
+    assert sorted(r.volume for r in out) == ["db-disk", "db-logs", "web-disk"]
+    (req,) = launcher.requests
+    assert req["op"] == "hold_keys" and req["uid"] == 10001 and req["session"] == "s1"
+    assert sorted(v["name"] for v in req["volumes"]) == ["db-disk", "db-logs", "web-disk"]
+    assert req["card_fingerprint"] == "ab" * 32
+    assert all(set(b) == {0} for b in volumes.given)  # wiped after the hand-over
+    assert [(r[0], r[1], r[3]) for r in records] == [
+        ("key_release", Outcome.SUCCESS, "vm-db"),
+        ("key_release", Outcome.SUCCESS, "vm-db"),
+        ("key_release", Outcome.SUCCESS, "vm-web"),
+    ]
+    assert not any("pass-" in r[4] for r in records)  # no secret in the audit detail
+
+
+def test_the_third_of_three_failing_rolls_back_the_first_two(cfg: config.Config) -> None:
+    volumes, launcher = Volumes(fail_on="web-disk"), Launcher()
+    err, records = run(cfg, Login(), volumes, launcher)
+    assert isinstance(err, VolumeError) and err.reason == "volume_key_refused"
+    assert [r["op"] for r in launcher.requests] == ["drop_keys"]  # nothing held stays held
+    assert all(set(b) == {0} for b in volumes.given)
+    assert {r[1] for r in records} == {Outcome.FAILURE}
+
+
+def test_a_launcher_refusal_fails_the_session_and_drops(cfg: config.Config) -> None:
+    err, _ = run(cfg, Login(), Volumes(), Launcher(ok=False))
+    assert isinstance(err, VolumeError) and err.reason == "key_handover_refused"
+
+
+def test_a_password_login_releases_nothing(cfg: config.Config) -> None:
+    launcher = Launcher()
+    out, records = run(cfg, Login(method="password", card_session=None), Volumes(), launcher)
+    assert out == [] and launcher.requests == []
+    assert {r[2] for r in records} == {"no_card"}
+
+
+def test_a_missing_or_foreign_volume_image_is_refused(cfg: config.Config) -> None:
+    (cfg.volumes.dir / "db-logs.img").unlink()
+    (cfg.volumes.dir / "db-logs.img").symlink_to(cfg.volumes.dir / "web-disk.img")
+    err, _ = run(cfg, Login(), Volumes(), Launcher())
+    assert isinstance(err, VolumeError) and "db-logs" in err.message
