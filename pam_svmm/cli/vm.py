@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
-from ..errors import LauncherRefused, LauncherUnavailable
-from ..services.launcher import PROTOCOL
+from ..errors import LauncherRefused
 
 TIMEOUT = 60.0  # a start waits for QEMU to answer QMP
 
@@ -31,24 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def call(sock_path: Path, request: dict[str, Any], *, timeout: float = TIMEOUT) -> dict[str, Any]:
-    """One request, one reply (the reply as a dict, checked for the protocol's shape)."""
-    line = (json.dumps({"version": PROTOCOL, **request}) + "\n").encode()
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(sock_path))
-            s.sendall(line)
-            with s.makefile("rb") as f:
-                answer = f.readline(1 << 20)
-    except OSError as e:
-        raise LauncherUnavailable(f"launcher {sock_path}: {e.strerror or e}") from None
-    try:
-        reply = json.loads(answer)
-    except ValueError:
-        raise LauncherUnavailable(f"launcher {sock_path}: no valid reply") from None
-    if not isinstance(reply, dict) or reply.get("version") != PROTOCOL or "ok" not in reply:
-        raise LauncherUnavailable(f"launcher {sock_path}: reply is not {PROTOCOL}")
-    return reply
+    """One request, one reply (see adapters.launcher_client)."""
+    from ..adapters.launcher_client import call as launcher_call
+
+    return launcher_call(sock_path, request, timeout=timeout)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +67,8 @@ def _print(cmd: str, data: dict[str, Any]) -> None:
             print(f"{vm:<32} running  (not in your allowlist)")
         if data.get("allowlist") not in (None, "ok"):
             print(f"(no usable allowlist: {data.get('allowlist')})")
+        if data.get("keys_held"):
+            print(f"volume keys held: {', '.join(data['keys_held'])}")
     elif cmd == "start":
         print(f"{data.get('vm')}: started (pid {data.get('pid')})")
     elif cmd == "stop":

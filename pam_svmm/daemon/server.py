@@ -157,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         server.server_close()
         launcher.registry.detach()
+        launcher.close()  # held volume keys are wiped; a new svmmd gets them at the next login
     return 0
 
 

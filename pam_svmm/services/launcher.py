@@ -1,28 +1,60 @@
 """The launcher: who may start, stop or look at which VM, decided again at every request.
 
-The protocol ("svmm-launcher/1", JSON lines over a Unix socket; transport in daemon/server.py):
+The protocol ("svmm-launcher/1", JSON lines over a Unix socket; transport in daemon/server.py;
+a request line is at most 64 KiB):
 
     request  {"version": "svmm-launcher/1", "op": "list"|"start"|"stop"|"status", "vm": "name"}
     reply    {"version": "svmm-launcher/1", "ok": true|false, "reason": "<token>",
               "message": "<for people>", "data": {...}}
 
-A request carries no identity: the caller's uid is the kernel's (SO_PEERCRED), and a request
-with any other key (a "uid", a "user") is refused as ``bad_request``. ``vm`` is required for
-start, stop and status. Reason tokens: ``ok``; ``bad_request``, ``unsupported_version``,
-``vm_name_invalid``; ``no_allowlist``, ``allowlist_tampered``, ``allowlist_invalid``,
-``allowlist_uid_mismatch``, ``allowlist_expired``, ``allowlist_host_mismatch``,
-``allowlist_unreadable``, ``not_in_allowlist``; the policy's own tokens
-(``conflict_of_interest``, ``unknown_vm``, ``no_grant``, ...); ``policy_unavailable``;
+A VM request carries no identity: the caller's uid is the kernel's (SO_PEERCRED), and such a
+request with any other key (a "uid", a "user") is refused as ``bad_request``. ``vm`` is
+required for start, stop and status. ``list`` data: ``allowed`` (vm, permissions, running),
+``running``, ``allowlist`` (ok or why not), ``keys_held`` (the names of the volumes whose keys
+the service holds for the caller; never a key). ``start`` data: ``vm``, ``pid``, ``volumes``.
+
+Volume keys (root only: the PAM module hands over what the card released, and takes it back):
+
+    {"version": "svmm-launcher/1", "op": "hold_keys", "uid": 1000, "user": "alice",
+     "session": "<session id>", "card_fingerprint": "<sha256 hex>", "card_serial": "<hex>",
+     "volumes": [{"name": "<volume>", "passphrase": "<the LUKS passphrase>"}, ...]}
+    {"version": "svmm-launcher/1", "op": "drop_keys", "uid": 1000, "session": "<id>" | null}
+
+These two ops are the only ones that name a uid, and they are accepted only from a peer whose
+SO_PEERCRED uid is 0; anyone else gets ``not_permitted`` (audited as ``key_deny``) before the
+rest of the request is read. Volume names follow the VM name rule (``volume_name_invalid``);
+a passphrase is the LUKS passphrase itself as a JSON string: UTF-8 text without NUL (QEMU's
+LUKS secret must be text), 1 to 512 bytes; 1 to 16 volumes per request. ``session`` is
+1-64 of ``[A-Za-z0-9._:@-]``; ``drop_keys`` with ``"session": null`` drops every session of
+the uid. The keys live in svmmd's memory only (services/key_store.py), per uid, per session,
+per volume: wiped on drop, on replacement and when the service stops; a volume held by two
+sessions of a user stays usable until both dropped it. Replies: ``hold_keys`` data ``uid``,
+``session``, ``held`` (names); ``drop_keys`` data ``uid``, ``dropped``, ``held`` (what other
+sessions still hold). Audited per volume: ``key_hold`` / ``key_drop`` with the user, the card
+(fingerprint, serial) and ``volume=<name>`` in the detail, never a key.
+
+Reason tokens: ``ok``; ``bad_request``, ``unsupported_version``, ``vm_name_invalid``,
+``volume_name_invalid``, ``not_permitted``; ``no_allowlist``, ``allowlist_tampered``,
+``allowlist_invalid``, ``allowlist_uid_mismatch``, ``allowlist_expired``,
+``allowlist_host_mismatch``, ``allowlist_unreadable``, ``not_in_allowlist``; the policy's own
+tokens (``conflict_of_interest``, ``unknown_vm``, ``no_grant``, ...); ``policy_unavailable``;
 ``vm_already_running``, ``vm_in_use``, ``vm_not_running``, ``not_owner``,
-``volume_key_unavailable``; ``vm_start_failed``, ``qmp_failed``, ``vm_failed``,
-``audit_write_failed``, ``internal_error``.
+``volume_key_unavailable``, ``volume_image_invalid``; ``volume_key_refused`` (QEMU's LUKS
+driver refused the held key), ``vm_start_failed``, ``qmp_failed``, ``vm_failed``,
+``volume_failed``, ``audit_write_failed``, ``internal_error``.
 
 Start: the caller's allowlist (``<allowlist_dir>/<uid>.json``, root-owned 0644, read by
 AllowlistStore, parsed strictly) must name the caller's uid, this host, be unexpired and list
 ``boot`` on the VM; the policy decision point is asked again with the VMs the caller runs
-(the Chinese Wall); a VM whose volumes need keys the service does not hold is refused.
-Stop and status: the VM's owner (or root). Every request is audited (vm_start, vm_stop,
-vm_status, vm_list, vm_deny) with user, uid, VM, the card fingerprint and the reason.
+(the Chinese Wall); a VM whose volumes need keys the service does not hold for the caller's
+uid (from any of their sessions) is refused (``volume_key_unavailable`` naming the volume).
+Each volume NAME is the LUKS1 image ``<volumes.dir>/NAME.img``: a regular file (not a
+symlink), root's, not group/world-writable, in a root-owned folder no one else can write
+(``volume_image_invalid``). svmmd opens it and QEMU gets the descriptor, the key through a
+pipe (adapters/qemu.py), block node NAME. The keys stay held after the start (a restart
+needs them) until the session drops them. Stop and status: the VM's owner (or root). Every
+request is audited (vm_start with ``volumes=...``, vm_stop, vm_status, vm_list, vm_deny,
+key_hold, key_drop, key_deny) with user, uid, VM, the card fingerprint and the reason.
 """
 
 from __future__ import annotations
@@ -30,15 +62,19 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import pwd
+import re
+import stat
 import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from ..adapters.allowlist_store import AllowlistStore
 from ..adapters.audit_log import AuditLog
-from ..adapters.qemu import NAME_PATTERN, Machine, RunAs, VmSpec, detect_accel
+from ..adapters.qemu import NAME_PATTERN, LuksDisk, Machine, RunAs, VmSpec, detect_accel
 from ..adapters.vm_registry import VmRecord, VmRegistry
 from ..config import Config
 from ..domain import policy as pdp
@@ -54,10 +90,20 @@ from ..errors import (
     VmError,
     VolumeError,
 )
+from .key_store import KeyStore, wipe
 
 PROTOCOL = "svmm-launcher/1"
-OPS = ("list", "start", "stop", "status")
-MAX_REQUEST_BYTES = 4096
+VM_OPS = ("list", "start", "stop", "status")
+KEY_OPS = ("hold_keys", "drop_keys")  # root's only (the PAM module)
+OPS = VM_OPS + KEY_OPS
+MAX_REQUEST_BYTES = 65536  # 16 passphrases of 512 bytes, however JSON escapes them
+MAX_VOLUMES = 16
+MAX_PASSPHRASE_BYTES = 512
+# What a session id, a user name, a card fingerprint or serial may look like in a request.
+SESSION_PATTERN = re.compile(r"[A-Za-z0-9._:@-]{1,64}")  # PAM: "<tty>:<pid>:<hex>"
+USER_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}")
+HEX_PATTERN = re.compile(r"[0-9A-Fa-f:]{0,128}")
+SERIAL_PATTERN = re.compile(r"[0-9A-Za-z:._-]{0,128}")  # a certificate or token serial
 SERVICE = "svmmd"
 log = logging.getLogger(__name__)
 
@@ -80,6 +126,17 @@ class PolicyDecider(Protocol):
 class Request:
     op: str
     vm: str = ""
+    # hold_keys / drop_keys only (root's): whose keys, from which session and card
+    uid: int | None = None
+    user: str = ""
+    session: str | None = None
+    card_fingerprint: str = ""
+    card_serial: str = ""
+    keys: Mapping[str, bytearray] = field(default_factory=dict, repr=False)
+
+    def wipe(self) -> None:
+        for buf in self.keys.values():
+            wipe(buf)
 
 
 @dataclass(frozen=True)
@@ -104,8 +161,10 @@ def _refuse(reason: str, message: str) -> LauncherRefused:
     return LauncherRefused(message, reason=reason)
 
 
-def parse_request(line: bytes) -> Request:
-    """A request from one JSON line; LauncherRefused(bad_request, ...) otherwise."""
+def parse_request(line: bytes, peer_uid: int | None = None) -> Request:
+    """A request from one JSON line; LauncherRefused(bad_request, ...) otherwise. Key ops are
+    refused (``not_permitted``) before anything else of theirs is read unless ``peer_uid``
+    is 0."""
     if len(line) > MAX_REQUEST_BYTES:
         raise _refuse("bad_request", f"request longer than {MAX_REQUEST_BYTES} bytes")
     try:
@@ -116,11 +175,15 @@ def parse_request(line: bytes) -> Request:
         raise _refuse("bad_request", "request is not a JSON object")
     if doc.get("version") != PROTOCOL:
         raise _refuse("unsupported_version", f"version must be {PROTOCOL!r}")
+    op = doc.get("op")
+    if op in KEY_OPS:
+        if peer_uid != 0:
+            raise _refuse("not_permitted", f"{op} is root's (the PAM module's) only")
+        return _parse_key_request(op, doc)
     extra = sorted(set(doc) - {"version", "op", "vm"})
     if extra:
         # Above all "uid"/"user": who asks is the kernel's answer, never the request's.
         raise _refuse("bad_request", f"unknown request key {extra[0]!r}")
-    op = doc.get("op")
     if op not in OPS:
         raise _refuse("bad_request", f"op must be one of {', '.join(OPS)}")
     vm = doc.get("vm", "")
@@ -133,12 +196,85 @@ def parse_request(line: bytes) -> Request:
     return Request(op, vm)
 
 
+def _text(doc: Mapping[str, Any], key: str, pattern: re.Pattern[str]) -> str:
+    v = doc.get(key)
+    if not isinstance(v, str) or not pattern.fullmatch(v):
+        raise _refuse("bad_request", f"{key} is missing or malformed")
+    return v
+
+
+def _parse_key_request(op: str, doc: Mapping[str, Any]) -> Request:
+    if op == "drop_keys":
+        allowed = {"version", "op", "uid", "session"}
+    else:
+        allowed = {"version", "op", "uid", "user", "session", "card_fingerprint",
+                   "card_serial", "volumes"}  # fmt: skip
+    extra = sorted(set(doc) - allowed)
+    if extra:
+        raise _refuse("bad_request", f"unknown request key {extra[0]!r}")
+    uid = doc.get("uid")
+    if isinstance(uid, bool) or not isinstance(uid, int) or not 0 <= uid < 2**32 - 1:
+        raise _refuse("bad_request", "uid must be a non-negative integer")
+    if op == "drop_keys":
+        session = None if doc.get("session") is None else _text(doc, "session", SESSION_PATTERN)
+        return Request(op, uid=uid, session=session)
+    user = _text(doc, "user", USER_PATTERN)
+    session = _text(doc, "session", SESSION_PATTERN)
+    fingerprint = _text(doc, "card_fingerprint", HEX_PATTERN).lower()
+    serial = _text(doc, "card_serial", SERIAL_PATTERN)
+    volumes = doc.get("volumes")
+    if not isinstance(volumes, list) or not 0 < len(volumes) <= MAX_VOLUMES:
+        raise _refuse("bad_request", f"volumes must be a list of 1 to {MAX_VOLUMES} entries")
+    keys: dict[str, bytearray] = {}
+    try:
+        for entry in volumes:
+            if not isinstance(entry, dict) or set(entry) != {"name", "passphrase"}:
+                raise _refuse("bad_request", 'each volume is {"name", "passphrase"}')
+            name = check_volume_name(entry["name"])
+            if name in keys:
+                raise _refuse("bad_request", f"volume {name} is given twice")
+            keys[name] = _passphrase(name, entry["passphrase"])
+    except BaseException:
+        for buf in keys.values():
+            wipe(buf)
+        raise
+    return Request(op, uid=uid, user=user, session=session, card_fingerprint=fingerprint,
+                   card_serial=serial, keys=keys)  # fmt: skip
+
+
+def _passphrase(name: str, text: object) -> bytearray:
+    """Volume ``name``'s passphrase as a buffer the launcher can wipe; messages never quote
+    it. It is text: QEMU's LUKS driver takes the secret as a C string it checks for UTF-8."""
+    if not isinstance(text, str) or not text or "\0" in text:
+        raise _refuse(
+            "bad_request", f"volume {name}: passphrase must be non-empty text without NUL"
+        )
+    try:
+        buf = bytearray(text, "utf-8")
+    except UnicodeEncodeError:  # lone surrogates from a JSON \ud800 escape
+        raise _refuse("bad_request", f"volume {name}: passphrase is not valid UTF-8") from None
+    if len(buf) > MAX_PASSPHRASE_BYTES:
+        wipe(buf)
+        raise _refuse(
+            "bad_request", f"volume {name}: passphrase longer than {MAX_PASSPHRASE_BYTES} bytes"
+        )
+    return buf
+
+
 def check_vm_name(vm: str) -> str:
     # QEMU's name rule (lower case, no ',' or '='), which is stricter than the policy's.
     if not NAME_PATTERN.fullmatch(vm):
         shown = vm[:40].encode("unicode_escape").decode("ascii")
         raise _refuse("vm_name_invalid", f"{shown!r} is not a valid VM name")
     return vm
+
+
+def check_volume_name(name: object) -> str:
+    # Volume names become QEMU node names and file names: the same strict rule as VM names.
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        shown = str(name)[:40].encode("unicode_escape").decode("ascii")
+        raise _refuse("volume_name_invalid", f"{shown!r} is not a valid volume name")
+    return name
 
 
 # --- the pure decisions ----------------------------------------------------------------------
@@ -235,6 +371,34 @@ def decide_control(uid: int, vm: str, running: Mapping[str, VmRecord]) -> Decisi
     return Decision(True, "ok", "", vm, record.user, card=card)
 
 
+def volume_image(folder: Path, name: str) -> Path:
+    """``<folder>/<name>.img``, if it is a regular file owned by root, not a symlink, not
+    writable by group or others, in a root-owned folder only root can write to (so what QEMU
+    is given, by a descriptor root opens, is what was checked); LauncherRefused otherwise."""
+    check_volume_name(name)
+    path = folder / f"{name}.img"
+    try:
+        dst = os.stat(folder)
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise _refuse("volume_image_invalid", f"volume {name}: no image {path}") from None
+    except OSError as e:
+        raise _refuse("volume_image_invalid", f"volume {name}: {path}: {e.strerror}") from None
+    if dst.st_uid != 0 or dst.st_mode & 0o022:
+        raise _refuse(
+            "volume_image_invalid",
+            f"volume {name}: {folder} must be root's and not group/world-writable",
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise _refuse("volume_image_invalid", f"volume {name}: {path} is not a regular file")
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise _refuse(
+            "volume_image_invalid",
+            f"volume {name}: {path} must be root's and not group/world-writable",
+        )
+    return path
+
+
 # --- the service ----------------------------------------------------------------------------
 
 
@@ -256,6 +420,7 @@ class Launcher:
         audit: AuditLog,
         registry: VmRegistry | None = None,
         store: AllowlistStore | None = None,
+        keys: KeyStore | None = None,
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         self.config = config
@@ -263,16 +428,26 @@ class Launcher:
         self.audit = audit
         self.registry = registry or VmRegistry(config.launcher.registry_dir)
         self.store = store or AllowlistStore(config.session.allowlist_dir)
+        self.keys = keys or KeyStore()
         self.now = now
         self._lock = threading.Lock()  # a decision and its action are one step
 
+    def close(self) -> None:
+        """Service stop: every held key is wiped (VMs keep running)."""
+        self.keys.close()
+
     def handle(self, uid: int, line: bytes) -> Reply:
         try:
-            request = parse_request(line)
+            request = parse_request(line, uid)
         except LauncherRefused as e:
-            return self._audited("vm_deny", Outcome.FAILURE, Decision(False, e.reason, e.message),
+            event = "key_deny" if e.reason == "not_permitted" else "vm_deny"
+            return self._audited(event, Outcome.FAILURE, Decision(False, e.reason, e.message),
                                  uid, "request")  # fmt: skip
         try:
+            if request.op == "hold_keys":
+                return self._hold(uid, request)
+            if request.op == "drop_keys":
+                return self._drop(uid, request)
             if request.op == "list":
                 return self._list(uid)
             if request.op == "start":
@@ -282,6 +457,46 @@ class Launcher:
             # The audit itself failed (or a check raised): nothing was done after it.
             log.error("request %s by uid %d: %s", request.op, uid, e.message)
             return Reply(False, e.reason, e.message)
+        finally:
+            request.wipe()  # held keys are the store's own copies
+
+    # --- the keys (root only: parse_request refused anyone else)
+
+    def _hold(self, peer: int, r: Request) -> Reply:
+        if peer != 0 or r.uid is None or r.session is None:  # parse_request saw to it
+            raise _refuse("not_permitted", "hold_keys is root's only")
+        card = CardRef(r.card_fingerprint, r.card_serial) if r.card_fingerprint else None
+        # Audited first: a key whose hold is not on record is not held.
+        for name in sorted(r.keys):
+            d = Decision(True, "ok", f"volume={name}", user=r.user, card=card)
+            self._audited("key_hold", Outcome.SUCCESS, d, peer, "hold_keys",
+                          detail=f"for uid={r.uid}; session={r.session}")  # fmt: skip
+        copies = {name: bytearray(buf) for name, buf in r.keys.items()}
+        self.keys.hold(r.uid, r.session, copies, user=r.user,
+                       card_fingerprint=r.card_fingerprint, card_serial=r.card_serial)  # fmt: skip
+        data = {"uid": r.uid, "session": r.session, "held": sorted(self.keys.held(r.uid))}
+        return Reply(True, "ok", f"holding {len(copies)} key(s)", data)
+
+    def _drop(self, peer: int, r: Request) -> Reply:
+        if peer != 0 or r.uid is None:
+            raise _refuse("not_permitted", "drop_keys is root's only")
+        dropped = self.keys.drop(r.uid, r.session)  # wiped before anything else can fail
+        which = f"session={r.session}" if r.session is not None else "all sessions"
+        for k in dropped:
+            card = CardRef(k.card_fingerprint, k.card_serial) if k.card_fingerprint else None
+            d = Decision(True, "ok", f"volume={k.volume}", user=k.user, card=card)
+            self._audited("key_drop", Outcome.SUCCESS, d, peer, "drop_keys",
+                          detail=f"for uid={r.uid}; session={k.session}")  # fmt: skip
+        if not dropped:
+            d = Decision(True, "ok", "no keys held", user=_user_name(r.uid))
+            self._audited("key_drop", Outcome.SUCCESS, d, peer, "drop_keys",
+                          detail=f"for uid={r.uid}; {which}")  # fmt: skip
+        data = {
+            "uid": r.uid,
+            "dropped": sorted({k.volume for k in dropped}),
+            "held": sorted(self.keys.held(r.uid)),  # what other sessions still hold
+        }
+        return Reply(True, "ok", f"dropped {len(dropped)} key(s) of {which}", data)
 
     # --- the operations
 
@@ -313,7 +528,12 @@ class Launcher:
                     {"vm": vm, "permissions": list(a.permissions), "running": vm in mine}
                 )
         decision = Decision(True, "ok", f"allowlist: {note}", "", user, card=card)
-        data = {"allowed": allowed, "running": mine, "allowlist": note}
+        data = {
+            "allowed": allowed,
+            "running": mine,
+            "allowlist": note,
+            "keys_held": sorted(self.keys.held(uid)),  # names only
+        }
         return self._audited("vm_list", Outcome.SUCCESS, decision, uid, "list", data)
 
     def _start(self, uid: int, vm: str) -> Reply:
@@ -324,16 +544,32 @@ class Launcher:
             except LauncherRefused as e:
                 d = Decision(False, e.reason, e.message, vm, _user_name(uid))
                 return self._audited("vm_deny", Outcome.FAILURE, d, uid, "start")
-            d = decide_start(uid, vm, allowlist, self.policy, self.registry.running(), now=now)
+            d = decide_start(uid, vm, allowlist, self.policy, self.registry.running(), now=now,
+                             keys_held=self.keys.held(uid))  # fmt: skip
             if not d.allowed:
                 outcome = Outcome.UNDECIDED if d.reason == "policy_unavailable" else Outcome.FAILURE
                 return self._audited("vm_deny", outcome, d, uid, "start")
+            vols = f"volumes={','.join(d.volumes)}" if d.volumes else ""
+            try:
+                disks = tuple(
+                    LuksDisk(v, volume_image(self.config.volumes.dir, v)) for v in d.volumes
+                )
+            except LauncherRefused as e:
+                bad = Decision(False, e.reason, e.message, vm, d.user, d.roles, d.card)
+                return self._audited("vm_deny", Outcome.FAILURE, bad, uid, "start", detail=vols)
+            try:
+                keys = self.keys.borrow(uid, d.volumes)
+            except KeyError as e:  # dropped since the decision
+                gone = Decision(False, "volume_key_unavailable",
+                                f"{vm} needs the key of volume {e.args[0]}, which the launcher "
+                                "does not hold", vm, d.user, d.roles, d.card)  # fmt: skip
+                return self._audited("vm_deny", Outcome.FAILURE, gone, uid, "start", detail=vols)
             lc = self.config.launcher
             run_as = RunAs(lc.vm_user)
             try:
                 record = self.registry.launch(
-                    VmSpec(vm, machine=Machine.NONE, accel=detect_accel(run_as)),
-                    {},
+                    VmSpec(vm, disks=disks, machine=Machine.NONE, accel=detect_accel(run_as)),
+                    keys,
                     uid=uid,
                     user=d.user,
                     run_dir=lc.run_dir / vm,
@@ -345,11 +581,15 @@ class Launcher:
                 )
             except (VmError, VolumeError) as e:
                 failed = Decision(False, e.reason, e.message, vm, d.user, d.roles, d.card)
-                return self._audited("vm_start", Outcome.ERROR, failed, uid, "start")
+                return self._audited("vm_start", Outcome.ERROR, failed, uid, "start", detail=vols)
+            finally:
+                for buf in keys.values():
+                    wipe(buf)
             try:
                 return self._audited(
-                    "vm_start", Outcome.SUCCESS, d, uid, "start", {"vm": vm, "pid": record.pid}
-                )
+                    "vm_start", Outcome.SUCCESS, d, uid, "start",
+                    {"vm": vm, "pid": record.pid, "volumes": list(d.volumes)}, detail=vols,
+                )  # fmt: skip
             except SvmmError:
                 # Unaudited VMs do not run.
                 self._stop(vm)
@@ -401,9 +641,11 @@ class Launcher:
         uid: int,
         op: str,
         data: Mapping[str, Any] | None = None,
+        *,
+        detail: str = "",
     ) -> Reply:
         card = CardFacts(fingerprint=d.card.fingerprint, serial=d.card.serial) if d.card else None
-        detail = f"uid={uid}; op={op}" + (f"; {d.message}" if d.message else "")
+        detail = "; ".join(x for x in (f"uid={uid}; op={op}", detail, d.message) if x)
         self.audit.write(
             AuditRecord(
                 event=event,

@@ -112,7 +112,7 @@ def test_the_uid_is_the_kernels(service: Running) -> None:
     assert [v["vm"] for v in mine["data"]["allowed"]] == ["bank-a", "bank-b", "plain", "secret"]
     as_root = ask(sock, {"op": "list"}, user=None)[0]
     assert as_root["ok"] and as_root["data"] == {
-        "allowed": [], "running": [], "allowlist": "no_allowlist"}  # fmt: skip
+        "allowed": [], "running": [], "allowlist": "no_allowlist", "keys_held": []}  # fmt: skip
     claim = ask(sock, {"op": "start", "vm": "plain", "uid": 0}, {"op": "list", "uid": 0})
     assert [r["reason"] for r in claim] == ["bad_request", "bad_request"]
     details = [r["detail"] for r in audit_records(service.launcher.config.launcher.run_dir.parent)]
