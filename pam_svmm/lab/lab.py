@@ -381,6 +381,17 @@ card_required_roles = ["vm-admins"]
             f'state_dir = "{state or self.folder / "policy-state"}"\nhost = "lab-host"\n'
         )
 
+    def launcher_overrides(self, socket_dir: Path) -> str:
+        """TOML for the VM launcher (svmmd) and the volumes whose keys sessions release.
+
+        ``socket_dir`` must be reachable by every user (the lab folder is root-only)."""
+        run = self.folder / "run"
+        return (
+            f'\n[launcher]\nsocket = "{socket_dir / "launcher.sock"}"\nvm_user = "nobody"\n'
+            f'run_dir = "{run / "vms"}"\nregistry_dir = "{run / "registry"}"\n'
+            f'\n[volumes]\nenabled = true\ndir = "{self.folder / "volumes"}"\nmode = "vmm"\n'
+        )
+
     def host_credentials(self, *, rogue: bool = False) -> tuple[Path, Path]:
         """This lab host's certificate and key for mutual authentication (made once).
         ``rogue``: the same host name under another organisation's CA."""

@@ -1,0 +1,159 @@
+"""End to end: a card login opens a PAM session, the card releases the keys of the user's VM
+volumes, svmmd holds them, the user boots the VM, whose QEMU process reads and writes the
+decrypted disk; the last logout drops the keys; a revoked card releases nothing.
+
+Real parts: the PAM stack, SoftHSM2 cards, the lab CA and OCSP responder, slapd, a signed
+policy, LUKS1 volumes made by cryptsetup, svmmd as its own root process, QEMU as nobody."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pam_svmm.adapters.audit_log import AuditLog
+from pam_svmm.config import load
+from pam_svmm.daemon.server import bind_socket, serve
+from pam_svmm.lab.directory import Slapd
+from pam_svmm.lab.lab import Lab
+from pam_svmm.lab.volumes import make_volume
+from pam_svmm.services.launcher import Launcher
+from pam_svmm.services.policy import PolicyService
+from tests.integration import ldap_fixtures
+from tests.integration.test_login import PIN
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no QEMU"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (svmmd, other uids)"),
+]
+slapd = ldap_fixtures.slapd
+ROOT = Path(__file__).resolve().parents[2]
+ALICE_UID = 10001  # config/ldap/example-org.ldif
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="svmm-lab-", dir="/tmp"))
+    os.chmod(d, 0o755)  # noqa: S103 - root's folder; every user reaches the socket in it
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def service(lab: Lab, slapd: Slapd, socket_dir: Path) -> Iterator[tuple[str, Launcher]]:
+    policy = (ROOT / "config" / "policy.example.toml").read_bytes()
+    # The example policy, with this test's PAM service allowed on the lab host.
+    policy = policy.replace(b'"svmm-login"]', b'"svmm-login", "svmm-volumes"]')
+    assert b"svmm-volumes" in policy
+    bundle = lab.write_policy(policy, lab.folder / "policy-volumes.bundle")
+    for volume in ("web-disk", "bank-a-data"):  # the volumes of the VMs alice may boot
+        make_volume(lab, volume, "alice")
+    name = lab.variant(
+        "volumes",
+        lab.directory_overrides(slapd)
+        + lab.policy_overrides(bundle)
+        + lab.launcher_overrides(socket_dir),
+    )
+    config = load(lab.folder / f"{name}.toml")
+    # svmmd's own main() wiring, served from a thread of this process so the test can
+    # reach the VM's QMP connection (QEMU takes one QMP client: the launcher's).
+    ac = config.audit
+    launcher = Launcher(
+        config,
+        policy=PolicyService(config),
+        audit=AuditLog(
+            ac.path, syslog_mirror=False, seal_key=ac.seal_key, seal_every=ac.seal_every
+        ),
+    )
+    server = serve(launcher, bind_socket(config.launcher.socket))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield name, launcher
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+        for running in list(launcher.registry.running()):
+            launcher.registry.stop(running, quit_timeout=2, term_timeout=2, kill_timeout=2)
+        launcher.close()
+
+
+def vm(socket_dir: Path, *args: str, uid: int = ALICE_UID) -> tuple[int, dict[str, Any]]:
+    p = subprocess.run(
+        [sys.executable, "-m", "pam_svmm.cli.main", "vm", "--socket",
+         str(socket_dir / "launcher.sock"), "--json", *args],
+        capture_output=True, text=True, timeout=120, check=False,
+        user=uid, group=uid, extra_groups=[], env={"PATH": "/usr/bin:/bin"}, cwd="/",
+    )  # fmt: skip
+    return p.returncode, json.loads(p.stdout) if p.stdout.strip() else {"stderr": p.stderr}
+
+
+def records(lab: Lab, since: int, event: str) -> list[dict[str, Any]]:
+    return [r for r in lab.audit_records()[since:] if r["event"] == event]
+
+
+def test_session_keys_boot_the_vm_with_its_decrypted_disk(
+    lab: Lab, service: tuple[str, Launcher], socket_dir: Path
+) -> None:
+    service_name, launcher = service
+    before = len(lab.audit_records())
+    with lab.login(lab.insert("alice"), pin=PIN, user="alice", service=service_name,
+                   session=True) as session:  # fmt: skip
+        assert session.opened == 0, session.report
+        released = records(lab, before, "key_release")
+        assert sorted((r["vm"], r["outcome"]) for r in released) == [
+            ("bank-a", "success"),
+            ("vm-web", "success"),
+        ]
+        assert all(r["card"]["token"] == "alice ID card" for r in released)
+
+        code, started = vm(socket_dir, "start", "vm-web")
+        assert code == 0 and started["ok"], started
+        assert started["data"]["volumes"] == ["web-disk"]
+        pid = started["data"]["pid"]
+        assert os.stat(f"/proc/{pid}").st_uid == 65534  # QEMU runs as the VM account
+        for what in ("cmdline", "environ"):
+            assert b"web-disk.img" not in Path(f"/proc/{pid}/{what}").read_bytes()
+
+        # The VM process writes and reads its disk through QEMU's LUKS driver; on the host
+        # the image holds only ciphertext.
+        handle = launcher.registry.get("vm-web")
+        assert handle is not None
+        assert handle.qmp.hmp('qemu-io web-disk "write -P 0x5a 0 65536"') == ""
+        assert handle.qmp.hmp('qemu-io web-disk "read -P 0x5a 0 65536"') == ""
+        code, stopped = vm(socket_dir, "stop", "vm-web")
+        assert code == 0 and stopped["ok"], stopped
+        log = (Path(handle.record.run_dir) / "qemu.log").read_text()
+        assert "Pattern verification failed" not in log and log.count("65536/65536") == 2
+        image = (lab.folder / "volumes" / "web-disk.img").read_bytes()
+        assert b"\x5a" * 4096 not in image
+
+        # Another user cannot boot alice's VM (no allowlist of theirs names it).
+        code, other = vm(socket_dir, "start", "vm-web", uid=10002)
+        assert code != 0 and not other.get("ok")
+    # The last logout drops the keys: the VM can no longer boot.
+    dropped = records(lab, before, "key_drop")
+    assert dropped and dropped[-1]["outcome"] == "success"
+    audit = lab.audit_path.read_text()
+    assert '"passphrase"' not in audit
+
+
+def test_a_revoked_card_releases_nothing(
+    lab: Lab, service: tuple[str, Launcher], socket_dir: Path
+) -> None:
+    before = len(lab.audit_records())
+    report = lab.login(lab.insert("mallory"), pin=PIN, user="mallory", service=service[0])
+    assert report.name == "PAM_AUTH_ERR"
+    assert records(lab, before, "key_release") == []
+    assert records(lab, before, "session_open") == []
