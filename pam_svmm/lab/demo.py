@@ -8,12 +8,14 @@ import json
 import shutil
 import sys
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from .lab import DEMO_CARDS, CardSpec, Lab, free_ports
+from .volumes import make_volume
 
 PIN = "123456"
 POLICY_EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "policy.example.toml"
@@ -138,19 +140,26 @@ def run_demo(folder: Path, *, fresh: bool = False, out: TextIO = sys.stdout) -> 
         ocsp, _crl = stack.enter_context(lab.responders())
         slapd = stack.enter_context(Slapd(lab.folder / "directory", ca=lab.ca))
         bundle = lab.write_policy(POLICY_EXAMPLE.read_bytes())
+        for volume in ("web-disk", "bank-a-data"):  # the volumes of the VMs alice may boot
+            make_volume(lab, volume, "alice")
+        socket_dir = _socket_dir(lab)
         lab.write_config(
             lab.directory_overrides(slapd, password_services=[PASSWORD_SERVICE])
             + lab.policy_overrides(bundle)
+            + lab.launcher_overrides(socket_dir)
         )
+        launcher = stack.enter_context(_launcher(lab))
         say(f"  CA: {lab.ca.root.cert.subject.rfc4514_string()}")
         say(f"      -> {lab.ca.intermediate.cert.subject.rfc4514_string()}")
         say(f"  OCSP responder {lab.ca.ocsp_url}   CRLs {lab.ca.crl_base}/intermediate.crl")
         say(f"  directory {slapd.uri} (StartTLS), {slapd.base_dn}")
         say(f"  VM policy {POLICY_EXAMPLE.name}, signed: {bundle}")
+        say(f"  encrypted volumes (LUKS1, wrapped to alice's card): {lab.folder / 'volumes'}")
+        say(f"  VM launcher svmmd on {socket_dir / 'launcher.sock'}")
         say(f"  PAM service {lab.pam_dir / 'svmm-login'}, configuration {lab.config_path}")
         say(f"  ready in {time.monotonic() - t0:.1f} s")
         say()
-        failures += _session_and_policy(lab, say)
+        failures += _session_and_policy(lab, say, launcher, socket_dir)
         for i, scene in enumerate(SCENES, 1):
             if scene.before == "stop-ocsp":
                 ocsp.stop()  # type: ignore[attr-defined]
@@ -189,10 +198,13 @@ def run_demo(folder: Path, *, fresh: bool = False, out: TextIO = sys.stdout) -> 
     return 0 if not failures else 1
 
 
-def _session_and_policy(lab: Lab, say: Any) -> int:
-    """alice opens a session: the allowlist the launcher will read; then what the policy says
-    about VMs she may not start."""
+def _session_and_policy(lab: Lab, say: Any, launcher: Any, socket_dir: Path) -> int:
+    """alice opens a session: the allowlist the launcher will read, the volume keys her card
+    releases, her VM booted with its decrypted disk; then what the policy says about VMs she
+    may not start."""
     say(" *  alice logs in with her card and opens a session: her VM allowlist")
+    before = len(lab.audit_records())
+    failures = 0
     with lab.login(lab.insert("alice"), pin=PIN, user="alice", session=True) as session:
         if session.opened != 0:
             say(f"    session not opened: {session.report}")
@@ -214,10 +226,17 @@ def _session_and_policy(lab: Lab, say: Any) -> int:
         )
         for vm, grant in sorted(allow["vms"].items()):
             say(f"      {vm:8} {', '.join(grant['permissions'])}")
+        for rec in lab.audit_records()[before:]:
+            if rec["event"] == "key_release":
+                say(f"    audit:  key_release {rec['outcome']} vm={rec['vm']} {rec['detail']}")
+        failures += _boot(lab, say, launcher, socket_dir)
     gone = lab.allowlist(10001) is None
     say(f"    session closed: allowlist {'removed' if gone else 'STILL THERE'}")
+    for rec in lab.audit_records()[before:]:
+        if rec["event"] == "key_drop":
+            say(f"    audit:  key_drop {rec['outcome']} {rec['detail']}")
     say()
-    failures = 0 if gone else 1
+    failures += 0 if gone else 1
     for args, expect in (
         (["alice", "bank-b", "--running", "bank-a"], 1),
         (["bob", "vm-db"], 1),
@@ -232,6 +251,97 @@ def _session_and_policy(lab: Lab, say: Any) -> int:
             failures += 1
         say()
     return failures
+
+
+def _boot(lab: Lab, say: Any, launcher: Any, socket_dir: Path) -> int:
+    """alice boots vm-web through svmmd; its QEMU process reads and writes the decrypted
+    disk; bob may not boot it."""
+    code, started = _vm(socket_dir, 10001, "start", "vm-web")
+    say(" *  as alice (uid 10001): svmm vm start vm-web")
+    if code != 0 or not started.get("ok"):
+        say(f"    NOT STARTED: {started}")
+        return 1
+    data = started["data"]
+    say(
+        f"    started: pid {data['pid']} (QEMU as nobody), disk: {', '.join(data['volumes'])}"
+        " (QEMU's LUKS driver, key from alice's card through a pipe)"
+    )
+    handle = launcher.registry.get("vm-web")
+    handle.qmp.hmp('qemu-io web-disk "write -P 0x5a 0 65536"')
+    handle.qmp.hmp('qemu-io web-disk "read -P 0x5a 0 65536"')
+    _vm(socket_dir, 10001, "stop", "vm-web")
+    log = (Path(handle.record.run_dir) / "qemu.log").read_text()
+    ok = log.count("65536/65536") == 2 and "verification failed" not in log
+    clear = b"\x5a" * 4096 not in (lab.folder / "volumes" / "web-disk.img").read_bytes()
+    say(
+        "    through QMP the VM wrote and read back 64 KiB of its disk: "
+        f"{'ok' if ok else 'FAILED'};"
+        f" on the host the image holds {'only ciphertext' if clear else 'PLAINTEXT'}"
+    )
+    code, other = _vm(socket_dir, 10002, "start", "vm-web")
+    say(f" *  as bob (uid 10002): svmm vm start vm-web -> refused: {other.get('reason')}")
+    return int(not ok) + int(not clear) + int(code == 0)
+
+
+def _vm(socket_dir: Path, uid: int, *args: str) -> tuple[int, dict[str, Any]]:
+    import subprocess
+
+    p = subprocess.run(
+        [sys.executable, "-m", "pam_svmm.cli.main", "vm", "--socket",
+         str(socket_dir / "launcher.sock"), "--json", *args],
+        capture_output=True, text=True, timeout=120, check=False,
+        user=uid, group=uid, extra_groups=[], env={"PATH": "/usr/bin:/bin"}, cwd="/",
+    )  # fmt: skip
+    try:
+        return p.returncode, json.loads(p.stdout)
+    except ValueError:
+        return p.returncode, {"reason": p.stderr.strip()}
+
+
+def _socket_dir(lab: Lab) -> Path:
+    """The launcher socket's folder: root-owned, reachable by every user (the lab folder is
+    root-only)."""
+    import hashlib
+    import os
+
+    d = Path("/tmp") / f"svmm-lab-{hashlib.sha256(str(lab.folder).encode()).hexdigest()[:12]}"
+    d.mkdir(exist_ok=True)
+    os.chmod(d, 0o755)  # noqa: S103 - every user reaches the socket; only root writes here
+    return d
+
+
+@contextmanager
+def _launcher(lab: Lab) -> Iterator[Any]:
+    """svmmd's wiring, served from a thread of the demo (the demo reads the VM's QMP)."""
+    import threading
+
+    from ..adapters.audit_log import AuditLog
+    from ..config import load
+    from ..daemon.server import bind_socket, serve
+    from ..services.launcher import Launcher
+    from ..services.policy import PolicyService
+
+    config = load(lab.config_path)
+    ac = config.audit
+    launcher = Launcher(
+        config,
+        policy=PolicyService(config),
+        audit=AuditLog(
+            ac.path, syslog_mirror=False, seal_key=ac.seal_key, seal_every=ac.seal_every
+        ),
+    )
+    server = serve(launcher, bind_socket(config.launcher.socket))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield launcher
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+        for vm in list(launcher.registry.running()):
+            launcher.registry.stop(vm, quit_timeout=2, term_timeout=2, kill_timeout=2)
+        launcher.close()
 
 
 def _audit_trail(lab: Lab, say: Any) -> int:
