@@ -50,8 +50,13 @@ SCENES: tuple[Scene, ...] = (
     Scene("carol logs in (EC P-384)", ("carol",), PIN, "carol"),
     Scene("alice types a wrong PIN", ("alice",), "000000", "alice", "PAM_AUTH_ERR"),
     Scene("alice's card is used to log in as bob", ("alice",), PIN, "bob", "PAM_AUTH_ERR"),
-    Scene("mallory's card was revoked: refused, and it unlocks nothing", ("mallory",), PIN,
-          "mallory", "PAM_AUTH_ERR"),
+    Scene(
+        "mallory's card was revoked: refused, and it unlocks nothing",
+        ("mallory",),
+        PIN,
+        "mallory",
+        "PAM_AUTH_ERR",
+    ),
     Scene("eve's certificate has expired", ("eve",), PIN, "eve", "PAM_AUTH_ERR"),
     Scene(
         "a forged card: alice's certificate, another key", ("forged",), PIN, "alice", "PAM_AUTH_ERR"
