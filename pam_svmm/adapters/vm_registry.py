@@ -41,8 +41,11 @@ class VmRecord:
     qmp_socket: str
     run_dir: str
     card_fingerprint: str = ""
-    card_serial: str = ""
+    card_serial: str = ""  # the certificate's serial (the allowlist's card)
     started_at: str = ""  # ISO 8601, UTC
+    # The token serial of the card whose session released the VM's keys: its removal
+    # pauses or stops the VM (services/card_removal.py).
+    token_serial: str = ""
 
     def to_json(self) -> bytes:
         return (json.dumps({"format": FORMAT, **asdict(self)}, sort_keys=True) + "\n").encode()
@@ -190,6 +193,7 @@ class VmRegistry:
         ready_timeout: float,
         card_fingerprint: str = "",
         card_serial: str = "",
+        token_serial: str = "",
         now: dt.datetime | None = None,
     ) -> VmRecord:
         with self._lock:
@@ -210,6 +214,7 @@ class VmRegistry:
                 card_fingerprint=card_fingerprint,
                 card_serial=card_serial,
                 started_at=(now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds"),
+                token_serial=token_serial,
             )
             handle = VmHandle(record, vm.qmp, vm.process)
             try:

@@ -1,4 +1,4 @@
-"""`svmm vm list|start|stop|status`: the user's client of the launcher service (svmmd).
+"""`svmm vm list|start|stop|status|resume`: the user's client of the launcher service (svmmd).
 
 It sends one "svmm-launcher/1" request over the launcher's Unix socket and prints the reply.
 It sends no identity: the service learns who asks from the kernel.
@@ -22,7 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the service's reply as JSON")
     s = p.add_subparsers(dest="cmd", required=True, metavar="SUBCOMMAND")
     s.add_parser("list", help="the VMs you may use and those you run").set_defaults(func=run)
-    for name, text in (("start", "boot a VM"), ("stop", "stop a VM"), ("status", "a VM's state")):
+    for name, text in (
+        ("start", "boot a VM"),
+        ("stop", "stop a VM"),
+        ("status", "a VM's state"),
+        ("resume", "resume a VM paused when its card was pulled (log in with the card first)"),
+    ):
         c = s.add_parser(name, help=text)
         c.add_argument("vm")
         c.set_defaults(func=run)

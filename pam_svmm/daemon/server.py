@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..adapters.private_dir import open_private_dir
+from ..adapters.token import Pkcs11Module
 from ..services.launcher import MAX_REQUEST_BYTES, Launcher, Reply
 
 SD_LISTEN_FDS_START = 3
@@ -141,6 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     found = launcher.registry.reattach()
     if found:
         log.info("reattached to running VMs: %s", ", ".join(found))
+    module = _card_module(config.pkcs11.module)
+    if module is not None:
+        # Watches the cards that hold keys or started VMs (reattached ones included).
+        launcher.start_card_watch(module)
     sock = systemd_socket() or bind_socket(config.launcher.socket)
     server = serve(launcher, sock)
 
@@ -156,9 +161,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.serve_forever()
     finally:
         server.server_close()
+        launcher.stop_card_watch()
         launcher.registry.detach()
         launcher.close()  # held volume keys are wiped; a new svmmd gets them at the next login
+        if module is not None:
+            module.close()
     return 0
+
+
+def _card_module(path: str) -> Pkcs11Module | None:
+    """The PKCS#11 module the card watch polls; None (logged) when it cannot be loaded:
+    the service still stops VMs on request, but card removal goes unnoticed."""
+    from ..errors import SvmmError
+
+    try:
+        return Pkcs11Module(path)
+    except SvmmError as e:
+        log.error("card removal is not watched: %s", e.message)
+        return None
 
 
 if __name__ == "__main__":

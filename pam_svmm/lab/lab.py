@@ -381,14 +381,18 @@ card_required_roles = ["vm-admins"]
             f'state_dir = "{state or self.folder / "policy-state"}"\nhost = "lab-host"\n'
         )
 
-    def launcher_overrides(self, socket_dir: Path) -> str:
+    def launcher_overrides(
+        self, socket_dir: Path, *, card_poll_interval: float | None = None
+    ) -> str:
         """TOML for the VM launcher (svmmd) and the volumes whose keys sessions release.
 
-        ``socket_dir`` must be reachable by every user (the lab folder is root-only)."""
+        ``socket_dir`` must be reachable by every user (the lab folder is root-only);
+        ``card_poll_interval``: seconds between the card watch's slot polls (else the default)."""
         run = self.folder / "run"
+        poll = "" if card_poll_interval is None else f"card_poll_interval = {card_poll_interval}\n"
         return (
             f'\n[launcher]\nsocket = "{socket_dir / "launcher.sock"}"\nvm_user = "nobody"\n'
-            f'run_dir = "{run / "vms"}"\nregistry_dir = "{run / "registry"}"\n'
+            f'run_dir = "{run / "vms"}"\nregistry_dir = "{run / "registry"}"\n{poll}'
             f'\n[volumes]\nenabled = true\ndir = "{self.folder / "volumes"}"\nmode = "vmm"\n'
         )
 

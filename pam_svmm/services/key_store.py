@@ -88,6 +88,45 @@ class KeyStore:
                 self._held.pop(uid, None)
         return out
 
+    def drop_card(self, card_serial: str) -> list[Dropped]:
+        """Wipe and forget every session opened with the card of token serial ``card_serial``
+        (the card was pulled out: its sessions' keys must not outlive it)."""
+        serial = card_serial.rstrip(" ")
+        out: list[Dropped] = []
+        if not serial:
+            return out
+        with self._lock:
+            for uid in list(self._held):
+                sessions = self._held[uid]
+                for sid in [sid for sid, s in sessions.items() if s.card_serial == serial]:
+                    s = sessions.pop(sid)
+                    for volume, buf in sorted(s.keys.items()):
+                        wipe(buf)
+                        out.append(Dropped(sid, volume, s.user, s.card_fingerprint, serial))
+                    s.keys.clear()
+                if not sessions:
+                    del self._held[uid]
+        return out
+
+    def card_serials(self, uid: int | None = None) -> set[str]:
+        """The token serials of the cards whose sessions hold keys (of ``uid``, or anyone's)."""
+        with self._lock:
+            users = self._held.values() if uid is None else [self._held.get(uid, {})]
+            return {s.card_serial for u in users for s in u.values() if s.card_serial}
+
+    def card_for(self, uid: int, volumes: Iterable[str], fingerprint: str = "") -> str:
+        """The token serial of the card whose session gives ``uid``'s keys for ``volumes``
+        (the newest session holding the first one, as ``borrow`` takes); with no volumes,
+        the newest session of the card ``fingerprint`` (else the newest). "" if none."""
+        first = next(iter(volumes), None)
+        with self._lock:
+            sessions = list(self._held.get(uid, {}).values())[::-1]  # newest first
+            if first is not None:
+                chosen = [s for s in sessions if first in s.keys]
+            else:
+                chosen = [s for s in sessions if s.card_fingerprint == fingerprint] or sessions
+            return chosen[0].card_serial if chosen else ""
+
     def held(self, uid: int) -> set[str]:
         """The volume names ``uid`` has a key for, in any session."""
         with self._lock:

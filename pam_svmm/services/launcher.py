@@ -3,13 +3,14 @@
 The protocol ("svmm-launcher/1", JSON lines over a Unix socket; transport in daemon/server.py;
 a request line is at most 64 KiB):
 
-    request  {"version": "svmm-launcher/1", "op": "list"|"start"|"stop"|"status", "vm": "name"}
+    request  {"version": "svmm-launcher/1", "op": "list"|"start"|"stop"|"status"|"resume",
+              "vm": "name"}
     reply    {"version": "svmm-launcher/1", "ok": true|false, "reason": "<token>",
               "message": "<for people>", "data": {...}}
 
 A VM request carries no identity: the caller's uid is the kernel's (SO_PEERCRED), and such a
 request with any other key (a "uid", a "user") is refused as ``bad_request``. ``vm`` is
-required for start, stop and status. ``list`` data: ``allowed`` (vm, permissions, running),
+required for start, stop, status and resume. ``list`` data: ``allowed`` (vm, permissions, running),
 ``running``, ``allowlist`` (ok or why not), ``keys_held`` (the names of the volumes whose keys
 the service holds for the caller; never a key). ``start`` data: ``vm``, ``pid``, ``volumes``.
 
@@ -33,12 +34,25 @@ sessions of a user stays usable until both dropped it. Replies: ``hold_keys`` da
 sessions still hold). Audited per volume: ``key_hold`` / ``key_drop`` with the user, the card
 (fingerprint, serial) and ``volume=<name>`` in the detail, never a key.
 
+Card removal (svmmd watches the token serial of every card whose session holds keys, or
+that started a running VM; ``start_card_watch``): when that card leaves its reader, every key
+its sessions hold is wiped (``key_drop``, reason ``card_removed``) and its VMs get the
+configured ``launcher.card_removal`` action (pause: QMP ``stop``; stop; lock: nothing),
+audited ``card_removed`` per VM (services/card_removal.py). Putting the card back resumes
+nothing (``card_inserted``, ``await_pin``): the user logs in again with the card (which hands
+the keys over again) and asks ``resume``: the VM's owner (or root) may resume a paused VM
+(or one still held in ``prelaunch``, as ``start`` leaves it) when the owner's allowlist
+still lets them boot it, the keys of its volumes are held again and a
+session of the card that started it holds keys (``card_login_required`` otherwise); QMP
+``cont``, audited ``vm_resume``. ``resume`` data: ``vm``, ``status``.
+
 Reason tokens: ``ok``; ``bad_request``, ``unsupported_version``, ``vm_name_invalid``,
 ``volume_name_invalid``, ``not_permitted``; ``no_allowlist``, ``allowlist_tampered``,
 ``allowlist_invalid``, ``allowlist_uid_mismatch``, ``allowlist_expired``,
 ``allowlist_host_mismatch``, ``allowlist_unreadable``, ``not_in_allowlist``; the policy's own
 tokens (``conflict_of_interest``, ``unknown_vm``, ``no_grant``, ...); ``policy_unavailable``;
-``vm_already_running``, ``vm_in_use``, ``vm_not_running``, ``not_owner``,
+``vm_already_running``, ``vm_in_use``, ``vm_not_running``, ``vm_not_paused``,
+``card_login_required``, ``not_owner``,
 ``volume_key_unavailable``, ``volume_image_invalid``; ``volume_key_refused`` (QEMU's LUKS
 driver refused the held key), ``vm_start_failed``, ``qmp_failed``, ``vm_failed``,
 ``volume_failed``, ``audit_write_failed``, ``internal_error``.
@@ -68,12 +82,14 @@ import re
 import stat
 import threading
 from collections.abc import Callable, Collection, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..adapters.allowlist_store import AllowlistStore
 from ..adapters.audit_log import AuditLog
+from ..adapters.card_watch import CardEvent, CardEventKind, CardWatch, TokenLister
 from ..adapters.qemu import NAME_PATTERN, LuksDisk, Machine, RunAs, VmSpec, detect_accel
 from ..adapters.vm_registry import VmRecord, VmRegistry
 from ..config import Config
@@ -90,10 +106,11 @@ from ..errors import (
     VmError,
     VolumeError,
 )
+from .card_removal import CardRemovalPolicy
 from .key_store import KeyStore, wipe
 
 PROTOCOL = "svmm-launcher/1"
-VM_OPS = ("list", "start", "stop", "status")
+VM_OPS = ("list", "start", "stop", "status", "resume")
 KEY_OPS = ("hold_keys", "drop_keys")  # root's only (the PAM module)
 OPS = VM_OPS + KEY_OPS
 MAX_REQUEST_BYTES = 65536  # 16 passphrases of 512 bytes, however JSON escapes them
@@ -105,6 +122,7 @@ USER_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}")
 HEX_PATTERN = re.compile(r"[0-9A-Fa-f:]{0,128}")
 SERIAL_PATTERN = re.compile(r"[0-9A-Za-z:._-]{0,128}")  # a certificate or token serial
 SERVICE = "svmmd"
+RESUMABLE = ("paused", "prelaunch")  # QMP run states "cont" may leave
 log = logging.getLogger(__name__)
 
 
@@ -409,6 +427,47 @@ def _user_name(uid: int) -> str:
         return f"#{uid}"
 
 
+class CardVm:
+    """A running VM as CardRemovalPolicy sees it: pause is QMP ``stop``; stop is the
+    launcher's graceful stop with the configured timeouts."""
+
+    def __init__(self, launcher: Launcher, record: VmRecord) -> None:
+        self._launcher = launcher
+        self.record = record
+
+    @property
+    def vm_id(self) -> str:
+        return self.record.vm
+
+    @property
+    def user(self) -> str:
+        return self.record.user
+
+    def pause(self) -> None:
+        handle = self._launcher.registry.get(self.record.vm)
+        if handle is None:
+            raise VmError(f"VM {self.record.vm} is not running", reason="vm_not_running")
+        handle.qmp.execute("stop")
+
+    def stop(self) -> None:
+        self._launcher._stop(self.record.vm)
+
+
+class CardVms:
+    """The registry view CardRemovalPolicy needs: the VMs a card (token serial) opened."""
+
+    def __init__(self, launcher: Launcher) -> None:
+        self._launcher = launcher
+
+    def vms_opened_by(self, card_serial: str) -> list[CardVm]:
+        serial = card_serial.rstrip(" ")
+        if not serial:
+            return []
+        running = self._launcher.registry.running()
+        return [CardVm(self._launcher, r) for _, r in sorted(running.items())
+                if r.token_serial == serial]  # fmt: skip
+
+
 class Launcher:
     """Handles one request of a caller whose uid the transport learned from the kernel."""
 
@@ -431,10 +490,88 @@ class Launcher:
         self.keys = keys or KeyStore()
         self.now = now
         self._lock = threading.Lock()  # a decision and its action are one step
+        self.card_policy = CardRemovalPolicy.from_config(
+            config, CardVms(self), self.audit.write, host=policy.host, service=SERVICE
+        )
+        self._watch: CardWatch | None = None
+        self._watched: set[str] = set()
+        self._watch_lock = threading.Lock()
 
     def close(self) -> None:
-        """Service stop: every held key is wiped (VMs keep running)."""
+        """Service stop: the card watch ends; every held key is wiped (VMs keep running)."""
+        self.stop_card_watch()
         self.keys.close()
+
+    # --- card removal
+
+    def start_card_watch(
+        self,
+        module: TokenLister,
+        *,
+        interval: float | None = None,
+        lock: AbstractContextManager[Any] | None = None,
+    ) -> CardWatch:
+        """Poll ``module`` (a Pkcs11Module) every ``interval`` seconds (default
+        ``launcher.card_poll_interval``) for the cards that hold keys or started VMs; their
+        removal and re-insertion go to ``on_card_event``. ``lock``: the one guarding
+        ``module`` if anything else calls it."""
+        if self._watch is not None:
+            raise RuntimeError("the card watch is already running")
+        watch = CardWatch(
+            module,
+            interval=interval if interval is not None else self.config.launcher.card_poll_interval,
+            serials=(),
+            on_event=self.on_card_event,
+            on_error=self._card_watch_error,
+            lock=lock,
+        )
+        with self._watch_lock:
+            self._watch, self._watched = watch, set()
+        self._sync_watch()
+        watch.start()
+        return watch
+
+    def stop_card_watch(self, timeout: float = 2.0) -> bool:
+        """Stop the watcher (if any); True when its thread ended."""
+        with self._watch_lock:
+            watch, self._watch = self._watch, None
+            self._watched = set()
+        return True if watch is None else watch.stop(timeout)
+
+    def _card_watch_error(self, error: Exception) -> None:
+        shown = error.message if isinstance(error, SvmmError) else type(error).__name__
+        log.warning("card watch: %s", shown)
+
+    def _sync_watch(self) -> None:
+        """Watch exactly the cards whose sessions hold keys or that started a running VM."""
+        with self._watch_lock:
+            watch = self._watch
+            if watch is None:
+                return
+            wanted = self.keys.card_serials()
+            wanted |= {r.token_serial for r in self.registry.running().values() if r.token_serial}
+            for serial in sorted(wanted - self._watched):
+                watch.watch(serial)
+            for serial in sorted(self._watched - wanted):
+                watch.unwatch(serial)
+            self._watched = wanted
+
+    def on_card_event(self, event: CardEvent) -> None:
+        """A watched card left its reader (or came back). Removal: the keys its sessions
+        hold are wiped first (nothing can start or resume without a new login), then its VMs
+        get the configured action. Re-insertion resumes nothing (await a PIN login)."""
+        with self._lock:
+            try:
+                if event.kind is CardEventKind.REMOVED:
+                    for k in self.keys.drop_card(event.serial):
+                        card = CardRef(k.card_fingerprint, k.card_serial)
+                        d = Decision(False, "card_removed", f"volume={k.volume}", user=k.user,
+                                     card=card)  # fmt: skip
+                        why = f"session={k.session}; card {event.reason}"
+                        self._audited("key_drop", Outcome.SUCCESS, d, 0, "card_watch", detail=why)
+                self.card_policy.handle(event)
+            finally:
+                self._sync_watch()
 
     def handle(self, uid: int, line: bytes) -> Reply:
         try:
@@ -452,6 +589,8 @@ class Launcher:
                 return self._list(uid)
             if request.op == "start":
                 return self._start(uid, request.vm)
+            if request.op == "resume":
+                return self._resume(uid, request.vm)
             return self._control(uid, request.op, request.vm)
         except SvmmError as e:
             # The audit itself failed (or a check raised): nothing was done after it.
@@ -474,6 +613,7 @@ class Launcher:
         copies = {name: bytearray(buf) for name, buf in r.keys.items()}
         self.keys.hold(r.uid, r.session, copies, user=r.user,
                        card_fingerprint=r.card_fingerprint, card_serial=r.card_serial)  # fmt: skip
+        self._sync_watch()
         data = {"uid": r.uid, "session": r.session, "held": sorted(self.keys.held(r.uid))}
         return Reply(True, "ok", f"holding {len(copies)} key(s)", data)
 
@@ -481,6 +621,7 @@ class Launcher:
         if peer != 0 or r.uid is None:
             raise _refuse("not_permitted", "drop_keys is root's only")
         dropped = self.keys.drop(r.uid, r.session)  # wiped before anything else can fail
+        self._sync_watch()
         which = f"session={r.session}" if r.session is not None else "all sessions"
         for k in dropped:
             card = CardRef(k.card_fingerprint, k.card_serial) if k.card_fingerprint else None
@@ -577,6 +718,9 @@ class Launcher:
                     ready_timeout=lc.start_timeout,
                     card_fingerprint=d.card.fingerprint if d.card else "",
                     card_serial=d.card.serial if d.card else "",
+                    token_serial=self.keys.card_for(
+                        uid, d.volumes, d.card.fingerprint if d.card else ""
+                    ),
                     now=now,
                 )
             except (VmError, VolumeError) as e:
@@ -585,6 +729,7 @@ class Launcher:
             finally:
                 for buf in keys.values():
                     wipe(buf)
+            self._sync_watch()
             try:
                 return self._audited(
                     "vm_start", Outcome.SUCCESS, d, uid, "start",
@@ -622,14 +767,78 @@ class Launcher:
                 return self._audited(f"vm_{op}", Outcome.ERROR, failed, uid, op)
             return self._audited(f"vm_{op}", Outcome.SUCCESS, d, uid, op, data)
 
+    def _resume(self, uid: int, vm: str) -> Reply:
+        with self._lock:
+            d = decide_control(uid, vm, self.registry.running())
+            handle = self.registry.get(vm) if d.allowed else None
+            if handle is None:
+                if d.allowed:  # ended between the two looks
+                    d = Decision(False, "vm_not_running", f"{vm} is not running", vm, d.user)
+                return self._audited("vm_deny", Outcome.FAILURE, d, uid, "resume")
+            record = handle.record
+            try:
+                d = self._decide_resume(record, self.now())
+                if d.allowed:
+                    state = handle.status()
+                    # paused: by card removal; prelaunch: started held (-S), never run yet
+                    if state["status"] not in RESUMABLE:
+                        d = Decision(False, "vm_not_paused", f"{vm} is {state['status']}",
+                                     vm, d.user, d.roles, d.card)  # fmt: skip
+            except VmError as e:
+                failed = Decision(False, e.reason, e.message, vm, record.user)
+                return self._audited("vm_resume", Outcome.ERROR, failed, uid, "resume")
+            if not d.allowed:
+                return self._audited("vm_deny", Outcome.FAILURE, d, uid, "resume")
+            try:
+                handle.qmp.execute("cont")
+                state = handle.status()
+            except VmError as e:
+                failed = Decision(False, e.reason, e.message, vm, d.user, d.roles, d.card)
+                return self._audited("vm_resume", Outcome.ERROR, failed, uid, "resume")
+            return self._audited("vm_resume", Outcome.SUCCESS, d, uid, "resume",
+                                 {"vm": vm, "status": state["status"]})  # fmt: skip
+
+    def _decide_resume(self, record: VmRecord, now: dt.datetime) -> Decision:
+        """May ``record``'s VM run again? As for a start, on its owner's behalf: the allowlist
+        still lets them boot it, the keys of its volumes are held again, and (the VM was
+        opened by a card) a session of that card holds keys: a new PIN login with it."""
+        vm, owner = record.vm, record.uid
+        try:
+            allowlist = self._allowlist(owner, now)
+        except LauncherRefused as e:
+            return Decision(False, e.reason, e.message, vm, record.user)
+
+        def deny(reason: str, message: str) -> Decision:
+            return Decision(False, reason, message, vm, allowlist.user, allowlist.roles,
+                            allowlist.card)  # fmt: skip
+
+        if not allowlist.permits(vm, pdp.BOOT, now=now):
+            return deny("not_in_allowlist", f"{allowlist.user} may not boot {vm} (allowlist)")
+        held = self.keys.held(owner)
+        missing = [v for v in allowlist.vms[vm].volumes if v not in held]
+        if missing:
+            return deny(
+                "volume_key_unavailable",
+                f"{vm} needs the key of volume {missing[0]}, which the launcher does not hold",
+            )
+        if record.token_serial and record.token_serial not in self.keys.card_serials(owner):
+            return deny(
+                "card_login_required", f"log in again with the card that started {vm} first"
+            )
+        return Decision(True, "ok", "", vm, allowlist.user, allowlist.roles, allowlist.card,
+                        allowlist.vms[vm].volumes)  # fmt: skip
+
     def _stop(self, vm: str) -> str:
         lc = self.config.launcher
-        return self.registry.stop(
-            vm,
-            quit_timeout=lc.quit_timeout,
-            term_timeout=lc.term_timeout,
-            kill_timeout=lc.kill_timeout,
-        )
+        try:
+            return self.registry.stop(
+                vm,
+                quit_timeout=lc.quit_timeout,
+                term_timeout=lc.term_timeout,
+                kill_timeout=lc.kill_timeout,
+            )
+        finally:
+            self._sync_watch()
 
     # --- audit
 

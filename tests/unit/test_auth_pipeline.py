@@ -100,7 +100,10 @@ class Prompter:
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> LabCA:
     return LabCA.create(
-        tmp_path_factory.mktemp("ca"), crl_base="http://127.0.0.1:1", ocsp_url="http://127.0.0.1:2/"
+        tmp_path_factory.mktemp("ca"),
+        crl_base="http://127.0.0.1:1",
+        ocsp_url="http://127.0.0.1:2/",
+        now=NOW,  # the tests' fixed clock, not the wall clock
     )
 
 
