@@ -152,7 +152,7 @@ def run_demo(folder: Path, *, fresh: bool = False, out: TextIO = sys.stdout) -> 
         lab.write_config(
             lab.directory_overrides(slapd, password_services=[PASSWORD_SERVICE])
             + lab.policy_overrides(bundle)
-            + lab.launcher_overrides(socket_dir)
+            + lab.launcher_overrides(socket_dir, card_poll_interval=0.3)
         )
         launcher = stack.enter_context(_launcher(lab))
         say(f"  CA: {lab.ca.root.cert.subject.rfc4514_string()}")
@@ -275,6 +275,7 @@ def _boot(lab: Lab, say: Any, launcher: Any, socket_dir: Path) -> int:
     handle = launcher.registry.get("vm-web")
     handle.qmp.hmp('qemu-io web-disk "write -P 0x5a 0 65536"')
     handle.qmp.hmp('qemu-io web-disk "read -P 0x5a 0 65536"')
+    removal = _card_removal(lab, say, launcher, socket_dir)
     _vm(socket_dir, 10001, "stop", "vm-web")
     log = (Path(handle.record.run_dir) / "qemu.log").read_text()
     ok = log.count("65536/65536") == 2 and "verification failed" not in log
@@ -286,7 +287,38 @@ def _boot(lab: Lab, say: Any, launcher: Any, socket_dir: Path) -> int:
     )
     code, other = _vm(socket_dir, 10002, "start", "vm-web")
     say(f" *  as bob (uid 10002): svmm vm start vm-web -> refused: {other.get('reason')}")
-    return int(not ok) + int(not clear) + int(code == 0)
+    return int(not ok) + int(not clear) + int(code == 0) + removal
+
+
+def _card_removal(lab: Lab, say: Any, launcher: Any, socket_dir: Path) -> int:
+    """alice's VM runs; she pulls her card: the launcher pauses the VM and forgets its keys;
+    putting the card back resumes nothing by itself."""
+    from . import pinguard
+
+    _vm(socket_dir, 10001, "resume", "vm-web")
+    serial = str(lab.card("alice")["serial"])
+    status = launcher.registry.get("vm-web").status()["status"]
+    say(f" *  vm-web is {status}; alice pulls her card out of the reader")
+    pinguard.set_removed(lab.pinguard_state, serial, True)
+    try:
+        deadline = time.monotonic() + 5
+        while launcher.registry.get("vm-web").status()["status"] != "paused":
+            if time.monotonic() > deadline:
+                say("    VM NOT PAUSED")
+                return 1
+            time.sleep(0.05)
+        code, listed = _vm(socket_dir, 10001, "list")
+        held = listed.get("data", {}).get("keys_held", ["?"])
+        say(f"    the launcher paused vm-web; keys held now: {', '.join(held) or 'none'}")
+    finally:
+        pinguard.set_removed(lab.pinguard_state, serial, False)
+    time.sleep(1.0)  # a few polls: the card is seen again
+    code, again = _vm(socket_dir, 10001, "resume", "vm-web")
+    say(
+        f"    card back in: vm-web stays paused; resume -> {again.get('reason')}"
+        " (a new login with the card hands the keys over again)"
+    )
+    return int(bool(held)) + int(code == 0)
 
 
 def _vm(socket_dir: Path, uid: int, *args: str) -> tuple[int, dict[str, Any]]:
@@ -319,9 +351,11 @@ def _socket_dir(lab: Lab) -> Path:
 @contextmanager
 def _launcher(lab: Lab) -> Iterator[Any]:
     """svmmd's wiring, served from a thread of the demo (the demo reads the VM's QMP)."""
+    import os
     import threading
 
     from ..adapters.audit_log import AuditLog
+    from ..adapters.token import Pkcs11Module
     from ..config import load
     from ..daemon.server import bind_socket, serve
     from ..services.launcher import Launcher
@@ -336,6 +370,12 @@ def _launcher(lab: Lab) -> Iterator[Any]:
             ac.path, syslog_mirror=False, seal_key=ac.seal_key, seal_every=ac.seal_every
         ),
     )
+    # The card watch sees the cards of a reader like the one alice logs in with (the same
+    # tokens; pulling a card marks it removed by serial, see pinguard.c).
+    for name, value in lab.insert("alice").env.items():
+        os.environ[name] = value
+    module = Pkcs11Module(config.pkcs11.module)
+    launcher.start_card_watch(module)
     server = serve(launcher, bind_socket(config.launcher.socket))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -345,6 +385,7 @@ def _launcher(lab: Lab) -> Iterator[Any]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+        launcher.stop_card_watch()
         for vm in list(launcher.registry.running()):
             launcher.registry.stop(vm, quit_timeout=2, term_timeout=2, kill_timeout=2)
         launcher.close()
