@@ -19,7 +19,7 @@ import socketserver
 import stat
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..adapters.private_dir import open_private_dir
@@ -120,25 +120,33 @@ def serve(launcher: Launcher, sock: socket.socket) -> LauncherServer:
     return LauncherServer(launcher, sock)
 
 
+@contextlib.contextmanager
+def serving(launcher: Launcher, sock: socket.socket) -> Iterator[LauncherServer]:
+    """Serve ``sock`` from a thread until the block ends (the lab and the tests run svmmd's
+    service this way, in their own process, to reach a VM's single QMP connection)."""
+    import threading
+
+    server = serve(launcher, sock)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """svmmd: load the configuration, find the VMs already running, serve until SIGTERM."""
-    from ..adapters.audit_log import AuditLog
     from ..config import load
-    from ..services.policy import PolicyService
 
     parser = argparse.ArgumentParser(prog="svmmd", description="pam_svmm's VM launcher service")
     parser.add_argument("--config", help="configuration file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="svmmd: %(levelname)s %(message)s")
     config = load(args.config)
-    ac = config.audit
-    launcher = Launcher(
-        config,
-        policy=PolicyService(config),
-        audit=AuditLog(
-            ac.path, syslog_mirror=ac.syslog, seal_key=ac.seal_key, seal_every=ac.seal_every
-        ),
-    )
+    launcher = Launcher.from_config(config)
     found = launcher.registry.reattach()
     if found:
         log.info("reattached to running VMs: %s", ", ".join(found))

@@ -352,39 +352,23 @@ def _socket_dir(lab: Lab) -> Path:
 def _launcher(lab: Lab) -> Iterator[Any]:
     """svmmd's wiring, served from a thread of the demo (the demo reads the VM's QMP)."""
     import os
-    import threading
 
-    from ..adapters.audit_log import AuditLog
     from ..adapters.token import Pkcs11Module
     from ..config import load
-    from ..daemon.server import bind_socket, serve
+    from ..daemon.server import bind_socket, serving
     from ..services.launcher import Launcher
-    from ..services.policy import PolicyService
 
     config = load(lab.config_path)
-    ac = config.audit
-    launcher = Launcher(
-        config,
-        policy=PolicyService(config),
-        audit=AuditLog(
-            ac.path, syslog_mirror=False, seal_key=ac.seal_key, seal_every=ac.seal_every
-        ),
-    )
+    launcher = Launcher.from_config(config, syslog_mirror=False)
     # The card watch sees the cards of a reader like the one alice logs in with (the same
     # tokens; pulling a card marks it removed by serial, see pinguard.c).
     for name, value in lab.insert("alice").env.items():
         os.environ[name] = value
-    module = Pkcs11Module(config.pkcs11.module)
-    launcher.start_card_watch(module)
-    server = serve(launcher, bind_socket(config.launcher.socket))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    launcher.start_card_watch(Pkcs11Module(config.pkcs11.module))
     try:
-        yield launcher
+        with serving(launcher, bind_socket(config.launcher.socket)):
+            yield launcher
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
         launcher.stop_card_watch()
         for vm in list(launcher.registry.running()):
             launcher.registry.stop(vm, quit_timeout=2, term_timeout=2, kill_timeout=2)

@@ -497,6 +497,21 @@ class Launcher:
         self._watched: set[str] = set()
         self._watch_lock = threading.Lock()
 
+    @classmethod
+    def from_config(cls, config: Config, *, syslog_mirror: bool | None = None) -> Launcher:
+        """svmmd's wiring: the policy service and the audit trail the configuration names."""
+        from ..adapters.audit_log import AuditLog
+        from .policy import PolicyService
+
+        ac = config.audit
+        audit = AuditLog(
+            ac.path,
+            syslog_mirror=ac.syslog if syslog_mirror is None else syslog_mirror,
+            seal_key=ac.seal_key,
+            seal_every=ac.seal_every,
+        )
+        return cls(config, policy=PolicyService(config), audit=audit)
+
     def close(self) -> None:
         """Service stop: the card watch ends; every held key is wiped (VMs keep running)."""
         self.stop_card_watch()

@@ -7,23 +7,20 @@ module (pinguard's ``removed`` marker empties the slot, as pulling the card out 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pam_svmm.adapters.audit_log import AuditLog
 from pam_svmm.adapters.token import Pkcs11Module
 from pam_svmm.config import load
-from pam_svmm.daemon.server import bind_socket, serve
+from pam_svmm.daemon.server import bind_socket, serving
 from pam_svmm.lab import pinguard
 from pam_svmm.lab.directory import Slapd
 from pam_svmm.lab.lab import Lab, Reader
 from pam_svmm.lab.volumes import make_volume
 from pam_svmm.services.launcher import Launcher
-from pam_svmm.services.policy import PolicyService
 from tests.integration import ldap_fixtures
 from tests.integration.test_login import PIN
 from tests.integration.test_volume_session import (  # noqa: F401
@@ -71,27 +68,15 @@ def service(
     config = load(lab.folder / f"{name}.toml")
     assert config.launcher.card_poll_interval == INTERVAL
     assert config.launcher.card_removal.value == "pause"
-    ac = config.audit
-    launcher = Launcher(
-        config,
-        policy=PolicyService(config),
-        audit=AuditLog(
-            ac.path, syslog_mirror=False, seal_key=ac.seal_key, seal_every=ac.seal_every
-        ),
-    )
+    launcher = Launcher.from_config(config, syslog_mirror=False)
     # svmmd main()'s wiring: the card watch over the configured module (pinguard here).
     module = Pkcs11Module(config.pkcs11.module)
     watch = launcher.start_card_watch(module)
     assert watch.interval == INTERVAL
-    server = serve(launcher, bind_socket(config.launcher.socket))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield name, launcher
+        with serving(launcher, bind_socket(config.launcher.socket)):
+            yield name, launcher
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
         assert launcher.stop_card_watch()
         for running in list(launcher.registry.running()):
             launcher.registry.stop(running, quit_timeout=2, term_timeout=2, kill_timeout=2)

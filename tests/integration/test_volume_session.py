@@ -13,21 +13,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pam_svmm.adapters.audit_log import AuditLog
 from pam_svmm.config import load
-from pam_svmm.daemon.server import bind_socket, serve
+from pam_svmm.daemon.server import bind_socket, serving
 from pam_svmm.lab.directory import Slapd
 from pam_svmm.lab.lab import Lab
 from pam_svmm.lab.volumes import make_volume
 from pam_svmm.services.launcher import Launcher
-from pam_svmm.services.policy import PolicyService
 from tests.integration import ldap_fixtures
 from tests.integration.test_login import PIN
 
@@ -65,25 +62,13 @@ def service(lab: Lab, slapd: Slapd, socket_dir: Path) -> Iterator[tuple[str, Lau
         + lab.launcher_overrides(socket_dir),
     )
     config = load(lab.folder / f"{name}.toml")
-    # svmmd's own main() wiring, served from a thread of this process so the test can
-    # reach the VM's QMP connection (QEMU takes one QMP client: the launcher's).
-    ac = config.audit
-    launcher = Launcher(
-        config,
-        policy=PolicyService(config),
-        audit=AuditLog(
-            ac.path, syslog_mirror=False, seal_key=ac.seal_key, seal_every=ac.seal_every
-        ),
-    )
-    server = serve(launcher, bind_socket(config.launcher.socket))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    # svmmd's own wiring, served from a thread of this process so the test can reach the VM's
+    # QMP connection (QEMU takes one QMP client: the launcher's).
+    launcher = Launcher.from_config(config, syslog_mirror=False)
     try:
-        yield name, launcher
+        with serving(launcher, bind_socket(config.launcher.socket)):
+            yield name, launcher
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
         for running in list(launcher.registry.running()):
             launcher.registry.stop(running, quit_timeout=2, term_timeout=2, kill_timeout=2)
         launcher.close()
