@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import VmError
+from ..errors import SvmmError, VmError
 from .private_dir import open_private_dir, replace_file
 from .qemu import NAME_PATTERN, QemuVm, QmpSync, RunAs, VmSpec
 
@@ -287,7 +287,9 @@ class VmRegistry:
         try:
             data = read_file(fd, name, mode=_RECORD_MODE, shown=self.folder / name)
             record = VmRecord.from_json(data or b"")
-        except Exception:
+        except (SvmmError, ValueError, TypeError, KeyError):
+            # Tampered, torn or foreign: not a VM this launcher may act on (it is skipped,
+            # never trusted); a bug of ours still raises.
             return None
         return record if name == f"{record.vm}.json" else None
 

@@ -95,7 +95,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 return
             try:
                 reply = self.server.launcher.handle(uid, line.rstrip(b"\r\n"))
-            except Exception:
+            except Exception:  # a bug: logged, and the answer is a refusal, never a success
                 log.exception("request by uid %d failed", uid)
                 reply = Reply(False, "internal_error", "the launcher failed; see its log")
             try:

@@ -224,9 +224,9 @@ class LoginService:
                 request, prompter, attempt, keep_card_session=self.config.volumes.enabled
             )
         except BaseException as e:
-            self._audit("auth", request, attempt, outcome_of(e), reason_of(e), _detail(e))
+            self.audit_event("auth", request, attempt, outcome_of(e), reason_of(e), _detail(e))
             raise
-        self._audit("auth", request, attempt, Outcome.SUCCESS, "ok", "; ".join(result.notes))
+        self.audit_event("auth", request, attempt, Outcome.SUCCESS, "ok", "; ".join(result.notes))
         return result
 
     def password_allowed(self, service: str) -> bool:
@@ -244,9 +244,9 @@ class LoginService:
                 request, prompter, attempt
             )
         except BaseException as e:
-            self._audit("auth", request, attempt, outcome_of(e), reason_of(e), _detail(e))
+            self.audit_event("auth", request, attempt, outcome_of(e), reason_of(e), _detail(e))
             raise
-        self._audit("auth", request, attempt, Outcome.SUCCESS, "ok")
+        self.audit_event("auth", request, attempt, Outcome.SUCCESS, "ok")
         return result
 
     def account(self, request: LoginRequest, result: LoginResult | None) -> bool:
@@ -277,10 +277,10 @@ class LoginService:
                 require_active(identity)
             self._check_host_login(request, identity)
         except BaseException as e:
-            self._audit("account", request, attempt, outcome_of(e), reason_of(e), _detail(e))
+            self.audit_event("account", request, attempt, outcome_of(e), reason_of(e), _detail(e))
             raise
         reason = "card_login" if result and result.method == "card" else "active"
-        self._audit("account", request, attempt, Outcome.SUCCESS, reason)
+        self.audit_event("account", request, attempt, Outcome.SUCCESS, reason)
         return True
 
     def launcher_call(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -359,20 +359,7 @@ class LoginService:
         *,
         vm: str = "",
     ) -> None:
-        """One audit record for a decision made outside the login (e.g. session_open)."""
-        self._audit(event, request, attempt, outcome, reason, detail, vm=vm)
-
-    def _audit(
-        self,
-        event: str,
-        request: LoginRequest,
-        attempt: Attempt,
-        outcome: Outcome,
-        reason: str,
-        detail: str = "",
-        *,
-        vm: str = "",
-    ) -> None:
+        """One audit record for a decision (login, account, session, key release)."""
         self.audit.write(
             AuditRecord(
                 event=event,
