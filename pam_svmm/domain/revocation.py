@@ -38,6 +38,9 @@ class RevocationResult:
     detail: str
     revoked_at: dt.datetime | None = None
     reason: str | None = None  # x509.ReasonFlags value, e.g. "keyCompromise"
+    # Until when the source vouches for this answer (an OCSP response's nextUpdate, or
+    # thisUpdate + max age): what a resident service may reuse it for.
+    valid_until: dt.datetime | None = None
 
     @classmethod
     def unknown(cls, method: str, detail: str) -> RevocationResult:
@@ -328,8 +331,11 @@ def evaluate_ocsp(
         )
     status = single.certificate_status
     when = f"thisUpdate {this_update.isoformat()}"
+    until = next_update or this_update + dt.timedelta(seconds=max_age)
     if status is ocsp.OCSPCertStatus.GOOD:
-        return RevocationResult(RevocationStatus.GOOD, "ocsp", f"OCSP good ({when})")
+        return RevocationResult(
+            RevocationStatus.GOOD, "ocsp", f"OCSP good ({when})", valid_until=until
+        )
     if status is ocsp.OCSPCertStatus.REVOKED:
         reason = single.revocation_reason
         return RevocationResult(
@@ -338,5 +344,6 @@ def evaluate_ocsp(
             f"OCSP revoked ({when})",
             revoked_at=single.revocation_time_utc,
             reason=reason.value if reason else None,
+            valid_until=until,
         )
     return unknown("OCSP responder does not know this certificate")

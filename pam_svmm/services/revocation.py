@@ -3,6 +3,10 @@
 The end-entity rule applies to chain[0], the CA rule to every intermediate; the trust anchor
 (the chain's last certificate) is not checked. Each call has a bounded total time: network
 operations get what is left of it, and none starts once it is spent.
+
+A checker that lives long (svmmd's) reuses a good or revoked OCSP answer for
+``ocsp_reuse`` seconds at most, and never past the validity the response states (its
+nextUpdate); a login process asks every time anyway. Unknown answers are never reused.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ import datetime as dt
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from ..adapters.crl_store import CrlStore
@@ -81,6 +87,8 @@ class RevocationChecker:
         self._clock = clock
         self._trusted = tuple(trusted_responders)
         self._nonce = nonce
+        # OCSP answers reused within ocsp_reuse (and their own validity): by (issuer, serial).
+        self._ocsp_answers: dict[tuple[bytes, int], tuple[RevocationResult, dt.datetime]] = {}
 
     def check(
         self,
@@ -126,6 +134,23 @@ class RevocationChecker:
         return min(self.config.fetch_timeout, deadline - time.monotonic())
 
     def _ocsp(
+        self, cert: x509.Certificate, issuer: x509.Certificate, at: dt.datetime, deadline: float
+    ) -> RevocationResult:
+        key = (issuer.fingerprint(hashes.SHA256()), cert.serial_number)
+        kept = self._ocsp_answers.get(key)
+        if kept is not None:
+            answer, fetched = kept
+            until = answer.valid_until
+            reuse = dt.timedelta(seconds=self.config.ocsp_reuse)
+            if until is not None and fetched <= at <= min(until, fetched + reuse):
+                return replace(answer, detail=f"{answer.detail}; asked {fetched.isoformat()}")
+            del self._ocsp_answers[key]
+        r = self._ask_ocsp(cert, issuer, at, deadline)
+        if r.status is not RevocationStatus.UNKNOWN and self.config.ocsp_reuse > 0:
+            self._ocsp_answers[key] = (r, at)
+        return r
+
+    def _ask_ocsp(
         self, cert: x509.Certificate, issuer: x509.Certificate, at: dt.datetime, deadline: float
     ) -> RevocationResult:
         urls = [self.config.ocsp_responder] if self.config.ocsp_responder else ocsp_urls(cert)

@@ -87,6 +87,8 @@ def checker(
     files: list[Path],
     methods=(CRL,),
     fetcher=None,
+    ocsp_reuse: float = 0.0,
+    clock=lambda: NOW,
 ) -> RevocationChecker:  # type: ignore[no-untyped-def]
     cfg = RevocationConfig(
         end_entity=ee,
@@ -96,10 +98,11 @@ def checker(
         crl_fetch=False,
         cache_dir=tmp_path / "cache",
         ocsp_responder="http://ocsp.invalid/",
+        ocsp_reuse=ocsp_reuse,
     )
     fetcher = fetcher or OcspStub({})
     store = CrlStore(cfg.cache_dir, skew=cfg.clock_skew)
-    return RevocationChecker(cfg, fetcher=fetcher, store=store, clock=lambda: NOW)
+    return RevocationChecker(cfg, fetcher=fetcher, store=store, clock=clock)
 
 
 @pytest.mark.parametrize(("ee", "ca"), list(itertools.product(RevocationRule, RevocationRule)))
@@ -195,6 +198,57 @@ def test_spent_budget_asks_nobody(tmp_path: Path) -> None:
     out = c.check(CHAIN, budget=0)
     assert stub.posts == 0 and out[0][1].outcome is Outcome.SOFT_FAILED
     assert "time budget" in out[0][1].note
+
+
+def test_a_resident_checker_reuses_ocsp_answers_within_reuse_and_validity(
+    tmp_path: Path,
+) -> None:
+    """svmmd's checker: the second login within ocsp_reuse asks nobody; past it, or past the
+    response's nextUpdate (NOW + 1 h), the responder is asked again; unknown is never kept."""
+    now = [NOW]
+    stub = OcspStub({key_hash(P.intermediate): P.intermediate})
+    c = checker(
+        tmp_path, ee=REQUIRE, ca=OFF, files=[], methods=(OCSP,), fetcher=stub,
+        ocsp_reuse=600, clock=lambda: now[0],
+    )  # fmt: skip
+    c.check(CHAIN)
+    out = c.check(CHAIN)
+    assert stub.posts == 1 and "asked" in out[0][1].results[0].detail
+    now[0] = NOW + timedelta(seconds=601)  # past ocsp_reuse
+    c.check(CHAIN)
+    assert stub.posts == 2
+    # A revocation published now is seen once the reuse window ends, not before.
+    stub.revoked = {LEAF.cert.serial_number}
+    now[0] = NOW + timedelta(seconds=900)
+    c.check(CHAIN)  # reused (asked at +601 s)
+    assert stub.posts == 2
+    now[0] = NOW + timedelta(seconds=1202)
+    with pytest.raises(CertificateRevoked):
+        c.check(CHAIN)
+    assert stub.posts == 3
+    with pytest.raises(CertificateRevoked):  # a revoked answer is kept too
+        c.check(CHAIN)
+    assert stub.posts == 3
+
+
+def test_ocsp_answers_are_not_reused_past_next_update(tmp_path: Path) -> None:
+    now = [NOW]
+    stub = OcspStub({key_hash(P.intermediate): P.intermediate})
+    c = checker(
+        tmp_path, ee=SOFT, ca=OFF, files=[], methods=(OCSP,), fetcher=stub,
+        ocsp_reuse=86400, clock=lambda: now[0],
+    )  # fmt: skip
+    c.check(CHAIN)
+    now[0] = NOW + timedelta(minutes=59)
+    c.check(CHAIN)
+    assert stub.posts == 1
+    now[0] = NOW + timedelta(minutes=61)  # the response's nextUpdate has passed
+    stub.down = True
+    out = c.check(CHAIN)
+    assert stub.posts == 2 and out[0][1].outcome is Outcome.SOFT_FAILED
+    stub.down = False
+    c.check(CHAIN)  # an unknown answer was not kept: asked again
+    assert stub.posts == 3
 
 
 def test_urls_from_extensions() -> None:

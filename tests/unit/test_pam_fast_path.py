@@ -1,0 +1,205 @@
+"""The fast path's protocol: pam/thin.py against svmmd's PAM responder over a real socket.
+
+The PAM functions svmmd runs are replaced by small stand-ins here (the real ones are
+exercised through the real PAM stack in tests/integration/test_fast_path.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from pam_svmm.daemon import pam_responder
+from pam_svmm.daemon.server import serving
+from pam_svmm.pam import entry, thin
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the client accepts only root's svmmd")
+
+
+class PamError(Exception):
+    def __init__(self, code: int) -> None:
+        self.pam_result = code
+
+
+class FakePamh:
+    """pam_python's handle, as much as thin.py uses of it."""
+
+    PAM_SUCCESS, PAM_SYSTEM_ERR, PAM_AUTH_ERR, PAM_SESSION_ERR, PAM_CONV_ERR = 0, 4, 7, 14, 19
+    PAM_IGNORE = 25
+    exception = PamError
+
+    def __init__(self, answers: list[str] | None = None, *, user: str | None = None) -> None:
+        self.service, self.user, self.tty, self.rhost = "login", user, "/dev/tty1", ""
+        self.xdisplay = None
+        self.env: dict[str, str] = {}
+        self.answers = list(answers or [])
+        self.shown: list[tuple[int, str]] = []
+        self.gate: threading.Event | None = None
+
+    class Message:
+        def __init__(self, style: int, text: str) -> None:
+            self.msg_style, self.msg = style, text
+
+    def conversation(self, m: Any) -> Any:
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.shown.append((m.msg_style, m.msg))
+        if m.msg_style in (1, 2):
+            if not self.answers:
+                raise PamError(self.PAM_CONV_ERR)
+            return SimpleNamespace(resp=self.answers.pop(0))
+        return None
+
+
+def _authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
+    pin = pamh.conversation(pamh.Message(pamh.PAM_PROMPT_ECHO_OFF, "PIN for card: "))
+    if pin.resp != "123456":
+        pamh.conversation(pamh.Message(pamh.PAM_ERROR_MSG, "wrong PIN"))
+        return pamh.PAM_AUTH_ERR
+    pamh.svmm_transaction.logins["alice"] = pamh.svmm_transaction.pid
+    pamh.user = "alice"
+    return pamh.PAM_SUCCESS
+
+
+def _open_session(pamh: Any, flags: int, argv: list[str]) -> int:
+    if pamh.user not in pamh.svmm_transaction.logins:
+        return pamh.PAM_SESSION_ERR
+    pamh.env["SVMM_SESSION_ID"] = "tty1:1:abc"
+    return pamh.PAM_SUCCESS
+
+
+def _acct_mgmt(pamh: Any, flags: int, argv: list[str]) -> int:
+    return 12345  # not a PAM code this side knows
+
+
+STUB = SimpleNamespace(
+    Transaction=entry.Transaction,
+    pam_sm_authenticate=_authenticate,
+    pam_sm_open_session=_open_session,
+    pam_sm_acct_mgmt=_acct_mgmt,
+)
+
+
+@pytest.fixture
+def svmmd(tmp_path: Path) -> Iterator[tuple[thin.ModuleOptions, pam_responder.PamResponder]]:
+    responder = pam_responder.PamResponder(None)
+    responder._entry = STUB  # type: ignore[assignment]
+    sock = socket.socket(socket.AF_UNIX)
+    path = tmp_path / "svmmd.sock"
+    sock.bind(str(path))
+    sock.listen()
+    thin._token = None
+    with serving(SimpleNamespace(), sock, responder):  # type: ignore[arg-type]
+        yield thin.ModuleOptions(["shim", f"socket={path}"]), responder
+
+
+def test_a_login_runs_in_svmmd_and_its_state_carries_to_the_session(svmmd: Any) -> None:
+    options, responder = svmmd
+    pamh = FakePamh(["123456"])
+    assert thin.call("authenticate", pamh, 0, options) == FakePamh.PAM_SUCCESS
+    assert pamh.user == "alice" and pamh.shown == [(1, "PIN for card: ")]
+    assert thin._token is not None and len(responder) == 1
+    assert thin.call("open_session", pamh, 0, options) == FakePamh.PAM_SUCCESS
+    assert pamh.env["SVMM_SESSION_ID"] == "tty1:1:abc"
+    # The transaction is this process's: svmmd recorded our pid from the kernel.
+    held = next(iter(responder._held.values()))
+    assert held.pid == os.getpid() and held.transaction.logins["alice"] == os.getpid()
+
+
+def test_wrong_pin_and_its_message_reach_the_application(svmmd: Any) -> None:
+    options, _ = svmmd
+    pamh = FakePamh(["000000"])
+    assert thin.call("authenticate", pamh, 0, options) == FakePamh.PAM_AUTH_ERR
+    assert pamh.shown[-1] == (3, "wrong PIN") and pamh.user is None
+
+
+def test_a_conversation_error_is_the_application_s_answer(svmmd: Any) -> None:
+    options, _ = svmmd
+    pamh = FakePamh([])  # the application cannot prompt
+    assert thin.call("authenticate", pamh, 0, options) == FakePamh.PAM_SYSTEM_ERR
+
+
+def test_a_token_of_another_process_is_not_its_transaction(svmmd: Any) -> None:
+    options, responder = svmmd
+    assert thin.call("authenticate", FakePamh(["123456"]), 0, options) == 0
+    token = thin._token
+    held = responder._held[token]
+    held.pid = 1  # as if init had authenticated: our pid no longer matches
+    assert thin.call("open_session", FakePamh(user="alice"), 0, options) == 14
+    assert thin._token != token  # a fresh, empty transaction
+
+
+def test_unknown_result_codes_fail_closed(svmmd: Any) -> None:
+    options, _ = svmmd
+    assert thin.call("acct_mgmt", FakePamh(user="alice"), 0, options) == FakePamh.PAM_SYSTEM_ERR
+
+
+def test_no_svmmd_means_run_in_process(tmp_path: Path) -> None:
+    options = thin.ModuleOptions(["shim", f"socket={tmp_path / 'none.sock'}"])
+    assert thin.call("authenticate", FakePamh(), 0, options) is None
+
+
+def test_svmmd_without_a_responder_means_run_in_process(tmp_path: Path) -> None:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "s.sock"))
+    sock.listen()
+    options = thin.ModuleOptions(["shim", f"socket={tmp_path / 's.sock'}"])
+    with serving(SimpleNamespace(), sock):  # type: ignore[arg-type]
+        assert thin.call("authenticate", FakePamh(), 0, options) is None
+
+
+def test_a_broken_reply_mid_call_fails_closed(tmp_path: Path) -> None:
+    """After the request went out, anything but a result is an error, never a fallback."""
+    path = tmp_path / "evil.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b'{"conv":{"style":1,"text":"PIN: "}}\n')
+        conn.recv(65536)
+        conn.sendall(b'{"result":"PAM_SUCCESS"')  # cut short: no newline
+        conn.close()
+
+    t = threading.Thread(target=answer)
+    t.start()
+    pamh = FakePamh(["123456"])
+    assert thin.call("authenticate", pamh, 0, thin.ModuleOptions(["s", f"socket={path}"])) == 4
+    t.join(5)
+    server.close()
+
+
+def test_a_slow_pin_entry_does_not_hold_up_other_logins(svmmd: Any) -> None:
+    options, _ = svmmd
+    slow = FakePamh(["123456"])
+    slow.gate = threading.Event()  # this person has not typed their PIN yet
+    result: list[int | None] = []
+    t = threading.Thread(target=lambda: result.append(thin.call("authenticate", slow, 0, options)))
+    t.start()
+    time.sleep(0.2)
+    other: list[int | None] = []
+    t2 = threading.Thread(
+        target=lambda: other.append(thin.call("acct_mgmt", FakePamh(), 0, options))
+    )
+    t2.start()
+    t2.join(5)
+    served_meanwhile = not t2.is_alive()
+    slow.gate.set()
+    t2.join(10)
+    assert served_meanwhile and other == [4]
+    t.join(10)
+    assert result == [0]
+
+
+def test_process_start_tells_a_reused_pid() -> None:
+    assert pam_responder.process_start(os.getpid()) is not None
+    assert pam_responder.process_start(2**22 + 7) is None
