@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,9 @@ class RevocationConfig:
     ocsp_nonce: bool = True
     # Accept an OCSP response whose thisUpdate is at most this old when it has no nextUpdate.
     ocsp_max_age: float = 3600.0
+    # Seconds a process that stays up (svmmd) may reuse an OCSP answer, within the validity
+    # the response states; 0: ask the responder at every login.
+    ocsp_reuse: float = 300.0
     clock_skew: float = 300.0
     fetch_timeout: float = 3.0
 
@@ -267,6 +271,29 @@ class CardRemovalAction(enum.Enum):
     LOCK = "lock"  # lock the session only
 
 
+class LastLogoutAction(enum.Enum):
+    """What happens to a user's running VMs when their last session closes."""
+
+    STOP = "stop"  # stopped gracefully: volumes closed, keys gone from QEMU
+    PAUSE = "pause"  # paused (QMP stop); resumable after a new login
+    KEEP = "keep"  # left running
+
+
+class NetworkKind(enum.Enum):
+    USER = "user"  # QEMU's user-mode stack (slirp), restrict=on by default: no host, no outside
+    BRIDGE = "bridge"  # a tap device svmmd creates per VM and attaches to a host bridge
+
+
+@dataclass(frozen=True)
+class NetworkBackend:
+    """[launcher.networks.NAME]: how a policy network NAME reaches QEMU on this host."""
+
+    name: str
+    kind: NetworkKind
+    restrict: bool = True  # user: isolate the guest (QEMU's restrict=on)
+    bridge: str = ""  # bridge: the host bridge's interface name
+
+
 @dataclass(frozen=True)
 class LauncherConfig:
     """The VM launcher service (svmmd)."""
@@ -281,6 +308,12 @@ class LauncherConfig:
     kill_timeout: float = 3.0
     card_removal: CardRemovalAction = CardRemovalAction.PAUSE
     card_poll_interval: float = 1.0  # seconds between slot polls
+    on_last_logout: LastLogoutAction = LastLogoutAction.KEEP
+    # Only networks defined here can be given to a VM (by name; the policy grants them).
+    networks: tuple[NetworkBackend, ...] = ()
+
+    def network(self, name: str) -> NetworkBackend | None:
+        return next((n for n in self.networks if n.name == name), None)
 
 
 class VolumeMode(enum.Enum):
@@ -494,6 +527,7 @@ def _revocation(t: _Table) -> RevocationConfig:
         ocsp_responder=responder,
         ocsp_nonce=t.flag("ocsp_nonce", d.ocsp_nonce),
         ocsp_max_age=t.number("ocsp_max_age", d.ocsp_max_age, minimum=1),
+        ocsp_reuse=t.number("ocsp_reuse", d.ocsp_reuse),
         clock_skew=t.number("clock_skew", d.clock_skew),
         fetch_timeout=t.number("fetch_timeout", d.fetch_timeout, minimum=0.1),
     )
@@ -614,9 +648,42 @@ def _launcher(t: _Table) -> LauncherConfig:
         kill_timeout=t.number("kill_timeout", d.kill_timeout, minimum=0.1),
         card_removal=t.enum("card_removal", d.card_removal),
         card_poll_interval=t.number("card_poll_interval", d.card_poll_interval, minimum=0.05),
+        on_last_logout=t.enum("on_last_logout", d.on_last_logout),
+        networks=_networks(t.sub("networks")),
     )
     t.done()
     return cfg
+
+
+_NET_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")  # becomes part of QEMU ids (adapters/qemu.py)
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # a Linux interface name (IFNAMSIZ - 1)
+
+
+def _networks(t: _Table) -> tuple[NetworkBackend, ...]:
+    out = []
+    for name in sorted(t.data):
+        sub = t.sub(name)
+        if not _NET_NAME.fullmatch(name):
+            raise ConfigError(
+                sub.prefix,
+                "a network name is a lower-case letter, then up to 30 lower-case "
+                "letters, digits, '-' or '_'",
+            )
+        kind = sub.enum("kind", NetworkKind.USER)
+        if "kind" not in sub.data:
+            raise ConfigError(sub.key("kind"), "is required ('user' or 'bridge')")
+        restrict = sub.flag("restrict", True)
+        bridge = sub.text("bridge", "")
+        if kind is NetworkKind.BRIDGE:
+            if not _IFNAME.fullmatch(bridge) or bridge in (".", ".."):
+                raise ConfigError(sub.key("bridge"), f"{bridge!r} is not an interface name")
+            if "restrict" in sub.data:
+                raise ConfigError(sub.key("restrict"), "applies to kind 'user' only")
+        elif bridge:
+            raise ConfigError(sub.key("bridge"), "applies to kind 'bridge' only")
+        sub.done()
+        out.append(NetworkBackend(name, kind, restrict, bridge))
+    return tuple(out)
 
 
 def _ldap_uri(key: str, uri: str) -> str:

@@ -8,6 +8,7 @@ from the request.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -39,3 +40,38 @@ def call(path: Path, request: dict[str, Any], *, timeout: float = 30.0) -> dict[
     if not isinstance(reply, dict) or reply.get("version") != PROTOCOL or "ok" not in reply:
         raise LauncherUnavailable(f"launcher {path}: reply is not {PROTOCOL}")
     return reply
+
+
+def call_with_fd(
+    path: Path, request: dict[str, Any], *, timeout: float = 30.0
+) -> tuple[dict[str, Any], socket.socket | None]:
+    """One request whose reply may carry a descriptor (SCM_RIGHTS: ``console``): the reply
+    and, when one came, a socket over it (the caller closes it)."""
+    line = (json.dumps({"version": PROTOCOL, **request}) + "\n").encode()
+    fds: list[int] = []
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(line)
+            answer, fds, _flags, _addr = socket.recv_fds(s, MAX_REPLY, 1)
+            while answer and not answer.endswith(b"\n") and len(answer) < MAX_REPLY:
+                more = s.recv(MAX_REPLY)
+                if not more:
+                    break
+                answer += more
+    except OSError as e:
+        for fd in fds:
+            os.close(fd)
+        raise LauncherUnavailable(f"launcher {path}: {e.strerror or e}") from None
+    try:
+        reply = json.loads(answer)
+        if not isinstance(reply, dict) or reply.get("version") != PROTOCOL or "ok" not in reply:
+            raise ValueError(PROTOCOL)
+    except ValueError:
+        for fd in fds:
+            os.close(fd)
+        raise LauncherUnavailable(f"launcher {path}: reply is not {PROTOCOL}") from None
+    for fd in fds[1:]:
+        os.close(fd)
+    return reply, (socket.socket(fileno=fds[0]) if fds else None)

@@ -11,9 +11,11 @@ a keyslot by cryptsetup (``token import --key-slot``). LUKS1 has no tokens (and 
 QEMU 7.2's LUKS driver opens: it refuses LUKS2), so for LUKS1 ``SidecarTokens`` keeps the
 same JSON beside the image, bound to the header by its UUID.
 
-dm-crypt: ``open_dmcrypt`` maps a volume where device-mapper exists; on a host without it
-(no /dev/mapper/control) it raises ``VolumeError(reason="dm_unavailable")`` before running
-anything.
+dm-crypt: ``open_dmcrypt`` maps a volume where device-mapper exists (``close_dmcrypt``,
+``suspend``/``resume`` for card removal, ``mapping_active``, ``secure_mapping``: the node
+root's 0600); on a host without it (no /dev/mapper/control) each raises
+``VolumeError(reason="dm_unavailable")`` before running anything. services/dmcrypt.py decides
+when.
 """
 
 from __future__ import annotations
@@ -415,11 +417,15 @@ class Cryptsetup:
 
     # -- dm-crypt --
 
-    def open_dmcrypt(self, path: Path, name: str, key: bytes | bytearray) -> Path:
-        """Map ``path`` as /dev/mapper/NAME with ``key``; the mapping is root's."""
+    def require_dm(self) -> None:
+        """Raise ``dm_unavailable`` before running anything on a host without device-mapper
+        (a method, so a test double can stand in for the kernel)."""
         require_device_mapper()
-        if not _NAME.match(name):
-            raise VolumeError(f"{name!r} is not a valid device-mapper name")
+
+    def open_dmcrypt(self, path: Path, name: str, key: bytes | bytearray) -> Path:
+        """Map ``path`` as /dev/mapper/NAME with ``key`` (on stdin); the mapping is root's."""
+        self.require_dm()
+        _dm_name(name)
         self._run(
             "open",
             path,
@@ -429,11 +435,66 @@ class Cryptsetup:
         )
         return Path("/dev/mapper") / name
 
-    def close_dmcrypt(self, name: str) -> None:
-        require_device_mapper()
-        if not _NAME.match(name):
-            raise VolumeError(f"{name!r} is not a valid device-mapper name")
-        self._run("close", name, ["close", name])
+    def close_dmcrypt(self, name: str, *, deferred: bool = False) -> None:
+        """Remove the mapping; ``deferred``: when its last opener (a running QEMU) lets go."""
+        self.require_dm()
+        _dm_name(name)
+        self._run("close", name, ["close", *(["--deferred"] if deferred else []), name])
+
+    def cancel_deferred(self, name: str) -> None:
+        """Keep a mapping that a deferred close would remove."""
+        self.require_dm()
+        self._run("close --cancel-deferred", name, ["close", "--cancel-deferred", _dm_name(name)])
+
+    def mapping_active(self, name: str) -> bool:
+        """Is /dev/mapper/NAME an active dm-crypt mapping? (``cryptsetup status``: 0 active,
+        4 no such device.)"""
+        self.require_dm()
+        try:
+            self._run("status", name, ["status", _dm_name(name)])
+        except VolumeError:
+            return False
+        return True
+
+    def suspend(self, name: str) -> None:
+        """luksSuspend: I/O to the mapping blocks and the kernel forgets its key."""
+        self.require_dm()
+        self._run("luksSuspend", name, ["luksSuspend", _dm_name(name)])
+
+    def resume(self, name: str, key: bytes | bytearray) -> None:
+        """luksResume with ``key`` (on stdin)."""
+        self.require_dm()
+        self._run(
+            "luksResume",
+            name,
+            ["luksResume", "--key-file=-", _dm_name(name)],
+            stdin_key=key,
+            refused=f"{name}: no keyslot accepts the key",
+        )
+
+    def secure_mapping(self, name: str) -> Path:
+        """Make the mapped device node root's 0600 (udev makes it root:disk 0660) and return
+        /dev/mapper/NAME; refuses anything but a block device under /dev."""
+        _dm_name(name)
+        link = Path("/dev/mapper") / name
+        try:
+            node = link.resolve(strict=True)
+            st = os.stat(node)
+            if not stat.S_ISBLK(st.st_mode) or node.parts[:2] != ("/", "dev"):
+                raise VolumeError(f"{link} is not a block device under /dev")
+            if st.st_uid != 0:
+                os.chown(node, 0, 0)
+            if stat.S_IMODE(st.st_mode) != 0o600:
+                os.chmod(node, 0o600)
+        except OSError as e:
+            raise VolumeError(f"cannot secure {link}: {e.strerror}") from None
+        return link
+
+
+def _dm_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise VolumeError(f"{name!r} is not a valid device-mapper name")
+    return name
 
 
 def device_mapper_available(control: Path = DM_CONTROL, misc: Path = Path("/proc/misc")) -> bool:

@@ -10,11 +10,24 @@ How things reach QEMU (checked on QEMU 7.2):
   argv, environment or a file.
 * Images: opened by us and passed with ``-add-fd`` (the file driver uses qemu_open, which
   resolves ``/dev/fdset/N``), so an image can stay root-only 0600 and the unprivileged QEMU
-  opens nothing by path.
+  opens nothing by path. ``RawDisk`` (volumes.mode = "dm-crypt"): the host's mapping
+  /dev/mapper/svmm-<volume>, already plaintext, goes the same way as a raw block node, no key.
 * QMP: we create the listening unix socket in a private 0700 folder and hand QEMU its fd
   (``-chardev socket,fd=N,server=on,wait=off``): no race waiting for QEMU to create the
   socket, and the VM user needs no access to the folder. It keeps listening, so a restarted
   launcher can reconnect by path.
+
+* Console: a second listening socket of ours, ``console.sock`` in the same private folder
+  (``-chardev socket,id=console,fd=N``; an ``isa-serial`` on it when there is a machine).
+  Only root connects to it; svmmd hands the connection to a user the policy lets in.
+* Devices (need ``-machine q35``, still ``-nodefaults`` and ``-S``): ``usb-host`` by
+  vendor/product id on one ``qemu-xhci`` (QEMU 7.2 starts without such a device present and
+  lists it in ``info usb`` and under /machine/peripheral); ``virtio-net-pci`` on a
+  ``user`` netdev (``restrict=on``) or a ``tap`` netdev whose descriptor we pass (``-netdev
+  tap,fd=N``: no bridge helper, which ``-sandbox spawn=deny`` would forbid anyway). QEMU 7.2
+  has no ``query-netdev``: HMP ``info network`` shows the netdevs.
+* Secrets after the start: QMP ``object-del`` of a LUKS key secret succeeds while the LUKS
+  node is open (checked on 7.2; the node keeps working: the driver holds the master key).
 
 QEMU 7.2's LUKS driver reads LUKS1 only ("LUKS version 2 is not supported"): volumes meant
 for this path are LUKS1 (``cryptsetup luksFormat --type luks1`` or ``qemu-img create -f
@@ -109,17 +122,130 @@ class LuksDisk:
 
 
 @dataclass(frozen=True)
+class RawDisk:
+    """A plaintext block device (a dm-crypt mapping, /dev/mapper/svmm-<volume>, decrypted by
+    the host kernel) opened as raw block node ``node``; passed by descriptor like an image,
+    no key. ``block=False`` takes a regular file instead (tests on hosts without dm)."""
+
+    node: str
+    device: Path
+    read_only: bool = False
+    block: bool = True
+
+    def __post_init__(self) -> None:
+        _check_name("disk node", self.node)
+        if not Path(self.device).is_absolute():
+            raise VmError(
+                f"disk {self.node}: device path must be absolute", reason="vm_spec_invalid"
+            )
+
+    @property
+    def image(self) -> Path:  # what _open_image opens
+        return self.device
+
+
+_HEX4 = re.compile(r"[0-9a-f]{4}")
+_MAC = re.compile(r"52:54:00(:[0-9a-f]{2}){3}")  # QEMU's locally administered prefix
+
+
+@dataclass(frozen=True)
+class UsbHost:
+    """A host USB device passed through by vendor and product id (``usb-host``). QEMU
+    attaches it when such a device is plugged in (libusb hotplug); until then the guest
+    sees an empty port. The VM user needs access to the device node (a udev rule)."""
+
+    vendor: str  # 4 lower-case hex digits
+    product: str
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.vendor, str) and _HEX4.fullmatch(self.vendor)) or not (
+            isinstance(self.product, str) and _HEX4.fullmatch(self.product)
+        ):
+            raise VmError(
+                f"usb device {self.vendor!r}:{self.product!r}: vendor and product must be "
+                "4 lower-case hex digits",
+                reason="vm_spec_invalid",
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> UsbHost:
+        """From the policy's ``VVVV:PPPP``."""
+        vendor, _, product = str(text).lower().partition(":")
+        return cls(vendor, product)
+
+    @property
+    def id(self) -> str:
+        return f"usb-{self.vendor}-{self.product}"
+
+
+class NetKind(enum.Enum):
+    USER = "user"  # QEMU's user-mode stack
+    TAP = "tap"  # a tap device svmmd opened; QEMU gets its descriptor
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A virtio-net device on a netdev named after the (policy, host) network."""
+
+    network: str
+    kind: NetKind
+    mac: str
+    restrict: bool = True  # user: no host or outside access (QEMU's restrict=on)
+
+    def __post_init__(self) -> None:
+        _check_name("network", self.network)
+        if not isinstance(self.kind, NetKind):
+            raise VmError("kind must be a NetKind", reason="vm_spec_invalid")
+        if not isinstance(self.mac, str) or not _MAC.fullmatch(self.mac):
+            raise VmError(f"network {self.network}: bad MAC {self.mac!r}", reason="vm_spec_invalid")
+
+    @property
+    def netdev_id(self) -> str:
+        return f"net-{self.network}"
+
+    @property
+    def device_id(self) -> str:
+        return f"nic-{self.network}"
+
+
+def mac_for(vm: str, network: str) -> str:
+    """A stable MAC per VM and network (52:54:00 + 3 bytes of a hash)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{vm}\0{network}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in h[:3])
+
+
+CONSOLE_ID = "console"  # the serial console's chardev
+CONSOLE_SOCKET = "console.sock"
+
+
+@dataclass(frozen=True)
 class VmSpec:
     name: str
-    disks: tuple[LuksDisk, ...] = ()
+    disks: tuple[LuksDisk | RawDisk, ...] = ()
     machine: Machine = Machine.NONE
     accel: Accel = Accel.TCG
     memory_mib: int = 64
     paused: bool = True  # -S: the guest CPU does not run until "cont"
     sandbox: bool = True  # seccomp: no spawning, no privilege changes, no obsolete syscalls
+    usb: tuple[UsbHost, ...] = ()  # on one xHCI controller (needs a PCI machine)
+    nics: tuple[Nic, ...] = ()  # virtio-net (needs a PCI machine)
+    console: bool = False  # a serial console chardev on a socket of ours (console.sock)
 
     def __post_init__(self) -> None:
         _check_name("VM name", self.name)
+        if (self.usb or self.nics) and self.machine is not Machine.Q35:
+            raise VmError(
+                f"VM {self.name}: USB and network devices need machine q35",
+                reason="vm_spec_invalid",
+            )
+        usb_ok = all(isinstance(u, UsbHost) for u in self.usb)
+        if not usb_ok or len(set(self.usb)) != len(self.usb):
+            raise VmError(f"VM {self.name}: usb devices repeat", reason="vm_spec_invalid")
+        nets = [n.network for n in self.nics if isinstance(n, Nic)]
+        if len(nets) != len(self.nics) or len(set(nets)) != len(nets):
+            raise VmError(f"VM {self.name}: networks repeat", reason="vm_spec_invalid")
         if not isinstance(self.machine, Machine) or not isinstance(self.accel, Accel):
             raise VmError("machine and accel must be Machine and Accel", reason="vm_spec_invalid")
         if isinstance(self.memory_mib, bool) or not 16 <= self.memory_mib <= 1 << 20:
@@ -139,16 +265,25 @@ class LaunchFds:
     qmp_listener: int
     images: Mapping[str, int]  # node -> image fd
     keys: Mapping[str, int]  # node -> read end of the key pipe
+    console_listener: int | None = None
+    taps: Mapping[str, int] = field(default_factory=dict)  # network -> tap fd
 
     def all(self) -> list[int]:
-        return [self.qmp_listener, *self.images.values(), *self.keys.values()]
+        console = [] if self.console_listener is None else [self.console_listener]
+        return [self.qmp_listener, *console, *self.images.values(), *self.keys.values(),
+                *self.taps.values()]  # fmt: skip
 
 
 def build_argv(spec: VmSpec, fds: LaunchFds, *, binary: str = QEMU_BINARY) -> list[str]:
     """The QEMU command line: only validated names, fd numbers and fixed words; no paths."""
     for d in spec.disks:
-        if d.node not in fds.images or d.node not in fds.keys:
+        if d.node not in fds.images or (isinstance(d, LuksDisk) and d.node not in fds.keys):
             raise VmError(f"VM {spec.name}: no descriptors for disk {d.node}", reason="vm_failed")
+    for n in spec.nics:
+        if n.kind is NetKind.TAP and n.network not in fds.taps:
+            raise VmError(f"VM {spec.name}: no tap for network {n.network}", reason="vm_failed")
+    if spec.console and fds.console_listener is None:
+        raise VmError(f"VM {spec.name}: no console socket", reason="vm_failed")
     for fd in fds.all():
         if isinstance(fd, bool) or not isinstance(fd, int) or fd < 3:
             raise VmError(f"VM {spec.name}: bad descriptor {fd!r}", reason="vm_failed")
@@ -177,29 +312,70 @@ def build_argv(spec: VmSpec, fds: LaunchFds, *, binary: str = QEMU_BINARY) -> li
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ]
     for fdset, d in enumerate(spec.disks, start=1):
-        blockdev: dict[str, Any] = {
-            "driver": "luks",
-            "node-name": d.node,
-            "key-secret": d.secret_id,
-            "read-only": d.read_only,
-            "file": {
-                "driver": "file",
-                "filename": f"/dev/fdset/{fdset}",
+        if isinstance(d, RawDisk):
+            argv += ["-add-fd", f"fd={fds.images[d.node]},set={fdset},opaque={d.node}-device"]
+            raw = {
+                "driver": "raw",
+                "node-name": d.node,
                 "read-only": d.read_only,
-            },
-        }
-        argv += [
-            "-add-fd",
-            f"fd={fds.images[d.node]},set={fdset},opaque={d.node}-image",
-            "-object",
-            f"secret,id={d.secret_id},format=raw,file=/proc/self/fd/{fds.keys[d.node]}",
-            "-blockdev",
-            json.dumps(blockdev, separators=(",", ":")),
-        ]
+                "file": {
+                    "driver": "host_device" if d.block else "file",
+                    "filename": f"/dev/fdset/{fdset}",
+                    "read-only": d.read_only,
+                },
+            }
+            argv += ["-blockdev", json.dumps(raw, separators=(",", ":"))]
+        else:
+            blockdev: dict[str, Any] = {
+                "driver": "luks",
+                "node-name": d.node,
+                "key-secret": d.secret_id,
+                "read-only": d.read_only,
+                "file": {
+                    "driver": "file",
+                    "filename": f"/dev/fdset/{fdset}",
+                    "read-only": d.read_only,
+                },
+            }
+            argv += [
+                "-add-fd",
+                f"fd={fds.images[d.node]},set={fdset},opaque={d.node}-image",
+                "-object",
+                f"secret,id={d.secret_id},format=raw,file=/proc/self/fd/{fds.keys[d.node]}",
+                "-blockdev",
+                json.dumps(blockdev, separators=(",", ":")),
+            ]
         if spec.machine is Machine.Q35:
-            argv += ["-device", f"virtio-blk-pci,drive={d.node},id=vd-{d.node}"]
+            # share-rw: svmmd's own qemu-io (HMP, root's QMP only) may write the node the
+            # guest's disk uses; nothing else can add a writer.
+            argv += ["-device", f"virtio-blk-pci,drive={d.node},id=vd-{d.node},share-rw=on"]
         elif spec.machine is Machine.MICROVM:
             argv += ["-device", f"virtio-blk-device,drive={d.node},id=vd-{d.node}"]
+    if spec.console:
+        argv += [
+            "-chardev",
+            f"socket,id={CONSOLE_ID},fd={fds.console_listener},server=on,wait=off",
+        ]
+        if spec.machine is not Machine.NONE:
+            argv += ["-device", f"isa-serial,chardev={CONSOLE_ID},id=serial0"]
+    if spec.usb:
+        argv += ["-device", "qemu-xhci,id=usb"]
+        for u in spec.usb:
+            argv += [
+                "-device",
+                f"usb-host,bus=usb.0,vendorid=0x{u.vendor},productid=0x{u.product},id={u.id}",
+            ]
+    for n in spec.nics:
+        if n.kind is NetKind.USER:
+            backend = f"user,id={n.netdev_id},restrict={'on' if n.restrict else 'off'}"
+        else:
+            backend = f"tap,id={n.netdev_id},fd={fds.taps[n.network]}"
+        argv += [
+            "-netdev",
+            backend,
+            "-device",
+            f"virtio-net-pci,netdev={n.netdev_id},id={n.device_id},mac={n.mac}",
+        ]
     if spec.paused:
         argv.append("-S")
     return argv
@@ -389,25 +565,33 @@ class QemuVm:
         ready_timeout: float = 10.0,
         capture_stdout: bool = False,
         binary: str = QEMU_BINARY,
+        taps: Mapping[str, int] | None = None,
     ) -> QemuVm:
         """Start QEMU for ``spec`` with ``keys`` (node -> volume key; the caller keeps and
-        wipes its buffers) and wait until QMP answers. ``run_dir``: a private 0700 folder
-        (created if missing) for the QMP socket and QEMU's log. A refused key raises
+        wipes its buffers) and wait until QMP answers. ``taps``: network -> an open tap
+        descriptor for each TAP nic (QEMU inherits it; the caller closes its copy). ``run_dir``:
+        a private 0700 folder (created if missing) for the QMP and console sockets and QEMU's
+        log. A refused key raises
         VolumeError(reason="volume_key_refused"); anything else that stops QEMU, VmError.
         ``capture_stdout``: keep a pipe from QEMU's stdout, which ``qemu_io`` needs (QEMU 7.2
         prints qemu-io results there, not to the monitor); otherwise stdout goes to the log."""
-        if set(keys) != {d.node for d in spec.disks}:
+        if set(keys) != {d.node for d in spec.disks if isinstance(d, LuksDisk)}:
             raise VmError(
-                f"VM {spec.name}: keys must be given for exactly its disks",
+                f"VM {spec.name}: keys must be given for exactly its LUKS disks",
                 reason="vm_spec_invalid",
             )
         ids = run_as.ids() if run_as else None
         dir_fd = open_private_dir(run_dir, key="vm.run_dir", check_parents=True)
         to_close: list[int] = [dir_fd]
         listener: socket.socket | None = None
+        console: socket.socket | None = None
         stdout_r: int | None = None
         try:
             listener = _listen(run_dir / QMP_SOCKET, dir_fd)
+            if spec.console:
+                # Root's socket in the private folder: only svmmd connects, and hands the
+                # connection to a caller the policy lets in (services/launcher.py).
+                console = _listen(run_dir / CONSOLE_SOCKET, dir_fd)
             log_fd = os.open(
                 LOG_FILE,
                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -425,9 +609,17 @@ class QemuVm:
             for d in spec.disks:
                 images[d.node] = fd = _open_image(d)
                 to_close.append(fd)
+                if isinstance(d, RawDisk):
+                    continue
                 pipes[d.node] = fd = _key_pipe(keys[d.node], ids)
                 to_close.append(fd)
-            fds = LaunchFds(listener.fileno(), images, pipes)
+            fds = LaunchFds(
+                listener.fileno(),
+                images,
+                pipes,
+                console.fileno() if console is not None else None,
+                dict(taps or {}),
+            )
             argv = build_argv(spec, fds, binary=binary)
             user_kw: dict[str, Any] = {}
             if ids:
@@ -452,6 +644,8 @@ class QemuVm:
             # Only QEMU keeps these: a dead QEMU then resets our pending QMP connection.
             if listener is not None:
                 listener.close()
+            if console is not None:
+                console.close()
             for fd in to_close:
                 os.close(fd)
         qmp: QmpSync | None = None
@@ -545,6 +739,8 @@ class QemuVm:
                 self.stdout_fd = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.qmp_socket)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.run_dir / CONSOLE_SOCKET)
         return StopResult(how, time.monotonic() - started, self.process.returncode)
 
     def __enter__(self) -> QemuVm:
@@ -577,13 +773,18 @@ def _listen(path: Path, dir_fd: int) -> socket.socket:
     return sock
 
 
-def _open_image(disk: LuksDisk) -> int:
+def _open_image(disk: LuksDisk | RawDisk) -> int:
     flags = (os.O_RDONLY if disk.read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NOFOLLOW
+    if isinstance(disk, RawDisk) and disk.block:
+        flags &= ~os.O_NOFOLLOW  # udev makes /dev/mapper/NAME a symlink to ../dm-N
     try:
         fd = os.open(disk.image, flags)
     except OSError as e:
         raise VolumeError(f"disk {disk.node}: {disk.image}: {e.strerror}") from None
     mode = os.fstat(fd).st_mode
+    if isinstance(disk, RawDisk) and disk.block and not stat.S_ISBLK(mode):
+        os.close(fd)
+        raise VolumeError(f"disk {disk.node}: {disk.image} is not a block device")
     if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
         os.close(fd)
         raise VolumeError(f"disk {disk.node}: {disk.image} is not a file or block device")

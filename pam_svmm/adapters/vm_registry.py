@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import SvmmError, VmError
 from .private_dir import open_private_dir, replace_file
-from .qemu import NAME_PATTERN, QemuVm, QmpSync, RunAs, VmSpec
+from .qemu import CONSOLE_SOCKET, NAME_PATTERN, QemuVm, QmpSync, RunAs, VmSpec
 
 FORMAT = "svmm-vm/1"
 _RECORD_MODE = 0o600
@@ -121,7 +121,13 @@ class VmHandle:
             self.qmp.close()
         with contextlib.suppress(OSError):
             os.unlink(self.record.qmp_socket)
+        with contextlib.suppress(OSError):
+            os.unlink(self.console_socket)
         return how
+
+    @property
+    def console_socket(self) -> Path:
+        return Path(self.record.run_dir) / CONSOLE_SOCKET
 
     def _wait(self, timeout: float) -> bool:
         if self.process is not None:
@@ -195,13 +201,15 @@ class VmRegistry:
         card_serial: str = "",
         token_serial: str = "",
         now: dt.datetime | None = None,
+        taps: Mapping[str, int] | None = None,
     ) -> VmRecord:
         with self._lock:
             if spec.name in self._vms:
                 raise VmError(f"VM {spec.name} is already running", reason="vm_already_running")
             vm = QemuVm.launch(
-                spec, keys, run_dir=run_dir, run_as=run_as, ready_timeout=ready_timeout
-            )
+                spec, keys, run_dir=run_dir, run_as=run_as, ready_timeout=ready_timeout,
+                taps=taps,
+            )  # fmt: skip
             start_time = proc_start_time(vm.pid)
             record = VmRecord(
                 vm=spec.name,

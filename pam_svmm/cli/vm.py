@@ -1,19 +1,26 @@
-"""`svmm vm list|start|stop|status|resume`: the user's client of the launcher service (svmmd).
+"""`svmm vm list|start|stop|status|resume|console`: the user's client of the launcher (svmmd).
 
 It sends one "svmm-launcher/1" request over the launcher's Unix socket and prints the reply.
-It sends no identity: the service learns who asks from the kernel.
+It sends no identity: the service learns who asks from the kernel. ``console`` gets the
+VM's serial console connection from svmmd (SCM_RIGHTS) and attaches the terminal to it in
+raw mode until Ctrl-] (or until the VM closes it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import select
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import LauncherRefused
 
 TIMEOUT = 60.0  # a start waits for QEMU to answer QMP
+ESCAPE = b"\x1d"  # Ctrl-]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("stop", "stop a VM"),
         ("status", "a VM's state"),
         ("resume", "resume a VM paused when its card was pulled (log in with the card first)"),
+        ("console", "attach the terminal to a VM's serial console (Ctrl-] leaves)"),
     ):
         c = s.add_parser(name, help=text)
         c.add_argument("vm")
@@ -49,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     request: dict[str, Any] = {"op": args.cmd}
     if args.cmd != "list":
         request["vm"] = args.vm
+    if args.cmd == "console":
+        return _console(sock_path, request)
     reply = call(sock_path, request)
     if args.json:
         print(json.dumps(reply, indent=1, sort_keys=True))
@@ -81,3 +91,53 @@ def _print(cmd: str, data: dict[str, Any]) -> None:
     else:
         print(f"{data.get('vm')}: {data.get('status')} (owner {data.get('owner')}, "
               f"pid {data.get('pid')}, since {data.get('started_at')})")  # fmt: skip
+
+
+def _console(sock_path: Path, request: dict[str, Any]) -> int:
+    from ..adapters.launcher_client import call_with_fd
+
+    reply, conn = call_with_fd(sock_path, request)
+    if not reply["ok"] or conn is None:
+        if conn is not None:
+            conn.close()
+        raise LauncherRefused(
+            f"console: {reply.get('message') or reply.get('reason')} [{reply.get('reason')}]",
+            reason=str(reply.get("reason") or "launcher_refused"),
+        )
+    print(f"{request['vm']}: console attached; Ctrl-] leaves", file=sys.stderr)
+    with conn:
+        attach(conn, sys.stdin.fileno(), sys.stdout.fileno())
+    print(f"\r\n{request['vm']}: console detached", file=sys.stderr)
+    return 0
+
+
+def attach(conn: socket.socket, stdin: int, stdout: int, *, escape: bytes = ESCAPE) -> None:
+    """Relay ``stdin`` to ``conn`` and ``conn`` to ``stdout`` until ``escape`` is typed or
+    either side ends; a terminal on ``stdin`` is in raw mode meanwhile (restored after)."""
+    import termios
+    import tty
+
+    saved = None
+    if os.isatty(stdin):
+        saved = termios.tcgetattr(stdin)
+        tty.setraw(stdin)
+    try:
+        while True:
+            ready, _, _ = select.select([stdin, conn.fileno()], [], [])
+            if conn.fileno() in ready:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                os.write(stdout, data)
+            if stdin in ready:
+                data = os.read(stdin, 65536)
+                if not data:
+                    return
+                head, hit, _ = data.partition(escape)
+                if head:
+                    conn.sendall(head)
+                if hit:
+                    return
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)

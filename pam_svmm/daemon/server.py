@@ -1,8 +1,10 @@
 """svmmd's transport: a Unix stream socket, one thread per connection, JSON lines.
 
 Each line is one request of the "svmm-launcher/1" protocol (documented in
-services/launcher.py) and gets one reply line. The caller's uid is read once per connection
-from the kernel (SO_PEERCRED), never from what the caller sends. The socket is systemd's
+services/launcher.py) and gets one reply line; a connection whose first line is a
+"svmm-pam/1" call belongs to the PAM responder (daemon/pam_responder.py) instead. The
+caller's uid is read once per connection from the kernel (SO_PEERCRED), never from what
+the caller sends. The socket is systemd's
 (socket activation: LISTEN_PID/LISTEN_FDS, fd 3) or our own, made 0666 in a root-owned 0755
 folder so any local user can ask and none can replace it.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -25,18 +28,28 @@ from pathlib import Path
 from ..adapters.private_dir import open_private_dir
 from ..adapters.token import Pkcs11Module
 from ..services.launcher import MAX_REQUEST_BYTES, Launcher, Reply
+from .pam_responder import PROTOCOL as PAM_PROTOCOL
+from .pam_responder import Channel, PamResponder, ProtocolError
 
 SD_LISTEN_FDS_START = 3
 SOCKET_MODE = 0o666
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# A PAM client's first line starts so (pam/thin.py writes it): no JSON parse to dispatch.
+PAM_PREFIX = b'{"version":"' + PAM_PROTOCOL.encode() + b'"'
+
 log = logging.getLogger(__name__)
+
+
+def peer_cred(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end, as the kernel recorded them at connect()."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, _gid = _PEERCRED.unpack(raw)
+    return pid, uid
 
 
 def peer_uid(sock: socket.socket) -> int:
     """The uid of the process at the other end, as the kernel recorded it at connect()."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    _pid, uid, _gid = _PEERCRED.unpack(raw)
-    return uid
+    return peer_cred(sock)[1]
 
 
 def systemd_socket(environ: dict[str, str] | None = None) -> socket.socket | None:
@@ -81,7 +94,8 @@ class _Handler(socketserver.StreamRequestHandler):
     timeout = 300.0  # an idle client does not keep a thread for ever
 
     def handle(self) -> None:
-        uid = peer_uid(self.request)
+        pid, uid = peer_cred(self.request)
+        first = True
         while True:
             try:
                 line = self.rfile.readline(MAX_REQUEST_BYTES + 2)
@@ -93,40 +107,76 @@ class _Handler(socketserver.StreamRequestHandler):
                 reply = Reply(False, "bad_request", "request line too long or unterminated")
                 self.wfile.write(reply.to_json())
                 return
+            if first and line.startswith(PAM_PREFIX):
+                self._pam(pid, uid, line)
+                return
+            first = False
             try:
                 reply = self.server.launcher.handle(uid, line.rstrip(b"\r\n"))
             except Exception:  # a bug: logged, and the answer is a refusal, never a success
                 log.exception("request by uid %d failed", uid)
                 reply = Reply(False, "internal_error", "the launcher failed; see its log")
             try:
-                self.wfile.write(reply.to_json())
+                if reply.fds:
+                    # One sendmsg: the descriptors ride on the reply line's first byte.
+                    socket.send_fds(self.request, [reply.to_json()], list(reply.fds))
+                else:
+                    self.wfile.write(reply.to_json())
             except OSError:
                 return
+            finally:
+                for fd in reply.fds:
+                    os.close(fd)  # the caller has its own now
+
+    def _pam(self, pid: int, uid: int, line: bytes) -> None:
+        """A PAM call (daemon/pam_responder.py) owns the rest of the connection."""
+        channel = Channel(self.rfile, self.wfile)
+        responder = self.server.pam
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            doc = None
+        if responder is None or not isinstance(doc, dict):
+            with contextlib.suppress(ProtocolError):
+                channel.send({"unavailable": "this svmmd does not answer PAM calls"})
+            return
+        try:
+            responder.serve(uid, pid, doc, channel)
+        except Exception:  # a bug: logged; the client sees no result and fails closed
+            log.exception("PAM call by pid %d failed", pid)
 
 
 class LauncherServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, launcher: Launcher, sock: socket.socket) -> None:
+    def __init__(
+        self, launcher: Launcher, sock: socket.socket, pam: PamResponder | None = None
+    ) -> None:
         super().__init__("", _Handler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
         self.launcher = launcher
+        self.pam = pam
 
 
-def serve(launcher: Launcher, sock: socket.socket) -> LauncherServer:
-    """A server over ``sock`` (not yet serving: call serve_forever, e.g. in a thread)."""
-    return LauncherServer(launcher, sock)
+def serve(
+    launcher: Launcher, sock: socket.socket, pam: PamResponder | None = None
+) -> LauncherServer:
+    """A server over ``sock`` (not yet serving: call serve_forever, e.g. in a thread).
+    ``pam``: answer PAM calls too (the fast login path)."""
+    return LauncherServer(launcher, sock, pam)
 
 
 @contextlib.contextmanager
-def serving(launcher: Launcher, sock: socket.socket) -> Iterator[LauncherServer]:
+def serving(
+    launcher: Launcher, sock: socket.socket, pam: PamResponder | None = None
+) -> Iterator[LauncherServer]:
     """Serve ``sock`` from a thread until the block ends (the lab and the tests run svmmd's
     service this way, in their own process, to reach a VM's single QMP connection)."""
     import threading
 
-    server = serve(launcher, sock)
+    server = serve(launcher, sock, pam)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -151,11 +201,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if found:
         log.info("reattached to running VMs: %s", ", ".join(found))
     module = _card_module(config.pkcs11.module)
-    if module is not None:
+    if module is None:
+        launcher.audit_card_watch_unavailable(config.pkcs11.module)
+    else:
         # Watches the cards that hold keys or started VMs (reattached ones included).
         launcher.start_card_watch(module)
     sock = systemd_socket() or bind_socket(config.launcher.socket)
-    server = serve(launcher, sock)
+    # The fast login path: PAM calls run here, against the loaded module, CRL indexes,
+    # directory connection and policy (daemon/pam_responder.py).
+    pam = PamResponder(args.config)
+    server = serve(launcher, sock, pam)
 
     def _stop(_sig: int, _frame: object) -> None:
         # VMs keep running; the next svmmd reattaches through the registry.
@@ -169,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.serve_forever()
     finally:
         server.server_close()
+        pam.close()
         launcher.stop_card_watch()
         launcher.registry.detach()
         launcher.close()  # held volume keys are wiped; a new svmmd gets them at the next login

@@ -197,10 +197,18 @@ state_dir = "{self.folder / "run" / "sessions"}"
         return path
 
     def write_pam_service(
-        self, *, venv: Path | None = None, name: str = LOGIN_SERVICE, config: Path | None = None
+        self,
+        *,
+        venv: Path | None = None,
+        name: str = LOGIN_SERVICE,
+        config: Path | None = None,
+        args: str = "daemon=off",
     ) -> Path:
+        """``args``: the shim's other module arguments; by default every call runs in the
+        PAM process (the lab's svmmd serves VMs, not logins, unless a service asks so with
+        ``daemon=required socket=PATH``)."""
         venv = venv or Path(sys.prefix)
-        line = f"{PAM_PYTHON} {SHIM} venv={venv} config={config or self.config_path}"
+        line = f"{PAM_PYTHON} {SHIM} venv={venv} config={config or self.config_path} {args}"
         path = self.pam_dir / name
         path.write_text(
             f"# pam_svmm lab service\nauth     required {line}\n"
@@ -208,11 +216,11 @@ state_dir = "{self.folder / "run" / "sessions"}"
         )
         return path
 
-    def variant(self, name: str, overrides: str) -> str:
+    def variant(self, name: str, overrides: str, *, args: str = "daemon=off") -> str:
         """A PAM service whose configuration is the lab's with ``overrides``; its name."""
         service = f"svmm-{name}"
         cfg = self.write_config(overrides, self.folder / f"{service}.toml")
-        self.write_pam_service(name=service, config=cfg)
+        self.write_pam_service(name=service, config=cfg, args=args)
         return service
 
     def directory_overrides(self, slapd: Any, *, password_services: Sequence[str] = ()) -> str:
@@ -393,6 +401,9 @@ card_required_roles = ["vm-admins"]
         return (
             f'\n[launcher]\nsocket = "{socket_dir / "launcher.sock"}"\nvm_user = "nobody"\n'
             f'run_dir = "{run / "vms"}"\nregistry_dir = "{run / "registry"}"\n{poll}'
+            # The example policy's networks, on QEMU's isolated user stack (no bridge here).
+            '\n[launcher.networks.dmz]\nkind = "user"\n'
+            '\n[launcher.networks.internal]\nkind = "user"\n'
             f'\n[volumes]\nenabled = true\ndir = "{self.folder / "volumes"}"\nmode = "vmm"\n'
         )
 

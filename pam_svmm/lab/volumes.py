@@ -35,8 +35,12 @@ def escrow_credentials(lab: Any) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def make_volume(lab: Any, name: str, card: str, *, size: int = 16 << 20) -> Path:
-    """<lab>/volumes/<name>.img enrolled for ``card`` (a lab card name); made once."""
+def make_volume(
+    lab: Any, name: str, card: str, *, size: int = 16 << 20, luks_type: str = "luks1"
+) -> Path:
+    """<lab>/volumes/<name>.img enrolled for ``card`` (a lab card name); made once.
+    ``luks_type``: luks1 (QEMU 7.2's LUKS driver; dm-crypt opens it too) or luks2 (dm-crypt
+    only; tokens in the header)."""
     folder = lab.folder / "volumes"
     folder.mkdir(mode=0o700, exist_ok=True)
     path = folder / f"{name}.img"
@@ -53,6 +57,7 @@ def make_volume(lab: Any, name: str, card: str, *, size: int = 16 << 20) -> Path
         "escrow": str(escrow),
         "module": "/usr/lib/softhsm/libsofthsm2.so",
         "pin": str(spec["pin"]),
+        "luks_type": luks_type,
     }
     proc = subprocess.run(
         [sys.executable, "-m", "pam_svmm.lab.volumes"],
@@ -89,7 +94,7 @@ def _child() -> int:
                 card=card,
                 escrow_certificate=escrow,
                 size=int(req["size"]),
-                luks_type="luks1",
+                luks_type=req.get("luks_type", "luks1"),
                 card_session=session,
             )
     return 0

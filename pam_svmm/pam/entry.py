@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import syslog
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import config as config_mod
@@ -21,8 +21,38 @@ from .codes import pam_code_name
 # One LoginService per config file per process: `login` and `sudo` authenticate once,
 # but a display manager's long-lived process authenticates many times.
 _services: dict[tuple[str, int], Any] = {}
-# Users this process authenticated (and how), for pam_sm_acct_mgmt / setcred.
-_logins: dict[str, Any] = {}
+
+
+@dataclass
+class Transaction:
+    """What one PAM application's calls share between authenticate and close_session.
+
+    In-process (pam_python) that is this process: one Transaction for its life. svmmd, which
+    runs these same functions for many PAM applications (daemon/pam_responder.py), keeps one
+    per application and hands it in as ``pamh.svmm_transaction``, with ``pid`` the
+    application's (from SO_PEERCRED), so session records name the application's process."""
+
+    # Users authenticated (and how), for acct_mgmt / setcred / open_session.
+    logins: dict[str, Any] = field(default_factory=dict)
+    # Session ids opened, by user, for close_session.
+    sessions: dict[str, list[str]] = field(default_factory=dict)
+    pid: int | None = None  # None: this process
+
+    def app_pid(self) -> int:
+        return os.getpid() if self.pid is None else self.pid
+
+
+_process = Transaction()
+_logins = _process.logins  # the names the unit tests reach for
+_sessions = _process.sessions
+
+
+def _tx(pamh: Any) -> Transaction:
+    try:
+        tx = pamh.svmm_transaction
+    except AttributeError:  # pam_python's handle: this process
+        return _process
+    return tx if isinstance(tx, Transaction) else _process
 
 
 @dataclass(frozen=True)
@@ -144,7 +174,7 @@ def pam_sm_authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
             result = svc.password_login(request, prompter)
         if pamh.user != result.user:
             pamh.user = result.user
-        _logins[result.user] = result
+        _tx(pamh).logins[result.user] = result
         return int(pamh.PAM_SUCCESS)
     except Exception as error:
         _log_failure("authenticate", error)
@@ -155,7 +185,8 @@ def pam_sm_authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
 def pam_sm_setcred(pamh: Any, flags: int, argv: list[str]) -> int:
     # No credentials to establish at this layer (volume keys come with the session).
     try:
-        return int(pamh.PAM_SUCCESS if (pamh.user or "") in _logins else pamh.PAM_IGNORE)
+        logins = _tx(pamh).logins
+        return int(pamh.PAM_SUCCESS if (pamh.user or "") in logins else pamh.PAM_IGNORE)
     except Exception as error:
         _log_failure("setcred", error)
         return _code(pamh, error)
@@ -167,7 +198,7 @@ def pam_sm_acct_mgmt(pamh: Any, flags: int, argv: list[str]) -> int:
         # authenticated): disabled or expired ones are refused. For other accounts this
         # module has nothing to say.
         svc = _service(ModuleArgs.parse(argv))
-        decided = svc.account(_request(pamh, svc), _logins.get(pamh.user or ""))
+        decided = svc.account(_request(pamh, svc), _tx(pamh).logins.get(pamh.user or ""))
         return int(pamh.PAM_SUCCESS if decided else pamh.PAM_IGNORE)
     except Exception as error:
         _log_failure("acct_mgmt", error)
@@ -182,13 +213,11 @@ def pam_sm_acct_mgmt(pamh: Any, flags: int, argv: list[str]) -> int:
 # the id: it is not one per PAM handle (su or sudo inside a logind session carry the same
 # one, and closing theirs would close the login's), and whether it is set depends on the
 # stack's order; when present it goes into the session record. The id is kept in this
-# process (``_sessions``) and in the PAM environment (SVMM_SESSION_ID), and close accepts
+# Transaction (``sessions``) and in the PAM environment (SVMM_SESSION_ID), and close accepts
 # it only for a session this process opened (the record holds the pid), since a PAM
 # environment variable may come from somewhere a user can write.
 
 SESSION_ENV = "SVMM_SESSION_ID"
-# Session ids this process opened, by user, for pam_sm_close_session.
-_sessions: dict[str, list[str]] = {}
 # One SessionManager per LoginService; it shares the service's policy (loaded once).
 _managers: dict[int, tuple[Any, Any]] = {}
 
@@ -212,16 +241,15 @@ def _env(pamh: Any, name: str) -> str:
 
 
 def _new_session_id(pamh: Any) -> str:
-    import os
     import re
     import secrets
 
     where = str(getattr(pamh, "xdisplay", None) or pamh.tty or "-")
     where = re.sub(r"[^A-Za-z0-9._-]", "_", where.removeprefix("/dev/"))[:32]
-    return f"{where}:{os.getpid()}:{secrets.token_hex(8)}"
+    return f"{where}:{_tx(pamh).app_pid()}:{secrets.token_hex(8)}"
 
 
-def _session_subject(svc: Any, user: str) -> tuple[Any, Any, str]:
+def _session_subject(svc: Any, tx: Transaction, user: str) -> tuple[Any, Any, str]:
     """(SessionSubject or None, Attempt for the audit record, why there is no subject).
 
     The user's own login in this process when there is one. A directory account that
@@ -233,7 +261,7 @@ def _session_subject(svc: Any, user: str) -> tuple[Any, Any, str]:
     from ..services.auth import Attempt
     from ..services.session import SessionSubject
 
-    result = _logins.get(user)
+    result = tx.logins.get(user)
     if result is None:
         if not user or not svc.config.directory.enabled:
             return None, None, ""
@@ -259,7 +287,14 @@ def _session_subject(svc: Any, user: str) -> tuple[Any, Any, str]:
 
 
 def _release_volume_keys(
-    svc: Any, manager: Any, request: Any, attempt: Any, user: str, sid: str, opened: Any
+    svc: Any,
+    tx: Transaction,
+    manager: Any,
+    request: Any,
+    attempt: Any,
+    user: str,
+    sid: str,
+    opened: Any,
 ) -> list[Any]:
     """The card releases the keys of the volumes this session may use; all or nothing: on a
     failure the session just counted is closed again and the error ends the session open."""
@@ -267,16 +302,16 @@ def _release_volume_keys(
         return []
     from ..services.login import _detail, outcome_of, reason_of
 
-    login = _logins.get(user)
+    login = tx.logins.get(user)
 
     def audit(event: str, outcome: Any, reason: str, vm: str, detail: str) -> None:
         svc.audit_event(event, request, attempt, outcome, reason, detail, vm=vm)
 
     try:
-        return list(svc.key_release.release(opened.allowlist, login, sid, audit))
+        return list(svc.key_release.release(opened.allowlist, login, sid, audit, pid=tx.app_pid()))
     except BaseException as e:
         with contextlib.suppress(Exception):
-            manager.close(user, sid, pid=os.getpid())
+            manager.close(user, sid, pid=tx.app_pid())
         svc.audit_event(
             "session_open",
             request,
@@ -291,22 +326,21 @@ def _release_volume_keys(
         if login is not None and getattr(login, "card_session", None) is not None:
             with contextlib.suppress(Exception):
                 login.card_session.close()
-            _logins[user] = replace(login, card_session=None)
+            tx.logins[user] = replace(login, card_session=None)
 
 
 def pam_sm_open_session(pamh: Any, flags: int, argv: list[str]) -> int:
     try:
-        import os
-
         from ..domain.audit_record import Outcome
         from ..services.login import _detail, outcome_of, reason_of
 
+        tx = _tx(pamh)
         svc = _service(ModuleArgs.parse(argv))
         if not svc.config.policy.enabled:
             return int(pamh.PAM_IGNORE)  # no VM policy here: no grants, no allowlist
         request = _request(pamh, svc)
         user = pamh.user or ""
-        subject, attempt, why_not = _session_subject(svc, user)
+        subject, attempt, why_not = _session_subject(svc, tx, user)
         if subject is None:
             if attempt is not None:
                 svc.audit_event(
@@ -316,7 +350,7 @@ def pam_sm_open_session(pamh: Any, flags: int, argv: list[str]) -> int:
         manager = _session_manager(svc)
         sid = _new_session_id(pamh)
         facts = {
-            "pid": os.getpid(),
+            "pid": tx.app_pid(),
             "service": request.service,
             "tty": request.tty,
             "rhost": request.rhost,
@@ -337,23 +371,33 @@ def pam_sm_open_session(pamh: Any, flags: int, argv: list[str]) -> int:
                 f"session {sid}: {_detail(e)}",
             )
             raise
-        released = _release_volume_keys(svc, manager, request, attempt, user, sid, opened)
-        _sessions.setdefault(user, []).append(sid)
+        released = _release_volume_keys(svc, tx, manager, request, attempt, user, sid, opened)
+        a = opened.allowlist
+        held = "volumes open" if _dm_mode(svc) else "volume keys held"
+        try:
+            svc.audit_event(
+                "session_open",
+                request,
+                attempt,
+                Outcome.SUCCESS,
+                "allowlist_written",
+                f"session {sid}; {opened.sessions} open; allowlist {opened.path}: "
+                f"{len(a.vms)} VMs ({', '.join(sorted(a.vms)) or 'none'}), "
+                f"policy version {a.policy_version}, expires {a.expires_at.isoformat()}"
+                + (f"; dropped (process gone): {', '.join(opened.pruned)}" if opened.pruned else "")
+                + (f"; {held}: {', '.join(r.volume for r in released)}" if released else ""),
+            )
+        except BaseException:
+            # A later step failed (the success record): undo what this session opened.
+            if released:
+                with contextlib.suppress(Exception):
+                    svc.key_release.drop(a.uid, sid)
+            with contextlib.suppress(Exception):
+                manager.close(user, sid, pid=tx.app_pid())
+            raise
+        tx.sessions.setdefault(user, []).append(sid)
         with contextlib.suppress(Exception):
             pamh.env[SESSION_ENV] = sid
-        a = opened.allowlist
-        svc.audit_event(
-            "session_open",
-            request,
-            attempt,
-            Outcome.SUCCESS,
-            "allowlist_written",
-            f"session {sid}; {opened.sessions} open; allowlist {opened.path}: "
-            f"{len(a.vms)} VMs ({', '.join(sorted(a.vms)) or 'none'}), "
-            f"policy version {a.policy_version}, expires {a.expires_at.isoformat()}"
-            + (f"; dropped (process gone): {', '.join(opened.pruned)}" if opened.pruned else "")
-            + (f"; volume keys held: {', '.join(r.volume for r in released)}" if released else ""),
-        )
         return int(pamh.PAM_SUCCESS)
     except Exception as error:
         _log_failure("open_session", error)
@@ -366,7 +410,10 @@ def _drop_volume_keys(svc: Any, request: Any, attempt: Any, uid: int, sid: str) 
     from ..services.login import _detail, outcome_of, reason_of
 
     try:
-        reply = svc.launcher_call({"op": "drop_keys", "uid": uid, "session": sid})
+        # session_closed: svmmd applies [launcher] on_last_logout if it was the last one.
+        reply = svc.launcher_call(
+            {"op": "drop_keys", "uid": uid, "session": sid, "session_closed": True}
+        )
     except Exception as e:
         svc.audit_event(
             "key_drop",
@@ -388,23 +435,46 @@ def _drop_volume_keys(svc: Any, request: Any, attempt: Any, uid: int, sid: str) 
     )
 
 
+def _dm_mode(svc: Any) -> bool:
+    from ..config import VolumeMode
+
+    return bool(svc.config.volumes.mode is VolumeMode.DMCRYPT)
+
+
+def _close_mappings(svc: Any, request: Any, attempt: Any, sid: str) -> None:
+    """dm-crypt mode: the session's mappings that no other session holds are closed
+    (services/dmcrypt.py); each close, deferred close or failure is audited."""
+    from ..domain.audit_record import Outcome
+    from ..services.login import _detail, outcome_of, reason_of
+
+    try:
+        events = svc.key_release.close_session(sid)
+    except Exception as e:
+        svc.audit_event("volume_close", request, attempt, outcome_of(e), reason_of(e),
+                        f"session {sid}: {_detail(e)}")  # fmt: skip
+        return
+    for ev in events:
+        svc.audit_event("volume_close", request, attempt,
+                        Outcome.SUCCESS if ev.ok else Outcome.ERROR, ev.reason,
+                        f"session {sid}; volume {ev.volume}: {ev.detail}")  # fmt: skip
+
+
 def pam_sm_close_session(pamh: Any, flags: int, argv: list[str]) -> int:
     try:
-        import os
-
         from ..domain.audit_record import Outcome
         from ..services.auth import Attempt
         from ..services.login import _detail, outcome_of, reason_of
 
+        tx = _tx(pamh)
         user = pamh.user or ""
-        mine = _sessions.get(user, [])
+        mine = tx.sessions.get(user, [])
         from_env = _env(pamh, SESSION_ENV)
         candidates = [sid for sid in (from_env, *reversed(mine)) if sid]
         if not candidates:
             return int(pamh.PAM_IGNORE)  # not a session this module opened
         svc = _service(ModuleArgs.parse(argv))
         request = _request(pamh, svc)
-        result = _logins.get(user)
+        result = tx.logins.get(user)
         attempt = Attempt(
             card=result.card if result else Attempt().card,
             user=user,
@@ -416,7 +486,7 @@ def pam_sm_close_session(pamh: Any, flags: int, argv: list[str]) -> int:
         sid = candidates[0]
         try:
             for sid in dict.fromkeys(candidates):
-                closed = manager.close(user, sid, pid=os.getpid())
+                closed = manager.close(user, sid, pid=tx.app_pid())
                 if closed is not None:
                     break
         except BaseException as e:
@@ -441,8 +511,12 @@ def pam_sm_close_session(pamh: Any, flags: int, argv: list[str]) -> int:
             return int(pamh.PAM_SESSION_ERR)
         if sid in mine:
             mine.remove(sid)
-        if svc.config.volumes.enabled:
+        last_logout = svc.config.launcher.on_last_logout.value != "keep"
+        if svc.config.volumes.enabled or last_logout:
+            # svmmd first: its last-logout action may stop the VMs that use the mappings.
             _drop_volume_keys(svc, request, attempt, closed.uid, sid)
+        if svc.config.volumes.enabled and _dm_mode(svc):
+            _close_mappings(svc, request, attempt, sid)
         if closed.remaining:
             what = f"{closed.remaining} still open; allowlist {closed.path} kept"
         else:
@@ -463,6 +537,7 @@ def pam_sm_close_session(pamh: Any, flags: int, argv: list[str]) -> int:
 
 __all__ = [
     "ModuleArgs",
+    "Transaction",
     "pam_sm_acct_mgmt",
     "pam_sm_authenticate",
     "pam_sm_close_session",

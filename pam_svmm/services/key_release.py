@@ -8,6 +8,9 @@ memory for this session (QEMU's LUKS driver decrypts in the VMM layer; nothing i
 the host). All or nothing: if one volume fails, whatever was handed over for this session is
 dropped again and the session fails with the reason. Every release is audited (user, card,
 volume, VM); passphrases live in bytearrays wiped when the operation ends.
+
+That is ``volumes.mode = "vmm"``; ``"dm-crypt"`` (cryptsetup mappings) is services/dmcrypt.py,
+which shares ``volumes_to_release``, ``card_unlock`` and ``volume_image`` with this module.
 """
 
 from __future__ import annotations
@@ -59,6 +62,30 @@ def volume_image(config: Config, name: str) -> Path:
     return path
 
 
+def card_unlock(login: Any, wanted: dict[str, tuple[str, ...]], audit: Audit) -> Any:
+    """The card of this login as an ``Unlock`` (services.volumes); None (audited per volume,
+    ``no_card``) when the session was not opened by a card login: keys need the card."""
+    if login is None or login.method != "card" or login.card_session is None:
+        for volume, vms in wanted.items():
+            audit(
+                "key_release",
+                Outcome.FAILURE,
+                "no_card",
+                ",".join(vms),
+                f"volume {volume}: the keys need a card login",
+            )
+        return None
+    from .volumes import Card, Unlock
+
+    card = Card(
+        certificate=login.chain[0],
+        key_id=login.card_key_id,
+        token_label=login.card.token,
+        token_serial=login.card.token_serial,
+    )
+    return Unlock.with_card(card, login.card_session)
+
+
 class KeyRelease:
     def __init__(self, config: Config, *, send: Send, volumes: Any = None) -> None:
         self.config = config
@@ -71,31 +98,22 @@ class KeyRelease:
         self.volumes = volumes
 
     def release(
-        self, allowlist: Allowlist, login: Any, session_id: str, audit: Audit
+        self,
+        allowlist: Allowlist,
+        login: Any,
+        session_id: str,
+        audit: Audit,
+        *,
+        pid: int | None = None,
     ) -> list[Released]:
-        """Release and hand over every volume key this session needs; [] when none."""
+        """Release and hand over every volume key this session needs; [] when none.
+        ``pid`` (the session's process) is the dm-crypt mode's business; unused here."""
         wanted = volumes_to_release(allowlist)
         if not wanted:
             return []
-        if login is None or login.method != "card" or login.card_session is None:
-            for volume, vms in wanted.items():
-                audit(
-                    "key_release",
-                    Outcome.FAILURE,
-                    "no_card",
-                    ",".join(vms),
-                    f"volume {volume}: the keys need a card login",
-                )
+        unlock = card_unlock(login, wanted, audit)
+        if unlock is None:
             return []
-        from .volumes import Card, Unlock
-
-        card = Card(
-            certificate=login.chain[0],
-            key_id=login.card_key_id,
-            token_label=login.card.token,
-            token_serial=login.card.token_serial,
-        )
-        unlock = Unlock.with_card(card, login.card_session)
         held: list[tuple[str, bytearray]] = []
         handed_over = False
         try:

@@ -3,23 +3,48 @@
 The protocol ("svmm-launcher/1", JSON lines over a Unix socket; transport in daemon/server.py;
 a request line is at most 64 KiB):
 
-    request  {"version": "svmm-launcher/1", "op": "list"|"start"|"stop"|"status"|"resume",
-              "vm": "name"}
+    request  {"version": "svmm-launcher/1",
+              "op": "list"|"start"|"stop"|"status"|"resume"|"console", "vm": "name"}
     reply    {"version": "svmm-launcher/1", "ok": true|false, "reason": "<token>",
               "message": "<for people>", "data": {...}}
 
 A VM request carries no identity: the caller's uid is the kernel's (SO_PEERCRED), and such a
 request with any other key (a "uid", a "user") is refused as ``bad_request``. ``vm`` is
-required for start, stop, status and resume. ``list`` data: ``allowed`` (vm, permissions, running),
-``running``, ``allowlist`` (ok or why not), ``keys_held`` (the names of the volumes whose keys
-the service holds for the caller; never a key). ``start`` data: ``vm``, ``pid``, ``volumes``.
+required for start, stop, status, resume and console. ``list`` data: ``allowed`` (vm,
+permissions, running), ``running``, ``allowlist`` (ok or why not), ``keys_held`` (the names of
+the volumes whose keys the service holds for the caller; never a key). ``start`` data:
+``vm``, ``pid``, ``volumes``, ``usb`` (``vvvv:pppp``), ``networks`` (names).
+
+Devices (start): QEMU gets exactly the ``usb:VID:PID`` and ``network:NAME`` permissions the
+caller's allowlist lists on the VM and the policy still grants at the start (type
+enforcement, device assignment; one it refuses now is left out, named ``denied=`` in the
+audit). USB: one ``qemu-xhci`` controller, one ``usb-host,vendorid=0x..,productid=0x..`` per
+device (QEMU attaches it when such a device is plugged in; the VM account needs access to
+its /dev/bus/usb node, e.g. by a udev rule). Networks: a ``virtio-net-pci`` per network on
+the backend ``[launcher.networks.NAME]`` defines: ``kind = "user"`` (QEMU's user stack,
+``restrict=on`` unless ``restrict = false``) or ``kind = "bridge"`` (svmmd makes a tap,
+attaches it to ``bridge`` and passes QEMU its descriptor; the tap goes when QEMU exits). A
+granted network the host does not define refuses the start (``network_undefined``); a
+bridge that is missing fails it (``network_unavailable``). A VM with devices runs on
+``-machine q35`` (still ``-nodefaults``, held with ``-S``), one without on ``-machine none``.
+
+Console: ``console`` gives the VM's owner (or root) its serial console when the owner's
+allowlist lists ``console`` on it and the policy grants it again now (``not_in_allowlist``,
+the policy's token, ``not_owner``, ``vm_not_running`` otherwise). QEMU listens on a socket
+svmmd made in the VM's private run folder (``-chardev socket,id=console``; an
+``isa-serial`` on it when there is a machine); svmmd connects and passes the connection with
+the reply (SCM_RIGHTS, one descriptor, on the reply line's first byte). Reply data ``vm``,
+``escape`` ("^]", what `svmm vm console` leaves on). One client at a time:
+``console_busy`` while another holds it (QMP ``query-chardev``); ``console_unavailable``.
+Audited ``vm_console``.
 
 Volume keys (root only: the PAM module hands over what the card released, and takes it back):
 
     {"version": "svmm-launcher/1", "op": "hold_keys", "uid": 1000, "user": "alice",
      "session": "<session id>", "card_fingerprint": "<sha256 hex>", "card_serial": "<hex>",
      "volumes": [{"name": "<volume>", "passphrase": "<the LUKS passphrase>"}, ...]}
-    {"version": "svmm-launcher/1", "op": "drop_keys", "uid": 1000, "session": "<id>" | null}
+    {"version": "svmm-launcher/1", "op": "drop_keys", "uid": 1000, "session": "<id>" | null,
+     "session_closed": false}
 
 These two ops are the only ones that name a uid, and they are accepted only from a peer whose
 SO_PEERCRED uid is 0; anyone else gets ``not_permitted`` (audited as ``key_deny``) before the
@@ -31,14 +56,32 @@ the uid. The keys live in svmmd's memory only (services/key_store.py), per uid, 
 per volume: wiped on drop, on replacement and when the service stops; a volume held by two
 sessions of a user stays usable until both dropped it. Replies: ``hold_keys`` data ``uid``,
 ``session``, ``held`` (names); ``drop_keys`` data ``uid``, ``dropped``, ``held`` (what other
-sessions still hold). Audited per volume: ``key_hold`` / ``key_drop`` with the user, the card
-(fingerprint, serial) and ``volume=<name>`` in the detail, never a key.
+sessions still hold).
+
+Last logout: ``drop_keys`` with ``"session_closed": true`` (the PAM session close sends it;
+it needs a session) also means "this session has ended": svmmd then reads the user's
+session records (``<session.state_dir>/<uid>.json``, the allowlist's refcount; sessions
+whose opening process is gone do not count), and when none is left applies
+``launcher.on_last_logout`` to every VM the uid runs: ``stop`` (graceful stop: volumes
+closed), ``pause`` (as card removal pauses: below) or ``keep``. Audited ``last_logout`` per
+VM (``stopped``, ``paused``, ``pause_failed_stopped``, ``kept``; ``no_vms``;
+``session_state_unreadable``: nothing done). Data ``last_logout``: ``last``
+(true|false|null), ``action``, ``vms`` (vm -> reason).
+
+Audited per volume: ``key_hold`` / ``key_drop`` with the user, the card (fingerprint,
+serial) and ``volume=<name>`` in the detail, never a key.
 
 Card removal (svmmd watches the token serial of every card whose session holds keys, or
 that started a running VM; ``start_card_watch``): when that card leaves its reader, every key
 its sessions hold is wiped (``key_drop``, reason ``card_removed``) and its VMs get the
 configured ``launcher.card_removal`` action (pause: QMP ``stop``; stop; lock: nothing),
-audited ``card_removed`` per VM (services/card_removal.py). Putting the card back resumes
+audited ``card_removed`` per VM (services/card_removal.py). Pausing closes what can be
+closed of the volumes while the VM stays resumable: in the ``vmm`` volume mode every QEMU
+``secret`` object (the LUKS passphrases) is deleted (QMP ``object-del``; QEMU 7.2 allows it
+while the LUKS node is open, which no longer needs it), audited ``volume_close``
+(``secrets_removed``, naming them). Honestly: QEMU's LUKS driver keeps each volume's master
+key in the paused process's memory until the VM stops; only ``stop`` closes the volumes
+fully. A pause that fails is a stop. Putting the card back resumes
 nothing (``card_inserted``, ``await_pin``): the user logs in again with the card (which hands
 the keys over again) and asks ``resume``: the VM's owner (or root) may resume a paused VM
 (or one still held in ``prelaunch``, as ``start`` leaves it) when the owner's allowlist
@@ -53,9 +96,13 @@ Reason tokens: ``ok``; ``bad_request``, ``unsupported_version``, ``vm_name_inval
 tokens (``conflict_of_interest``, ``unknown_vm``, ``no_grant``, ...); ``policy_unavailable``;
 ``vm_already_running``, ``vm_in_use``, ``vm_not_running``, ``vm_not_paused``,
 ``card_login_required``, ``not_owner``,
-``volume_key_unavailable``, ``volume_image_invalid``; ``volume_key_refused`` (QEMU's LUKS
-driver refused the held key), ``vm_start_failed``, ``qmp_failed``, ``vm_failed``,
-``volume_failed``, ``audit_write_failed``, ``internal_error``.
+``volume_key_unavailable``, ``volume_image_invalid``; ``network_undefined``,
+``network_unavailable``, ``console_busy``, ``console_unavailable``; ``volume_key_refused``
+(QEMU's LUKS driver refused the held key), ``vm_start_failed``, ``qmp_failed``,
+``vm_failed``, ``volume_failed``, ``audit_write_failed``, ``internal_error``.
+
+svmmd whose PKCS#11 module does not load serves on without a card watch: logged, and
+audited once (``card_watch``, ``card_watch_unavailable``).
 
 Start: the caller's allowlist (``<allowlist_dir>/<uid>.json``, root-owned 0644, read by
 AllowlistStore, parsed strictly) must name the caller's uid, this host, be unexpired and list
@@ -67,8 +114,9 @@ symlink), root's, not group/world-writable, in a root-owned folder no one else c
 (``volume_image_invalid``). svmmd opens it and QEMU gets the descriptor, the key through a
 pipe (adapters/qemu.py), block node NAME. The keys stay held after the start (a restart
 needs them) until the session drops them. Stop and status: the VM's owner (or root). Every
-request is audited (vm_start with ``volumes=...``, vm_stop, vm_status, vm_list, vm_deny,
-key_hold, key_drop, key_deny) with user, uid, VM, the card fingerprint and the reason.
+request is audited (vm_start with ``volumes=...``, ``usb=...``, ``networks=...``, vm_stop,
+vm_status, vm_list, vm_console, vm_deny, key_hold, key_drop, key_deny, last_logout,
+volume_close) with user, uid, VM, the card fingerprint and the reason.
 """
 
 from __future__ import annotations
@@ -90,9 +138,22 @@ from typing import Any, Protocol
 from ..adapters.allowlist_store import AllowlistStore
 from ..adapters.audit_log import AuditLog
 from ..adapters.card_watch import CardEvent, CardEventKind, CardWatch, TokenLister
-from ..adapters.qemu import NAME_PATTERN, LuksDisk, Machine, RunAs, VmSpec, detect_accel
+from ..adapters.qemu import (
+    CONSOLE_ID,
+    NAME_PATTERN,
+    LuksDisk,
+    Machine,
+    NetKind,
+    Nic,
+    RawDisk,
+    RunAs,
+    UsbHost,
+    VmSpec,
+    detect_accel,
+    mac_for,
+)
 from ..adapters.vm_registry import VmRecord, VmRegistry
-from ..config import Config
+from ..config import Config, LastLogoutAction, NetworkKind, VolumeMode
 from ..domain import policy as pdp
 from ..domain.allowlist import Allowlist, CardRef, parse_allowlist
 from ..domain.audit_record import AuditRecord, CardFacts, Outcome
@@ -110,7 +171,7 @@ from .card_removal import CardRemovalPolicy
 from .key_store import KeyStore, wipe
 
 PROTOCOL = "svmm-launcher/1"
-VM_OPS = ("list", "start", "stop", "status", "resume")
+VM_OPS = ("list", "start", "stop", "status", "resume", "console")
 KEY_OPS = ("hold_keys", "drop_keys")  # root's only (the PAM module)
 OPS = VM_OPS + KEY_OPS
 MAX_REQUEST_BYTES = 65536  # 16 passphrases of 512 bytes, however JSON escapes them
@@ -151,6 +212,7 @@ class Request:
     card_fingerprint: str = ""
     card_serial: str = ""
     keys: Mapping[str, bytearray] = field(default_factory=dict, repr=False)
+    session_closed: bool = False  # drop_keys: the session itself closed (last-logout check)
 
     def wipe(self) -> None:
         for buf in self.keys.values():
@@ -163,6 +225,8 @@ class Reply:
     reason: str
     message: str
     data: Mapping[str, Any] = field(default_factory=dict)
+    # Descriptors sent with the reply line (SCM_RIGHTS; "console"); the transport closes them.
+    fds: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     def to_json(self) -> bytes:
         doc = {
@@ -223,7 +287,7 @@ def _text(doc: Mapping[str, Any], key: str, pattern: re.Pattern[str]) -> str:
 
 def _parse_key_request(op: str, doc: Mapping[str, Any]) -> Request:
     if op == "drop_keys":
-        allowed = {"version", "op", "uid", "session"}
+        allowed = {"version", "op", "uid", "session", "session_closed"}
     else:
         allowed = {"version", "op", "uid", "user", "session", "card_fingerprint",
                    "card_serial", "volumes"}  # fmt: skip
@@ -235,7 +299,10 @@ def _parse_key_request(op: str, doc: Mapping[str, Any]) -> Request:
         raise _refuse("bad_request", "uid must be a non-negative integer")
     if op == "drop_keys":
         session = None if doc.get("session") is None else _text(doc, "session", SESSION_PATTERN)
-        return Request(op, uid=uid, session=session)
+        closed = doc.get("session_closed", False)
+        if not isinstance(closed, bool) or (closed and session is None):
+            raise _refuse("bad_request", "session_closed must be true or false, with a session")
+        return Request(op, uid=uid, session=session, session_closed=closed)
     user = _text(doc, "user", USER_PATTERN)
     session = _text(doc, "session", SESSION_PATTERN)
     fingerprint = _text(doc, "card_fingerprint", HEX_PATTERN).lower()
@@ -377,6 +444,126 @@ def decide_start(
     )
 
 
+@dataclass(frozen=True)
+class Devices:
+    """The passthrough a start gives: USB ids ("vvvv:pppp") and network names."""
+
+    usb: tuple[str, ...] = ()
+    networks: tuple[str, ...] = ()
+    denied: tuple[str, ...] = ()  # "perm (reason)": in the allowlist, refused by the policy now
+
+    def detail(self) -> str:
+        parts = [f"usb={','.join(self.usb)}" if self.usb else "",
+                 f"networks={','.join(self.networks)}" if self.networks else "",
+                 f"denied={','.join(self.denied)}" if self.denied else ""]  # fmt: skip
+        return "; ".join(p for p in parts if p)
+
+
+def decide_devices(
+    vm: str,
+    allowlist: Allowlist,
+    policy: PolicyDecider,
+    mine: Collection[str],
+    host_networks: Collection[str],
+) -> Devices:
+    """Exactly the ``usb:`` and ``network:`` permissions the caller's allowlist lists on
+    ``vm`` that the policy still grants now (type enforcement, device assignment: a device
+    it refuses now is left out and named in ``denied``). A granted network the host does
+    not define (``[launcher.networks.NAME]``) refuses the start: ``network_undefined``."""
+    usb: list[str] = []
+    nets: list[str] = []
+    denied: list[str] = []
+    for perm in allowlist.vms[vm].permissions:
+        kind, _, arg = perm.partition(":")
+        if kind not in ("usb", "network"):
+            continue
+        try:
+            d = policy.decide(allowlist.user, allowlist.roles, vm, perm, mine)
+        except PolicyUnavailable as e:
+            raise _refuse("policy_unavailable", e.message) from None
+        if not d.allowed:
+            denied.append(f"{perm} ({d.reason})")
+        elif kind == "usb":
+            usb.append(arg)
+        elif arg not in host_networks:
+            raise _refuse(
+                "network_undefined",
+                f"network {arg} is granted on {vm} but this host does not define it "
+                f"([launcher.networks.{arg}])",
+            )
+        else:
+            nets.append(arg)
+    return Devices(tuple(usb), tuple(nets), tuple(denied))
+
+
+def decide_console(
+    uid: int,
+    vm: str,
+    running: Mapping[str, VmRecord],
+    allowlist: Allowlist | None,
+    policy: PolicyDecider,
+    *,
+    now: dt.datetime,
+) -> Decision:
+    """May ``uid`` have ``vm``'s serial console? Its owner, when their allowlist lists
+    ``console`` on it and the policy grants it again now; root (who needs no allowlist)."""
+    base = decide_control(uid, vm, running)
+    if not base.allowed or uid == 0:
+        return base
+    if allowlist is None:  # the caller passes None only for root
+        return Decision(False, "no_allowlist", "no allowlist", vm, base.user, card=base.card)
+
+    def deny(reason: str, message: str) -> Decision:
+        return Decision(False, reason, message, vm, allowlist.user, allowlist.roles, allowlist.card)
+
+    if not allowlist.permits(vm, pdp.CONSOLE, now=now):
+        return deny("not_in_allowlist", f"{allowlist.user} may not use {vm}'s console (allowlist)")
+    mine = sorted(r.vm for r in running.values() if r.uid == uid)
+    try:
+        d = policy.decide(allowlist.user, allowlist.roles, vm, pdp.CONSOLE, mine)
+    except PolicyUnavailable as e:
+        return deny("policy_unavailable", e.message)
+    if not d.allowed:
+        return deny(d.reason, d.rule)
+    return Decision(True, "ok", d.rule, vm, allowlist.user, allowlist.roles, allowlist.card)
+
+
+def live_sessions(state_dir: Path, uid: int) -> int:
+    """How many sessions of ``uid`` the session records (the allowlist's refcount,
+    adapters/allowlist_store.py) hold whose opening process is alive; read without the
+    user's lock (records are replaced atomically). SessionFailed when unreadable."""
+    from ..adapters.allowlist_store import read_file
+    from ..adapters.private_dir import open_private_dir
+
+    dir_fd = open_private_dir(state_dir, key="session.state_dir", private=True,
+                              check_parents=True)  # fmt: skip
+    try:
+        data = read_file(dir_fd, f"{uid}.json", mode=0o600, shown=state_dir / f"{uid}.json")
+    finally:
+        os.close(dir_fd)
+    if data is None:
+        return 0
+    try:
+        doc = json.loads(data)
+        sessions = doc["sessions"]
+        if doc.get("uid") != uid or not isinstance(sessions, dict):
+            raise ValueError("wrong uid or shape")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SessionFailed(f"{state_dir / f'{uid}.json'} is damaged: {e}") from None
+    alive = 0
+    for record in sessions.values():
+        pid = record.get("pid") if isinstance(record, dict) else None
+        if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue  # it died without closing: session.py prunes it at the next step
+            except PermissionError:
+                pass
+        alive += 1
+    return alive
+
+
 def decide_control(uid: int, vm: str, running: Mapping[str, VmRecord]) -> Decision:
     """May ``uid`` stop or look at ``vm``? Its owner and root may."""
     check_vm_name(vm)
@@ -420,6 +607,12 @@ def volume_image(folder: Path, name: str) -> Path:
 # --- the service ----------------------------------------------------------------------------
 
 
+def _card_of(record: VmRecord) -> CardRef | None:
+    if not record.card_fingerprint:
+        return None
+    return CardRef(record.card_fingerprint, record.card_serial)
+
+
 def _user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -444,10 +637,7 @@ class CardVm:
         return self.record.user
 
     def pause(self) -> None:
-        handle = self._launcher.registry.get(self.record.vm)
-        if handle is None:
-            raise VmError(f"VM {self.record.vm} is not running", reason="vm_not_running")
-        handle.qmp.execute("stop")
+        self._launcher._pause(self.record, "card_removed")
 
     def stop(self) -> None:
         self._launcher._stop(self.record.vm)
@@ -496,6 +686,12 @@ class Launcher:
         self._watch: CardWatch | None = None
         self._watched: set[str] = set()
         self._watch_lock = threading.Lock()
+        # volumes.mode = "dm-crypt": the mappings PAM sessions opened (services/dmcrypt.py)
+        self.dmcrypt: Any = None
+        if config.volumes.enabled and config.volumes.mode is VolumeMode.DMCRYPT:
+            from .dmcrypt import DmcryptVolumes
+
+            self.dmcrypt = DmcryptVolumes(config, now=now)
 
     @classmethod
     def from_config(cls, config: Config, *, syslog_mirror: bool | None = None) -> Launcher:
@@ -553,6 +749,16 @@ class Launcher:
             self._watched = set()
         return True if watch is None else watch.stop(timeout)
 
+    def audit_card_watch_unavailable(self, module: str) -> None:
+        """svmmd serves on without a card watch (the PKCS#11 module did not load): card
+        removal goes unnoticed until it is fixed; on record, once per start."""
+        why = f"PKCS#11 module {module} did not load: card removal is not watched"
+        d = Decision(False, "card_watch_unavailable", why)
+        try:
+            self._audited("card_watch", Outcome.ERROR, d, 0, "start")
+        except SvmmError as e:
+            log.error("card watch: %s", e.message)
+
     def _card_watch_error(self, error: Exception) -> None:
         shown = error.message if isinstance(error, SvmmError) else type(error).__name__
         log.warning("card watch: %s", shown)
@@ -565,6 +771,7 @@ class Launcher:
                 return
             wanted = self.keys.card_serials()
             wanted |= {r.token_serial for r in self.registry.running().values() if r.token_serial}
+            wanted |= self._dmcrypt_card_serials()
             for serial in sorted(wanted - self._watched):
                 watch.watch(serial)
             for serial in sorted(self._watched - wanted):
@@ -585,6 +792,8 @@ class Launcher:
                         why = f"session={k.session}; card {event.reason}"
                         self._audited("key_drop", Outcome.SUCCESS, d, 0, "card_watch", detail=why)
                 self.card_policy.handle(event)
+                if event.kind is CardEventKind.REMOVED:
+                    self._dmcrypt_card_removed(event)  # after the VMs are paused
             finally:
                 self._sync_watch()
 
@@ -606,6 +815,8 @@ class Launcher:
                 return self._start(uid, request.vm)
             if request.op == "resume":
                 return self._resume(uid, request.vm)
+            if request.op == "console":
+                return self._console(uid, request.vm)
             return self._control(uid, request.op, request.vm)
         except SvmmError as e:
             # The audit itself failed (or a check raised): nothing was done after it.
@@ -647,12 +858,94 @@ class Launcher:
             d = Decision(True, "ok", "no keys held", user=_user_name(r.uid))
             self._audited("key_drop", Outcome.SUCCESS, d, peer, "drop_keys",
                           detail=f"for uid={r.uid}; {which}")  # fmt: skip
-        data = {
+        data: dict[str, Any] = {
             "uid": r.uid,
             "dropped": sorted({k.volume for k in dropped}),
             "held": sorted(self.keys.held(r.uid)),  # what other sessions still hold
         }
+        if r.session_closed:
+            data["last_logout"] = self._after_session_close(r.uid, r.session or "")
         return Reply(True, "ok", f"dropped {len(dropped)} key(s) of {which}", data)
+
+    def _after_session_close(self, uid: int, session: str) -> dict[str, Any]:
+        """A session of ``uid`` closed: if it was their last one (the session records, not
+        the request, say so), their VMs get ``launcher.on_last_logout``; audited per VM
+        (``last_logout``: stopped, paused, kept, or why nothing was done)."""
+        action = self.config.launcher.on_last_logout
+        user = _user_name(uid)
+        why = f"for uid={uid}; session={session}; on_last_logout={action.value}"
+        try:
+            remaining = live_sessions(self.config.session.state_dir, uid)
+        except (SessionFailed, ConfigError) as e:
+            # Cannot tell: nothing is done (a wrong "last" would stop a user's work).
+            d = Decision(False, "session_state_unreadable", e.message, user=user)
+            self._audited("last_logout", Outcome.ERROR, d, 0, "drop_keys", detail=why)
+            return {"last": None, "action": action.value, "vms": {}}
+        if remaining:
+            return {"last": False, "action": action.value, "vms": {}}
+        done: dict[str, str] = {}
+        with self._lock:
+            mine = [r for r in self.registry.running().values() if r.uid == uid]
+            for record in sorted(mine, key=lambda r: r.vm):
+                card = _card_of(record)
+                outcome, reason, note = Outcome.SUCCESS, "kept", ""
+                try:
+                    if action is LastLogoutAction.STOP:
+                        reason, note = "stopped", f"how={self._stop(record.vm)}"
+                    elif action is LastLogoutAction.PAUSE:
+                        reason, note = "paused", self._pause(record, "last_logout")
+                except SvmmError as e:
+                    outcome, reason, note = Outcome.ERROR, e.reason, e.message
+                    if action is LastLogoutAction.PAUSE:  # fail closed, as for card removal
+                        try:
+                            note += f"; stopped instead (how={self._stop(record.vm)})"
+                            outcome, reason = Outcome.SUCCESS, "pause_failed_stopped"
+                        except SvmmError as e2:
+                            note += f"; stop: {e2.message}"
+                done[record.vm] = reason
+                d = Decision(outcome is Outcome.SUCCESS, reason, note, record.vm, record.user,
+                             card=card)  # fmt: skip
+                self._audited("last_logout", outcome, d, 0, "drop_keys", detail=why)
+        if not done:
+            d = Decision(True, "no_vms", "no running VMs", user=user)
+            self._audited("last_logout", Outcome.SUCCESS, d, 0, "drop_keys", detail=why)
+        return {"last": True, "action": action.value, "vms": done}
+
+    def _pause(self, record: VmRecord, cause: str) -> str:
+        """Pause ``record``'s VM (QMP ``stop``) and, in the VMM volume mode, close what can
+        be closed of its volumes while it stays resumable: every ``secret`` object (the
+        LUKS passphrases QEMU read at start) is deleted (QMP ``object-del``; QEMU 7.2
+        allows it while the LUKS node is open: the node no longer needs it). What stays:
+        QEMU's LUKS driver keeps the volume master keys in the paused process's memory
+        until the VM is stopped (``stop`` closes the volumes fully). Audited
+        ``volume_close`` with what was done. Returns that as text; VmError when any step
+        fails (the caller then stops the VM instead)."""
+        vm = record.vm
+        handle = self.registry.get(vm)
+        if handle is None:
+            raise VmError(f"VM {vm} is not running", reason="vm_not_running")
+        handle.qmp.execute("stop")
+        if self.config.volumes.mode is not VolumeMode.VMM:
+            return "paused"
+        try:
+            objects = handle.qmp.execute("qom-list", {"path": "/objects"})
+        except VmError as e:
+            if "DeviceNotFound" not in e.message:
+                raise
+            objects = []  # QEMU makes /objects with the first object: there is none
+        secrets = sorted(
+            str(o.get("name")) for o in objects or []
+            if isinstance(o, dict) and o.get("type") == "child<secret>"
+        )  # fmt: skip
+        for secret in secrets:
+            handle.qmp.execute("object-del", {"id": secret})
+        note = (
+            f"paused; secrets removed from QEMU: {','.join(secrets) or 'none'}; the LUKS "
+            "master keys stay in the paused QEMU's memory until the VM stops"
+        )
+        d = Decision(True, "secrets_removed", note, vm, record.user, card=_card_of(record))
+        self._audited("volume_close", Outcome.SUCCESS, d, 0, cause)
+        return note
 
     # --- the operations
 
@@ -701,30 +994,43 @@ class Launcher:
                 d = Decision(False, e.reason, e.message, vm, _user_name(uid))
                 return self._audited("vm_deny", Outcome.FAILURE, d, uid, "start")
             d = decide_start(uid, vm, allowlist, self.policy, self.registry.running(), now=now,
-                             keys_held=self.keys.held(uid))  # fmt: skip
+                             keys_held=self._keys_held(uid, vm, allowlist))  # fmt: skip
             if not d.allowed:
                 outcome = Outcome.UNDECIDED if d.reason == "policy_unavailable" else Outcome.FAILURE
                 return self._audited("vm_deny", outcome, d, uid, "start")
             vols = f"volumes={','.join(d.volumes)}" if d.volumes else ""
+            lc = self.config.launcher
             try:
-                disks = tuple(
-                    LuksDisk(v, volume_image(self.config.volumes.dir, v)) for v in d.volumes
-                )
+                mine = sorted(r.vm for r in self.registry.running().values() if r.uid == uid)
+                devices = decide_devices(vm, allowlist, self.policy, mine,
+                                         [n.name for n in lc.networks])  # fmt: skip
+            except LauncherRefused as e:
+                bad = Decision(False, e.reason, e.message, vm, d.user, d.roles, d.card)
+                return self._audited("vm_deny", Outcome.FAILURE, bad, uid, "start", detail=vols)
+            vols = "; ".join(x for x in (vols, devices.detail()) if x)
+            try:
+                disks = self._disks(uid, d.volumes)
             except LauncherRefused as e:
                 bad = Decision(False, e.reason, e.message, vm, d.user, d.roles, d.card)
                 return self._audited("vm_deny", Outcome.FAILURE, bad, uid, "start", detail=vols)
             try:
-                keys = self.keys.borrow(uid, d.volumes)
+                keys = self.keys.borrow(uid, d.volumes) if self.dmcrypt is None else {}
             except KeyError as e:  # dropped since the decision
                 gone = Decision(False, "volume_key_unavailable",
                                 f"{vm} needs the key of volume {e.args[0]}, which the launcher "
                                 "does not hold", vm, d.user, d.roles, d.card)  # fmt: skip
                 return self._audited("vm_deny", Outcome.FAILURE, gone, uid, "start", detail=vols)
-            lc = self.config.launcher
             run_as = RunAs(lc.vm_user)
+            taps: dict[str, int] = {}
             try:
+                nics = self._nics(vm, devices.networks, taps)
+                usb = tuple(UsbHost.parse(u) for u in devices.usb)
+                # Devices need a PCI machine; without any, no machine at all (-machine none).
+                machine = Machine.Q35 if usb or nics else Machine.NONE
+                spec = VmSpec(vm, disks=disks, machine=machine, accel=detect_accel(run_as),
+                              usb=usb, nics=nics, console=True)  # fmt: skip
                 record = self.registry.launch(
-                    VmSpec(vm, disks=disks, machine=Machine.NONE, accel=detect_accel(run_as)),
+                    spec,
                     keys,
                     uid=uid,
                     user=d.user,
@@ -733,10 +1039,11 @@ class Launcher:
                     ready_timeout=lc.start_timeout,
                     card_fingerprint=d.card.fingerprint if d.card else "",
                     card_serial=d.card.serial if d.card else "",
-                    token_serial=self.keys.card_for(
+                    token_serial=self._token_serial(
                         uid, d.volumes, d.card.fingerprint if d.card else ""
                     ),
                     now=now,
+                    taps=taps,
                 )
             except (VmError, VolumeError) as e:
                 failed = Decision(False, e.reason, e.message, vm, d.user, d.roles, d.card)
@@ -744,16 +1051,38 @@ class Launcher:
             finally:
                 for buf in keys.values():
                     wipe(buf)
+                for fd in taps.values():
+                    os.close(fd)  # QEMU has its own: the tap goes when QEMU exits
             self._sync_watch()
             try:
                 return self._audited(
                     "vm_start", Outcome.SUCCESS, d, uid, "start",
-                    {"vm": vm, "pid": record.pid, "volumes": list(d.volumes)}, detail=vols,
+                    {"vm": vm, "pid": record.pid, "volumes": list(d.volumes),
+                     "usb": list(devices.usb), "networks": list(devices.networks)},
+                    detail=vols,
                 )  # fmt: skip
             except SvmmError:
                 # Unaudited VMs do not run.
                 self._stop(vm)
                 raise
+
+    def _nics(self, vm: str, networks: Collection[str], taps: dict[str, int]) -> tuple[Nic, ...]:
+        """A virtio-net device per network, on the backend ``[launcher.networks.NAME]``
+        defines; bridged ones get a tap svmmd makes (added to ``taps``, closed by the
+        caller)."""
+        from ..adapters.tap import open_tap
+
+        nics = []
+        for name in networks:
+            backend = self.config.launcher.network(name)
+            if backend is None:  # decide_devices saw to it
+                raise VmError(f"network {name} is not defined", reason="network_undefined")
+            if backend.kind is NetworkKind.USER:
+                nics.append(Nic(name, NetKind.USER, mac_for(vm, name), backend.restrict))
+            else:
+                taps[name], _ifname = open_tap(backend.bridge)
+                nics.append(Nic(name, NetKind.TAP, mac_for(vm, name)))
+        return tuple(nics)
 
     def _control(self, uid: int, op: str, vm: str) -> Reply:
         with self._lock:
@@ -813,6 +1142,55 @@ class Launcher:
             return self._audited("vm_resume", Outcome.SUCCESS, d, uid, "resume",
                                  {"vm": vm, "status": state["status"]})  # fmt: skip
 
+    def _console(self, uid: int, vm: str) -> Reply:
+        """The VM's serial console: svmmd connects to the console socket QEMU listens on
+        (root's, in the VM's private run folder) and passes the connection to the caller
+        (SCM_RIGHTS with the reply). One client at a time (``console_busy``)."""
+        import socket as _socket
+
+        with self._lock:
+            now = self.now()
+            allowlist: Allowlist | None = None
+            if uid != 0:
+                try:
+                    allowlist = self._allowlist(uid, now)
+                except LauncherRefused as e:
+                    d = Decision(False, e.reason, e.message, vm, _user_name(uid))
+                    return self._audited("vm_deny", Outcome.FAILURE, d, uid, "console")
+            d = decide_console(uid, vm, self.registry.running(), allowlist, self.policy, now=now)
+            handle = self.registry.get(vm) if d.allowed else None
+            if handle is None:
+                if d.allowed:
+                    d = Decision(False, "vm_not_running", f"{vm} is not running", vm, d.user)
+                return self._audited("vm_deny", Outcome.FAILURE, d, uid, "console")
+            conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+            try:
+                chardevs = handle.qmp.execute("query-chardev")
+                mine = [c for c in chardevs or [] if isinstance(c, dict)
+                        and c.get("label") == CONSOLE_ID]  # fmt: skip
+                if not mine:
+                    raise VmError(f"VM {vm} has no console", reason="console_unavailable")
+                if not str(mine[0].get("filename", "")).startswith("disconnected:"):
+                    raise VmError(f"{vm}'s console is in use", reason="console_busy")
+                conn.settimeout(5.0)
+                try:
+                    conn.connect(str(handle.console_socket))
+                except OSError as e:
+                    raise VmError(f"VM {vm}: console: {e.strerror}",
+                                  reason="console_unavailable") from None  # fmt: skip
+                conn.settimeout(None)
+                reply = self._audited("vm_console", Outcome.SUCCESS, d, uid, "console",
+                                      {"vm": vm, "escape": "^]"})  # fmt: skip
+            except VmError as e:
+                conn.close()
+                failed = Decision(False, e.reason, e.message, vm, d.user, d.roles, d.card)
+                outcome = Outcome.FAILURE if e.reason == "console_busy" else Outcome.ERROR
+                return self._audited("vm_console", outcome, failed, uid, "console")
+            except BaseException:
+                conn.close()
+                raise
+            return Reply(reply.ok, reply.reason, reply.message, reply.data, (conn.detach(),))
+
     def _decide_resume(self, record: VmRecord, now: dt.datetime) -> Decision:
         """May ``record``'s VM run again? As for a start, on its owner's behalf: the allowlist
         still lets them boot it, the keys of its volumes are held again, and (the VM was
@@ -829,19 +1207,90 @@ class Launcher:
 
         if not allowlist.permits(vm, pdp.BOOT, now=now):
             return deny("not_in_allowlist", f"{allowlist.user} may not boot {vm} (allowlist)")
-        held = self.keys.held(owner)
+        if self.dmcrypt is not None:
+            held, serials = set(self.dmcrypt.open_volumes(owner)), self._dmcrypt_card_serials(owner)
+        else:
+            held, serials = self.keys.held(owner), self.keys.card_serials(owner)
         missing = [v for v in allowlist.vms[vm].volumes if v not in held]
+        if missing and self.dmcrypt is not None:
+            return deny("volume_not_open", f"{vm} needs volume {missing[0]}, which no session "
+                        "of its owner has open (log in again with the card)")  # fmt: skip
         if missing:
             return deny(
                 "volume_key_unavailable",
                 f"{vm} needs the key of volume {missing[0]}, which the launcher does not hold",
             )
-        if record.token_serial and record.token_serial not in self.keys.card_serials(owner):
+        if record.token_serial and record.token_serial not in serials:
             return deny(
                 "card_login_required", f"log in again with the card that started {vm} first"
             )
         return Decision(True, "ok", "", vm, allowlist.user, allowlist.roles, allowlist.card,
                         allowlist.vms[vm].volumes)  # fmt: skip
+
+    # --- volumes: held keys (vmm) or dm-crypt mappings (services/dmcrypt.py)
+
+    def _keys_held(self, uid: int, vm: str, allowlist: Allowlist) -> Collection[str]:
+        """For decide_start: the volumes whose keys are held; in dm-crypt mode all of the
+        VM's (each mapping is checked by ``_disks``, which says ``volume_not_open``)."""
+        if self.dmcrypt is None:
+            return self.keys.held(uid)
+        allowance = allowlist.vms.get(vm)
+        return allowance.volumes if allowance is not None else ()
+
+    def _disks(self, uid: int, volumes: tuple[str, ...]) -> tuple[LuksDisk | RawDisk, ...]:
+        """LUKS images QEMU decrypts (vmm), or the plaintext mappings /dev/mapper/svmm-NAME
+        that ``uid``'s sessions opened (dm-crypt; ``volume_not_open`` otherwise)."""
+        if self.dmcrypt is None:
+            return tuple(LuksDisk(v, volume_image(self.config.volumes.dir, v)) for v in volumes)
+        from .dmcrypt import mapping_path
+
+        try:
+            open_now = self.dmcrypt.open_volumes(uid)
+        except SvmmError as e:
+            raise _refuse("volume_not_open", f"dm-crypt state: {e.message}") from None
+        for v in volumes:
+            check_volume_name(v)
+            if v not in open_now:
+                raise _refuse(
+                    "volume_not_open",
+                    f"volume {v} is not open for you: /dev/mapper/svmm-{v} must be open by a "
+                    "session of yours whose card is in (log in with the card)",
+                )
+        return tuple(RawDisk(v, mapping_path(v)) for v in volumes)
+
+    def _token_serial(self, uid: int, volumes: tuple[str, ...], fingerprint: str) -> str:
+        if self.dmcrypt is None:
+            return self.keys.card_for(uid, volumes, fingerprint)
+        serials = self.dmcrypt.open_volumes(uid).get(volumes[0], ()) if volumes else ()
+        return min(serials, default="")
+
+    def _dmcrypt_card_serials(self, uid: int | None = None) -> set[str]:
+        if self.dmcrypt is None:
+            return set()
+        try:
+            return set(self.dmcrypt.card_serials(uid))
+        except SvmmError as e:
+            log.error("dm-crypt state: %s", e.message)
+            return set()
+
+    def _dmcrypt_card_removed(self, event: CardEvent) -> None:
+        """dm-crypt hook of card removal: after the card's VMs got their action, the mappings
+        only its sessions hold are luksSuspend-ed (key wiped); audited ``volume_suspend``.
+        Not with ``card_removal = lock``: the VMs run on and need their disks."""
+        if self.dmcrypt is None or self.card_policy.action.value == "lock":
+            return
+        try:
+            events = self.dmcrypt.card_removed(event.serial)
+        except SvmmError as e:
+            events = []
+            d = Decision(False, e.reason, f"dm-crypt: {e.message}")
+            self._audited("volume_suspend", Outcome.ERROR, d, 0, "card_watch")
+        for ev in events:
+            d = Decision(ev.ok, ev.reason, f"volume={ev.volume}; {ev.detail}",
+                         user=",".join(ev.users))  # fmt: skip
+            outcome = Outcome.SUCCESS if ev.ok else Outcome.ERROR
+            why = f"card {event.reason}; token {event.serial}"
+            self._audited("volume_suspend", outcome, d, 0, "card_watch", detail=why)
 
     def _stop(self, vm: str) -> str:
         lc = self.config.launcher

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ..adapters.identity_cache import IdentityCache
     from ..adapters.token import Pkcs11Module
     from ..domain.identity import Identity
+    from .dmcrypt import DmcryptVolumes
     from .key_release import KeyRelease
     from .policy import PolicyService
     from .revocation import RevocationChecker
@@ -289,16 +290,15 @@ class LoginService:
         return call(self.config.launcher.socket, request)
 
     @cached_property
-    def key_release(self) -> KeyRelease:
+    def key_release(self) -> KeyRelease | DmcryptVolumes:
+        """The session's volume hook: keys handed to svmmd (vmm) or mappings (dm-crypt)."""
         from ..config import VolumeMode
-        from ..errors import VolumeError
         from .key_release import KeyRelease
 
         if self.config.volumes.mode is VolumeMode.DMCRYPT:
-            raise VolumeError(
-                "volumes.mode = 'dm-crypt' is not supported by the session hook yet; "
-                "use 'vmm' (QEMU's LUKS driver)"
-            )
+            from .dmcrypt import DmcryptVolumes
+
+            return DmcryptVolumes(self.config, now=self.now)
         return KeyRelease(self.config, send=self.launcher_call)
 
     @cached_property

@@ -59,3 +59,49 @@ def test_bad_launcher_values_name_the_key(text: str, key: str, words: str) -> No
         config.parse(tomllib.loads(text))
     assert err.value.key == key
     assert words in str(err.value)
+
+
+def test_last_logout_and_networks() -> None:
+    lc = config.parse({}).launcher
+    assert lc.on_last_logout is config.LastLogoutAction.KEEP and lc.networks == ()
+    lc = config.parse(
+        {"launcher": {"on_last_logout": "pause", "networks": {
+            "lab": {"kind": "user", "restrict": False},
+            "dmz": {"kind": "bridge", "bridge": "br-dmz"}}}}
+    ).launcher  # fmt: skip
+    assert lc.on_last_logout is config.LastLogoutAction.PAUSE
+    assert lc.network("lab") == config.NetworkBackend("lab", config.NetworkKind.USER, False)
+    assert lc.network("dmz") == config.NetworkBackend(
+        "dmz", config.NetworkKind.BRIDGE, bridge="br-dmz"
+    )
+    assert lc.network("ghost") is None
+
+
+@pytest.mark.parametrize(
+    ("launcher", "key"),
+    [
+        ({"on_last_logout": "sleep"}, "launcher.on_last_logout"),
+        ({"networks": {"Lab": {"kind": "user"}}}, "launcher.networks.Lab"),
+        ({"networks": {"lab": {}}}, "launcher.networks.lab.kind"),
+        ({"networks": {"lab": {"kind": "vde"}}}, "launcher.networks.lab.kind"),
+        ({"networks": {"lab": {"kind": "bridge"}}}, "launcher.networks.lab.bridge"),
+        ({"networks": {"lab": {"kind": "bridge", "bridge": "a b"}}},
+         "launcher.networks.lab.bridge"),
+        ({"networks": {"lab": {"kind": "user", "bridge": "br0"}}}, "launcher.networks.lab.bridge"),
+        ({"networks": {"lab": {"kind": "bridge", "bridge": "br0", "restrict": True}}},
+         "launcher.networks.lab.restrict"),
+        ({"networks": {"lab": {"kind": "user", "mtu": 9000}}}, "launcher.networks.lab.mtu"),
+        ({"networks": {"lab": "user"}}, "launcher.networks.lab"),
+    ],
+)  # fmt: skip
+def test_bad_launcher_network_keys_are_named(launcher: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        config.parse({"launcher": launcher})
+    assert f"configuration: {key}:" in str(e.value)
+
+
+def test_the_example_file_documents_the_new_keys() -> None:
+    root = Path(__file__).resolve().parents[2]
+    doc = tomllib.loads((root / "config" / "svmm.toml").read_text())
+    assert doc["launcher"]["on_last_logout"] == "keep"
+    assert config.parse(doc).launcher.on_last_logout is config.LastLogoutAction.KEEP

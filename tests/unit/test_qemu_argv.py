@@ -77,7 +77,7 @@ def test_argv_names_descriptors_not_paths() -> None:
 
 def test_a_q35_vm_attaches_disks_as_virtio() -> None:
     argv = build_argv(_spec(machine=Machine.Q35, paused=False, memory_mib=256), FDS)
-    assert argv[argv.index("-device") + 1] == "virtio-blk-pci,drive=disk0,id=vd-disk0"
+    assert argv[argv.index("-device") + 1] == "virtio-blk-pci,drive=disk0,id=vd-disk0,share-rw=on"
     assert argv[argv.index("-m") + 1] == "256" and "-S" not in argv
 
 
@@ -93,3 +93,47 @@ def test_keys_qemu_cannot_take_are_refused_before_launch(key: bytes) -> None:
     with pytest.raises(VmError) as e:
         _key_pipe(key, None)
     assert e.value.reason == "vm_spec_invalid"
+
+
+def test_devices_console_and_networks_in_the_argv() -> None:
+    from pam_svmm.adapters.qemu import NetKind, Nic, UsbHost, mac_for
+
+    spec = VmSpec(
+        "vm1",
+        machine=Machine.Q35,
+        usb=(UsbHost.parse("046D:C52B"),),
+        nics=(Nic("lab", NetKind.USER, mac_for("vm1", "lab")),
+              Nic("dmz", NetKind.TAP, mac_for("vm1", "dmz"))),
+        console=True,
+    )  # fmt: skip
+    fds = LaunchFds(qmp_listener=10, images={}, keys={}, console_listener=13, taps={"dmz": 14})
+    argv = build_argv(spec, fds)
+    assert "socket,id=console,fd=13,server=on,wait=off" in argv
+    assert "isa-serial,chardev=console,id=serial0" in argv
+    assert "qemu-xhci,id=usb" in argv
+    assert "usb-host,bus=usb.0,vendorid=0x046d,productid=0xc52b,id=usb-046d-c52b" in argv
+    assert "user,id=net-lab,restrict=on" in argv and "tap,id=net-dmz,fd=14" in argv
+    assert f"virtio-net-pci,netdev=net-dmz,id=nic-dmz,mac={mac_for('vm1', 'dmz')}" in argv
+    assert mac_for("vm1", "dmz") != mac_for("vm1", "lab") == mac_for("vm1", "lab")
+    assert 13 in fds.all() and 14 in fds.all()
+    with pytest.raises(VmError):  # a tap nic needs its descriptor
+        build_argv(spec, LaunchFds(10, {}, {}, 13))
+
+
+@pytest.mark.parametrize("text", ["046d", "046d:c52", "g46d:c52b", "046d:c52b,id=x", ":"])
+def test_bad_usb_ids_are_refused(text: str) -> None:
+    from pam_svmm.adapters.qemu import UsbHost
+
+    with pytest.raises(VmError):
+        UsbHost.parse(text)
+
+
+def test_devices_need_a_pci_machine_and_valid_names() -> None:
+    from pam_svmm.adapters.qemu import NetKind, Nic, UsbHost
+
+    with pytest.raises(VmError):
+        VmSpec("vm1", usb=(UsbHost("046d", "c52b"),))  # machine none
+    with pytest.raises(VmError):
+        Nic("Lab,x=1", NetKind.USER, "52:54:00:00:00:01")
+    with pytest.raises(VmError):
+        Nic("lab", NetKind.USER, "02:00:00:00:00:01")
