@@ -25,9 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from pam_svmm.lab.pki import LabCA, key_pem, load_key, new_key
 
-LAB_VERSION = "lab-v1"
+LAB_VERSION = "lab-v2"  # v2: the user certificate carries alice's UPN and e-mail
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 USER = "alice"
+# What the directory rows map by (svmmPrincipalName / mail of alice in example-org.ldif).
+USER_UPN = "alice@demo.example"
 TOKEN_LABEL = "bench"
 CERT_ID = b"\x01"
 # A CRL this close to its nextUpdate is rebuilt, so a cached lab never goes stale mid-run.
@@ -112,7 +114,7 @@ def _build_lab(folder: Path, extra_revoked: int) -> dict[str, object]:
     tmp.mkdir(parents=True)
     ca = LabCA.create(tmp / "ca", crl_base="http://127.0.0.1:8889/crl", ocsp_url=LAB_OCSP_URL)
     key = new_key("rsa")  # RSA: what pam_pkcs11's signature check handles everywhere
-    cert = ca.issue_user(USER, key.public_key())
+    cert = ca.issue_user(USER, key.public_key(), upn=USER_UPN, email=USER_UPN)
     (tmp / "user.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (tmp / "user.key").write_bytes(key_pem(key))
     (tmp / "user.key").chmod(0o600)

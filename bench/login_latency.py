@@ -7,13 +7,20 @@ Run from the repository root:
     /tmp/v/bin/python bench/login_latency.py --rows anchor,pkcs11-sig --runs 10
     /tmp/v/bin/python bench/login_latency.py --shim /usr/lib/svmm/pam_svmm.py --venv /opt/svmm/venv
 
-Each login is one fresh `pamtester SERVICE alice authenticate` process under pam_wrapper
+Each login is one fresh `pamtester SERVICE alice OPS...` process under pam_wrapper
 (LD_PRELOAD=libpam_wrapper.so PAM_WRAPPER=1 PAM_WRAPPER_SERVICE_DIR=<tmp>), the PIN fed on
-its stdin, timed from spawn to exit. Every module logs in against the same SoftHSM2 token,
-provisioned in a tmp dir (SOFTHSM2_CONF points at the bench's own softhsm2.conf) with the
-lab PKI's user certificate and RSA key. Rows:
+its stdin, timed from spawn to exit; OPS is `authenticate`, or for the session rows
+`authenticate acct_mgmt open_session close_session` (one PAM handle, one process). Every
+module logs in against the same SoftHSM2 token, provisioned in a tmp dir (SOFTHSM2_CONF
+points at the bench's own softhsm2.conf) with the lab PKI's user certificate (CN alice, UPN
+alice@demo.example) and RSA key. Rows:
 
     anchor            pam_python, auth returns PAM_SUCCESS (the cost of starting Python)
+    anchor-session    the same do-nothing module for auth, account and session, the
+                      session OPS
+    anchor-thin       the shim (daemon=required) on a socket nobody listens on, then the
+                      do-nothing module: what the thin path costs the PAM process itself
+                      (loading the shim and its client; no svmmd, no refusal checks)
     pkcs11-sig        Debian's pam_pkcs11, cert_policy = ca,signature
     pkcs11-crl        pam_pkcs11, cert_policy = ca,signature,crl_offline, the padded CRL
     svmm-sig          pam_svmm, chain + signature, revocation off
@@ -22,10 +29,35 @@ lab PKI's user certificate and RSA key. Rows:
     svmm-crl-warm     pam_svmm, the same, cache kept (filled by the warm-up logins)
     svmm-ocsp         pam_svmm, OCSP against `openssl ocsp` on loopback (cache emptied before
                       every login, so each login queries the responder)
+    svmm-full         pam_svmm in the PAM process (daemon=off), the full login with the
+                      session OPS: chain, the padded CRL (end entity), roles from a slapd the
+                      bench starts (pam_svmm.lab.directory.Slapd, config/ldap/example-org.ldif,
+                      StartTLS, certmap by UPN), config/policy.example.toml signed by a policy
+                      signer of the bench lab's CA (the bench's services added to lab-host's
+                      login services), open_session writing the allowlist
+    svmm-fast-crl     the same full login through svmmd (daemon=required), CRL
+    svmm-fast-ocsp    the same through svmmd with OCSP instead of the CRL, ocsp_reuse = 0:
+                      svmmd asks the responder at every login
+    svmm-fast-ocsp-reuse  the same with the default ocsp_reuse: svmmd reuses an answer
+    svmm-fast-sig     through svmmd, auth only: chain + signature, revocation off, no
+                      directory (the fixed cost of the thin path; compare with svmm-sig)
+
+A row's revocation has one method: the first method that answers decides, so a row with
+["ocsp", "crl"] would show only OCSP. svmmd (the svmm-fast-* rows) is started by the bench
+for each row as its own process, `python -m pam_svmm.daemon.server --config TOML` with this
+interpreter, the same TOML the row's PAM line names (its [launcher] socket in the tmp dir)
+and SOFTHSM2_CONF of the bench token (svmmd's environment decides which card it sees);
+its log is <tmp>/<row>-svmmd.log; all are stopped at the end. Issue 6's targets, printed
+under the table: a full login through svmmd at most 1.2 times anchor-session, and below
+pkcs11-crl.
 
 Before a row is timed it must log in once with the right PIN and be refused with a wrong
 PIN and for another user (pkcs11-crl is also refused with an empty crl_dir, which shows
-the CRL is read). A row whose module is missing, misconfigured or fails any of that is
+the CRL is read). The full rows' first login must also leave, in the row's audit log, a
+successful auth with the directory's roles, a session_open that wrote the allowlist and a
+successful session_close. The svmm-fast-* rows must be refused with svmmd stopped
+(daemon=required: which shows their logins go through svmmd); svmmd is started again
+before timing. A row whose module is missing, misconfigured or fails any of that is
 printed as an error row with the reason; the other rows still run. Rows are timed
 interleaved (round-robin), so drift on the machine spreads over all of them.
 
@@ -37,11 +69,15 @@ The pam_svmm rows name `pam_python.so SHIM venv=VENV config=TOML` (--shim, --ven
 TOML is written per row and checked with pam_svmm.config before use; the embedded
 interpreter gets PYTHONPATH=<repo root>. When pam_svmm refuses the right PIN, the error row
 adds its last audit record, or whether the shim can import pam_svmm under /usr/bin/python3.
-The svmm-ocsp row is an error if the responder saw fewer requests than logins.
+The svmm-ocsp and svmm-fast-ocsp rows are errors if the responder saw fewer requests than
+their logins (counted per login, warm-up included); the table's footer says how often each
+OCSP row asked.
 
 Output: median, p90 and min in ms over --runs logins, and each median over the anchor's
-and over pam_pkcs11 ca,signature's; --json prints all of it (with the raw samples) instead.
-Progress goes to stderr.
+and over pam_pkcs11 ca,signature's; under it, the issue 6 ratios of the svmmd full-login rows
+(and svmm-full for comparison): median over anchor-session's and over pkcs11-crl's, each
+against its target. --json prints all of it (with the raw samples and the x_anchor_session /
+x_pkcs11_crl ratios) instead. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -51,6 +87,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +97,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make `bench` and `pam_svmm` importable
@@ -67,10 +105,14 @@ if str(REPO) not in sys.path:  # run as a script: make `bench` and `pam_svmm` im
 
 from bench import _fixtures as fx  # noqa: E402
 
+if TYPE_CHECKING:
+    from pam_svmm.lab.directory import Slapd
+
 PAM_WRAPPER = "/usr/lib/x86_64-linux-gnu/libpam_wrapper.so"
 PAM_PYTHON = "/lib/security/pam_python.so"
 PAM_PKCS11 = "/lib/x86_64-linux-gnu/security/pam_pkcs11.so"
 PAMTESTER = "pamtester"
+SLAPD = "/usr/sbin/slapd"
 EMBEDDED_PYTHON = "/usr/bin/python3"  # what Debian's pam_python embeds
 PIN = "123456"
 WRONG_PIN = "654321"
@@ -80,6 +122,16 @@ LOGIN_TIMEOUT = 60.0
 # Reference medians (ms) measured on this kind of machine (2 vCPU AMD EPYC), for the eye.
 REFERENCE_MS = {"anchor": 54.0, "pkcs11-sig": 21.0, "pkcs11-crl": 123.0}
 ANCHOR, PKCS11_BASE = "anchor", "pkcs11-sig"
+# Issue 6's targets for a full login through svmmd (the svmm-fast-* rows): at most this many
+# times the do-nothing module with the same PAM calls, and below pam_pkcs11 with the CRL.
+ANCHOR_SESSION, PKCS11_CRL = "anchor-session", "pkcs11-crl"
+TARGET_X_ANCHOR_SESSION = 1.2
+TARGET_X_PKCS11_CRL = 1.0
+AUTH_OPS = ("authenticate",)
+SESSION_OPS = ("authenticate", "acct_mgmt", "open_session", "close_session")
+# The PAM services the bench's policy lets alice log in through (its host login rules).
+POLICY_HOST = "lab-host"
+SVMMD_START_TIMEOUT = 60.0
 
 NOOP_MODULE = """\
 # A pam_python module that does nothing: the latency floor of any pam_python module.
@@ -88,6 +140,18 @@ def pam_sm_authenticate(pamh, flags, argv):
 
 
 def pam_sm_setcred(pamh, flags, argv):
+    return pamh.PAM_SUCCESS
+
+
+def pam_sm_acct_mgmt(pamh, flags, argv):
+    return pamh.PAM_SUCCESS
+
+
+def pam_sm_open_session(pamh, flags, argv):
+    return pamh.PAM_SUCCESS
+
+
+def pam_sm_close_session(pamh, flags, argv):
     return pamh.PAM_SUCCESS
 """
 
@@ -101,10 +165,16 @@ class Plan:
     """How to log in for one row, once its fixtures exist."""
 
     service: str
-    refusals: list[tuple[str, str, str]] = field(default_factory=list)  # (what, service, user/pin)
+    ops: tuple[str, ...] = AUTH_OPS  # pamtester's operations, in one process
+    # (what, a login that must be refused): checked before the row is timed.
+    refusals: list[tuple[str, Callable[[], Login]]] = field(default_factory=list)
     before_each: Callable[[], None] | None = None
     # Says more about a refused right-PIN login than pamtester's one line.
     diagnose: Callable[[], str] | None = None
+    # After the first right-PIN login: why it was not the login the row claims (None: it was).
+    verify: Callable[[], str | None] | None = None
+    # The row's logins must each query the OCSP responder (else an error row).
+    every_login_asks_ocsp: bool = False
 
 
 @dataclass
@@ -114,6 +184,8 @@ class Row:
     plan: Plan | None = None
     samples_ms: list[float] = field(default_factory=list)
     error: str | None = None
+    logins: int = 0  # right-PIN logins in measure() (warm-up included)
+    ocsp_requests: int = 0  # requests the bench's OCSP responder got during them
 
     def stats(self) -> dict[str, float] | None:
         if not self.samples_ms:
@@ -146,17 +218,26 @@ class Bench:
         self.token: fx.Token | None = None
         self.token_error = ""
         self.ocsp: fx.OcspResponder | None = None
+        self.slapd: Slapd | None = None
+        self.policy: Path | None = None
+        self.daemons: list[Svmmd] = []
         self.env: dict[str, str] = {}
 
     def service(self, name: str, line: str) -> str:
         (self.services / name).write_text(line + "\n")
         return name
 
-    def login(self, service: str, user: str = fx.USER, pin: str = PIN) -> Login:
+    def login(
+        self,
+        service: str,
+        user: str = fx.USER,
+        pin: str = PIN,
+        ops: tuple[str, ...] = AUTH_OPS,
+    ) -> Login:
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(
-                [PAMTESTER, service, user, "authenticate"],
+                [PAMTESTER, service, user, *ops],
                 input=pin + "\n",
                 capture_output=True,
                 text=True,
@@ -196,9 +277,103 @@ class Bench:
             self.ocsp = fx.OcspResponder(self.need_lab(), self.workdir).start()
         return self.ocsp
 
+    def need_slapd(self) -> Slapd:
+        """slapd on loopback with the example organisation (alice: uid 10001, vm-users)."""
+        if self.slapd is None:
+            from pam_svmm.lab.directory import Slapd as LabSlapd
+            from pam_svmm.lab.pki import LabCA
+
+            if not Path(SLAPD).is_file():
+                raise Unavailable(f"slapd not found at {SLAPD} (packages slapd, ldap-utils)")
+            # The bench lab's CA issues slapd's TLS certificate: one trust anchor for all.
+            server = LabSlapd(self.workdir / "slapd", ca=LabCA.open(self.need_lab().folder))
+            self.log("  starting slapd (example organisation)...")
+            server.start()
+            self.slapd = server
+        return self.slapd
+
+    def need_policy(self, services: list[str]) -> Path:
+        """config/policy.example.toml with the bench's services allowed on POLICY_HOST,
+        signed by a policy signer the bench lab's CA issues (as Lab.write_policy does)."""
+        if self.policy is None:
+            from cryptography.hazmat.primitives import serialization
+
+            from pam_svmm.domain.policy_bundle import make_bundle
+            from pam_svmm.lab.pki import LabCA, new_key
+
+            text = (REPO / "config" / "policy.example.toml").read_bytes()
+            allowed = b'"svmm-login"]'
+            if allowed not in text:
+                raise Unavailable(f"config/policy.example.toml no longer has {allowed.decode()}")
+            extra = ", ".join(json.dumps(s) for s in services).encode()
+            text = text.replace(allowed, b'"svmm-login", ' + extra + b"]")
+            ca = LabCA.open(self.need_lab().folder)
+            key = new_key("p256")
+            cert = ca.issue_policy_signer("bench policy signer", key.public_key())
+            bundle = self.workdir / "policy.bundle"
+            bundle.write_bytes(make_bundle(text, key, [cert, ca.intermediate.cert]))
+            (self.workdir / "policy-signer.pem").write_bytes(
+                cert.public_bytes(serialization.Encoding.PEM)
+            )
+            self.policy = bundle
+        return self.policy
+
     def close(self) -> None:
+        for daemon in self.daemons:
+            daemon.stop()
         if self.ocsp is not None:
             self.ocsp.stop()
+        if self.slapd is not None:
+            self.slapd.stop()
+
+
+class Svmmd:
+    """svmmd (`python -m pam_svmm.daemon.server --config TOML`) as the bench's own process,
+    seeing the bench token (its SOFTHSM2_CONF) as the PAM process does in the in-process path.
+    Its log goes to a file (a pipe nobody reads would block it)."""
+
+    def __init__(self, config: Path, socket_path: Path, env: dict[str, str], log: Path):
+        self.config, self.socket, self.env, self.log = config, socket_path, env, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pam_svmm.daemon.server", "--config", str(self.config)],
+                env=self.env,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        deadline = time.monotonic() + SVMMD_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise Unavailable(f"svmmd exited ({self.proc.returncode}): {self.tail()}")
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(self.socket))
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise Unavailable(f"svmmd did not listen within {SVMMD_START_TIMEOUT:.0f} s: {self.tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def tail(self) -> str:
+        try:
+            return " | ".join(self.log.read_text().strip().splitlines()[-3:])[-400:]
+        except OSError:
+            return ""
 
 
 def _tidy(text: str) -> str:
@@ -211,18 +386,67 @@ def _tidy(text: str) -> str:
     return " | ".join(keep)[-400:]
 
 
-def _standard_refusals(service: str) -> list[tuple[str, str, str]]:
-    return [("a wrong PIN", service, "pin"), (f"user {OTHER_USER}", service, "user")]
+def _standard_refusals(
+    b: Bench, service: str, ops: tuple[str, ...] = AUTH_OPS
+) -> list[tuple[str, Callable[[], Login]]]:
+    return [
+        ("a wrong PIN", lambda: b.login(service, pin=WRONG_PIN, ops=ops)),
+        (f"user {OTHER_USER}", lambda: b.login(service, user=OTHER_USER, ops=ops)),
+    ]
 
 
 # --- the rows ----------------------------------------------------------------------------
 
 
-def plan_anchor(b: Bench) -> Plan:
+def _noop_module(b: Bench) -> Path:
+    _require_file(b.args.pam_python, "pam_python")
     module = b.workdir / "noop.py"
     module.write_text(NOOP_MODULE)
-    _require_file(b.args.pam_python, "pam_python")
+    return module
+
+
+def plan_anchor(b: Bench) -> Plan:
+    module = _noop_module(b)
     return Plan(b.service("anchor", f"auth required {b.args.pam_python} {module}"))
+
+
+def plan_anchor_session(b: Bench) -> Plan:
+    line = f"{b.args.pam_python} {_noop_module(b)}"
+    return Plan(b.service(ANCHOR_SESSION, _stack(line)), ops=SESSION_OPS)
+
+
+def plan_anchor_thin(b: Bench) -> Plan:
+    """The thin path's cost in the PAM process alone: the real shim, daemon=required, on a
+    socket nobody listens on (pam_python loads the shim, whose client
+    fails to connect), then the do-nothing module says yes."""
+    shim = Path(b.args.shim)
+    _require_file(str(shim), "the pam_svmm shim")
+    module = _noop_module(b)
+    nobody = b.workdir / "nobody-listens.sock"
+    line = f"{b.args.pam_python} {shim} venv={b.args.venv} daemon=required socket={nobody}"
+    alone = b.service("anchor-thin-alone", f"auth required {line}")
+
+    def verify() -> str | None:
+        # The shim alone must answer PAM_AUTHINFO_UNAVAIL (no svmmd), not PAM_SYSTEM_ERR (it
+        # failed to load): else the row would time a shim that never reached its client.
+        out = b.login(alone).output
+        unavailable = "cannot retrieve authentication info" in out  # PAM_AUTHINFO_UNAVAIL
+        return None if unavailable else f"the shim alone says: {out}"
+
+    plan = Plan(
+        b.service(
+            "anchor-thin",
+            f"auth [success=done default=ignore] {line}\n"
+            f"auth required {b.args.pam_python} {module}",
+        )
+    )
+    plan.verify = verify
+    return plan
+
+
+def _stack(line: str) -> str:
+    """One module for PAM's auth, account and session calls."""
+    return "\n".join(f"{kind:<8} required {line}" for kind in ("auth", "account", "session"))
 
 
 def _plan_pkcs11(b: Bench, key: str, policy: str) -> Plan:
@@ -230,11 +454,11 @@ def _plan_pkcs11(b: Bench, key: str, policy: str) -> Plan:
     lab, token = b.need_lab(), b.need_token()
     conf = fx.pam_pkcs11_conf(b.workdir, key, lab, token, policy)
     plan = Plan(b.service(key, f"auth required {PAM_PKCS11} config_file={conf}"))
-    plan.refusals = _standard_refusals(plan.service)
+    plan.refusals = _standard_refusals(b, plan.service)
     if "crl_offline" in policy:
         empty = fx.pam_pkcs11_conf(b.workdir, key + "-nocrl", lab, token, policy, with_crl=False)
         svc = b.service(key + "-nocrl", f"auth required {PAM_PKCS11} config_file={empty}")
-        plan.refusals.append(("an empty crl_dir", svc, ""))
+        plan.refusals.append(("an empty crl_dir", lambda: b.login(svc)))
     return plan
 
 
@@ -246,17 +470,24 @@ def plan_pkcs11_crl(b: Bench) -> Plan:
     return _plan_pkcs11(b, "pkcs11-crl", "ca,signature,crl_offline")
 
 
-def _svmm_toml(b: Bench, key: str, revocation: dict[str, object]) -> Path:
+def _svmm_toml(
+    b: Bench, key: str, revocation: dict[str, object], extra: TomlDoc | None = None
+) -> Path:
     lab, token = b.need_lab(), b.need_token()
     inter = b.workdir / f"{key}-intermediates"
     inter.mkdir(exist_ok=True)
     shutil.copy(lab.intermediate_pem, inter / "intermediate.pem")
-    doc: dict[str, dict[str, object]] = {
+    doc: TomlDoc = {
         "pkcs11": {"module": token.module, "uri": f"pkcs11:token={token.label}"},
         "trust": {"anchors": [str(lab.root_pem)], "intermediates_dir": str(inter)},
         "revocation": {"cache_dir": str(b.workdir / f"{key}-cache"), **revocation},
         "auth": {"host_name": "bench", "login_timeout": 30},
-        "audit": {"path": str(b.workdir / f"{key}-audit.jsonl"), "syslog": False},
+        "audit": {
+            "path": str(b.workdir / f"{key}-audit.jsonl"),
+            "syslog": False,
+            "seal_key": str(b.workdir / "audit-seal.key"),
+        },
+        **(extra or {}),
     }
     path = b.workdir / f"{key}.toml"
     path.write_text(_toml(doc))
@@ -272,23 +503,80 @@ def _svmm_toml(b: Bench, key: str, revocation: dict[str, object]) -> Path:
     return path
 
 
-def _toml(doc: dict[str, dict[str, object]]) -> str:
+# A section is a table, or a list of tables (TOML's [[array.of.tables]]).
+TomlDoc = dict[str, "dict[str, object] | list[dict[str, object]]"]
+
+
+def _toml(doc: TomlDoc) -> str:
     out = []
-    for section, values in doc.items():
-        out.append(f"[{section}]")
-        out += [f"{k} = {json.dumps(v)}" for k, v in values.items()]  # JSON scalars/lists are TOML
-        out.append("")
+    for section, body in doc.items():
+        for values in body if isinstance(body, list) else [body]:
+            out.append(f"[[{section}]]" if isinstance(body, list) else f"[{section}]")
+            out += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+            out.append("")
     return "\n".join(out)
 
 
-def _plan_svmm(b: Bench, key: str, revocation: dict[str, object], *, cold: bool = False) -> Plan:
+def _toml_value(v: object) -> str:
+    if isinstance(v, dict):  # an inline table
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    return json.dumps(v)  # JSON scalars and lists of them are TOML
+
+
+def _plan_svmm(
+    b: Bench,
+    key: str,
+    revocation: dict[str, object],
+    *,
+    cold: bool = False,
+    full: bool = False,
+    daemon: str = "off",
+) -> Plan:
+    """A pam_svmm row. ``full``: the directory (roles), the signed policy and the session
+    (allowlist) too, with the four PAM calls; ``daemon``: the shim's daemon= (for
+    ``required`` the bench starts svmmd with the same TOML)."""
     shim = Path(b.args.shim)
     _require_file(b.args.pam_python, "pam_python")
     _require_file(str(shim), "the pam_svmm shim")
-    toml = _svmm_toml(b, key, revocation)
-    line = f"auth required {b.args.pam_python} {shim} venv={b.args.venv} config={toml}"
-    plan = Plan(b.service(key, line), refusals=_standard_refusals(key))
-    plan.diagnose = lambda: _diagnose_svmm(b, shim, toml, b.workdir / f"{key}-audit.jsonl")
+    audit = b.workdir / f"{key}-audit.jsonl"
+    sock = b.workdir / f"{key}-svmmd" / "launcher.sock"
+    extra: TomlDoc = _full_sections(b, key) if full else {}
+    if daemon != "off":
+        run = b.workdir / f"{key}-svmmd"
+        run.mkdir(mode=0o755)
+        extra["launcher"] = {
+            "socket": str(sock),
+            "vm_user": "nobody",
+            "run_dir": str(run / "vms"),
+            "registry_dir": str(run / "registry"),
+        }
+    toml = _svmm_toml(b, key, revocation, extra)
+    args = f"venv={b.args.venv} config={toml} daemon={daemon}"
+    if daemon != "off":
+        args += f" socket={sock}"
+    line = f"{b.args.pam_python} {shim} {args}"
+    ops = SESSION_OPS if full else AUTH_OPS
+    service = b.service(key, _stack(line) if full else f"auth required {line}")
+    plan = Plan(service, ops=ops, refusals=_standard_refusals(b, service, ops))
+    plan.diagnose = lambda: _diagnose_svmm(b, shim, toml, audit)
+    if full:
+        plan.verify = lambda: _verify_full(audit)
+    if daemon != "off":
+        svmmd = Svmmd(toml, sock, _svmmd_env(b), b.workdir / f"{key}-svmmd.log")
+        b.daemons.append(svmmd)
+        b.log(f"  starting svmmd for {key}...")
+        svmmd.start()
+        tail = svmmd.tail
+        plan.diagnose = lambda: f"{_diagnose_svmm(b, shim, toml, audit)}; svmmd log: {tail()}"
+
+        def without_svmmd() -> Login:
+            svmmd.stop()
+            try:
+                return b.login(service, ops=ops)
+            finally:
+                svmmd.start()
+
+        plan.refusals.append(("the right PIN with svmmd stopped (daemon=required)", without_svmmd))
     if cold:
         cache = b.workdir / f"{key}-cache"
 
@@ -356,25 +644,146 @@ def plan_svmm_crl_warm(b: Bench) -> Plan:
     return _plan_svmm(b, "svmm-crl-warm", _crl_revocation(b))
 
 
-def plan_svmm_ocsp(b: Bench) -> Plan:
-    revocation = {
+def _ocsp_revocation(b: Bench, **more: object) -> dict[str, object]:
+    return {
         "end_entity": "require",
         "ca": "off",
         "methods": ["ocsp"],
         "ocsp_responder": b.need_ocsp().url,
         "crl_fetch": False,
+        **more,
     }
-    return _plan_svmm(b, "svmm-ocsp", revocation, cold=True)
+
+
+def plan_svmm_ocsp(b: Bench) -> Plan:
+    plan = _plan_svmm(b, "svmm-ocsp", _ocsp_revocation(b), cold=True)
+    plan.every_login_asks_ocsp = True
+    return plan
+
+
+# --- issue 6: the full login (directory roles, signed policy, allowlist), in-process and
+# through svmmd. Each row's revocation has one method: the first method that answers
+# decides, so a second one would never be asked.
+
+FULL_ROWS = ("svmm-full", "svmm-fast-crl", "svmm-fast-ocsp", "svmm-fast-ocsp-reuse")
+
+
+def _full_sections(b: Bench, key: str) -> TomlDoc:
+    """The directory (the bench's slapd, certmap by UPN), the signed policy, the session."""
+    slapd = b.need_slapd()
+    secret = slapd.write_password_file(b.workdir / f"{key}-ldap.secret", "service")
+    bundle = b.need_policy(list(FULL_ROWS))
+    return {
+        "directory": {
+            "enabled": True,
+            "uris": [slapd.uri],
+            "base_dn": slapd.base_dn,
+            "users_base": f"ou=people,{slapd.base_dn}",
+            "groups_base": f"ou=groups,{slapd.base_dn}",
+            "bind_dn": slapd.service_dn,
+            "bind_password_file": str(secret),
+            "tls": "starttls",
+            "ca_file": str(b.need_lab().root_pem),
+            "connect_timeout": 2,
+            "search_timeout": 3,
+            "cache_dir": str(b.workdir / f"{key}-identity"),
+            "cache_max_age": 3600,
+        },
+        "certmap.rules": [
+            {
+                "name": "upn",
+                "priority": 10,
+                "match": {"san": ["upn"]},
+                "map": "(svmmPrincipalName={upn})",
+            }
+        ],
+        "policy": {
+            "enabled": True,
+            "source": "file",
+            "file": str(bundle),
+            "state_dir": str(b.workdir / f"{key}-policy-state"),
+            "host": POLICY_HOST,
+        },
+        "session": {
+            "allowlist_dir": str(b.workdir / f"{key}-run" / "allowlist"),
+            "state_dir": str(b.workdir / f"{key}-run" / "sessions"),
+        },
+    }
+
+
+def _svmmd_env(b: Bench) -> dict[str, str]:
+    """svmmd sees the bench token, and nothing of pam_wrapper."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(REPO),
+        "SOFTHSM2_CONF": str(b.need_token().conf),
+    }
+
+
+def _verify_full(audit: Path) -> str | None:
+    """The last login's audit records: card login with the directory's roles, the session
+    opened with an allowlist and closed again."""
+    try:
+        records = [json.loads(x) for x in audit.read_text().splitlines() if x.strip()]
+    except (OSError, ValueError) as e:
+        return f"no readable audit records ({e})"
+    last: dict[str, dict[str, object]] = {}
+    for r in records:
+        last[str(r.get("event"))] = r
+    auth, opened, closed = last.get("auth"), last.get("session_open"), last.get("session_close")
+    if not auth or auth.get("outcome") != "success" or not auth.get("roles"):
+        return f"no successful auth with directory roles in the audit: {auth}"
+    if not opened or opened.get("reason") != "allowlist_written":
+        return f"open_session wrote no allowlist: {opened}"
+    if not closed or closed.get("outcome") != "success":
+        return f"close_session did not succeed: {closed}"
+    return None
+
+
+def plan_svmm_full(b: Bench) -> Plan:
+    return _plan_svmm(b, "svmm-full", _crl_revocation(b), full=True)
+
+
+def plan_svmm_fast_crl(b: Bench) -> Plan:
+    return _plan_svmm(b, "svmm-fast-crl", _crl_revocation(b), full=True, daemon="required")
+
+
+def plan_svmm_fast_ocsp(b: Bench) -> Plan:
+    # ocsp_reuse = 0: svmmd asks the responder at every login, as a login process does.
+    revocation = _ocsp_revocation(b, ocsp_reuse=0)
+    plan = _plan_svmm(b, "svmm-fast-ocsp", revocation, full=True, daemon="required")
+    plan.every_login_asks_ocsp = True
+    return plan
+
+
+def plan_svmm_fast_ocsp_reuse(b: Bench) -> Plan:
+    # The product's default: svmmd reuses an answer for ocsp_reuse seconds (within its
+    # validity); the table says how often the responder was asked.
+    revocation = _ocsp_revocation(b)
+    return _plan_svmm(b, "svmm-fast-ocsp-reuse", revocation, full=True, daemon="required")
+
+
+def plan_svmm_fast_sig(b: Bench) -> Plan:
+    # The fixed cost of the thin path: chain + signature through svmmd, nothing else.
+    revocation = {"end_entity": "off", "ca": "off", "methods": []}
+    return _plan_svmm(b, "svmm-fast-sig", revocation, daemon="required")
 
 
 ROWS: dict[str, tuple[str, Callable[[Bench], Plan]]] = {
     "anchor": ("anchor: pam_python, does nothing", plan_anchor),
+    ANCHOR_SESSION: ("anchor: the same, auth+acct+session", plan_anchor_session),
+    "anchor-thin": ("anchor + shim/thin client, no svmmd", plan_anchor_thin),
     "pkcs11-sig": ("pam_pkcs11 ca,signature", plan_pkcs11_sig),
     "pkcs11-crl": ("pam_pkcs11 ca,signature,crl_offline (CRL)", plan_pkcs11_crl),
     "svmm-sig": ("pam_svmm chain+signature, revocation off", plan_svmm_sig),
     "svmm-crl-cold": ("pam_svmm CRL file, cold cache", plan_svmm_crl_cold),
     "svmm-crl-warm": ("pam_svmm CRL file, warm cache", plan_svmm_crl_warm),
     "svmm-ocsp": ("pam_svmm OCSP (loopback responder)", plan_svmm_ocsp),
+    "svmm-full": ("pam_svmm full login, CRL, in-process", plan_svmm_full),
+    "svmm-fast-sig": ("svmmd: chain+signature, revocation off", plan_svmm_fast_sig),
+    "svmm-fast-crl": ("svmmd: full login, CRL", plan_svmm_fast_crl),
+    "svmm-fast-ocsp": ("svmmd: full login, OCSP every login", plan_svmm_fast_ocsp),
+    "svmm-fast-ocsp-reuse": ("svmmd: full login, OCSP reused (default)", plan_svmm_fast_ocsp_reuse),
 }
 
 
@@ -390,24 +799,28 @@ def prepare(b: Bench, row: Row) -> None:
     """Make the row's fixtures and check that it logs in honestly; sets row.error if not."""
     try:
         plan = ROWS[row.key][1](b)
-    except (Unavailable, fx.FixtureError, OSError) as e:
+    except (Unavailable, fx.FixtureError, OSError, RuntimeError) as e:  # SlapdError too
         row.error = str(e) or type(e).__name__
         return
     if plan.before_each:
         plan.before_each()
-    ok = b.login(plan.service)
+    ok = b.login(plan.service, ops=plan.ops)
     if not ok.ok:
         why = f"; {plan.diagnose()}" if plan.diagnose else ""
         row.error = f"refuses the right PIN: {ok.output or 'no output'}{why}"
         return
-    for what, service, kind in plan.refusals:
+    wrong = plan.verify() if plan.verify else None
+    if wrong:
+        row.error = f"logs in, but not fully: {wrong}"
+        return
+    for what, refused in plan.refusals:
         if plan.before_each:
             plan.before_each()
-        bad = (
-            b.login(service, pin=WRONG_PIN)
-            if kind == "pin"
-            else (b.login(service, user=OTHER_USER) if kind == "user" else b.login(service))
-        )
+        try:
+            bad = refused()
+        except (Unavailable, OSError) as e:
+            row.error = f"checking {what}: {e}"
+            return
         if bad.ok:
             row.error = f"accepts {what}: not an honest login, not timed"
             return
@@ -416,29 +829,34 @@ def prepare(b: Bench, row: Row) -> None:
 
 def measure(b: Bench, rows: list[Row], runs: int, warmup: int) -> None:
     live = [r for r in rows if r.plan is not None]
-    ocsp_before = b.ocsp.requests() if b.ocsp else 0
     for i in range(warmup + runs):
         for row in live:
             if row.error is not None or row.plan is None:
                 continue
             if row.plan.before_each:
                 row.plan.before_each()
-            res = b.login(row.plan.service)
+            # Requests the responder logged around this login (it logs on receipt, before
+            # it answers, so a finished login's request is counted).
+            asked = b.ocsp.requests() if b.ocsp else 0
+            res = b.login(row.plan.service, ops=row.plan.ops)
+            if b.ocsp:
+                row.ocsp_requests += b.ocsp.requests() - asked
             if not res.ok:
-                row.error = f"login {i + 1} failed: {res.output or 'no output'}"
+                why = f"; {row.plan.diagnose()}" if row.plan.diagnose else ""
+                row.error = f"login {i + 1} failed: {res.output or 'no output'}{why}"
                 continue
+            row.logins += 1
             if i >= warmup:
                 row.samples_ms.append(res.ms)
         b.log(f"  round {i + 1}/{warmup + runs}" + (" (warm-up)" if i < warmup else ""))
-    # The OCSP row is meant to query the responder on every login, not answer from a cache.
+    # An OCSP row is meant to query the responder on every login, not answer from a cache.
     for row in live:
-        if row.key == "svmm-ocsp" and row.error is None and b.ocsp is not None:
-            seen = b.ocsp.requests() - ocsp_before
-            if seen < warmup + runs:
-                row.error = (
-                    f"the responder saw {seen} requests for {warmup + runs} logins: "
-                    "answered from a cache, not timed as OCSP"
-                )
+        asks = row.plan is not None and row.plan.every_login_asks_ocsp
+        if asks and row.error is None and row.ocsp_requests < row.logins:
+            row.error = (
+                f"the responder saw {row.ocsp_requests} requests for {row.logins} logins: "
+                "answered from a cache, not timed as OCSP"
+            )
 
 
 # --- machine, versions, output -------------------------------------------------------------
@@ -515,8 +933,14 @@ def report(rows: list[Row]) -> list[dict[str, object]]:
                 "min_ms": st["min"] if st else None,
                 "x_anchor": _ratio(med, base.get(ANCHOR)),
                 "x_pkcs11": _ratio(med, base.get(PKCS11_BASE)),
+                # Issue 6's two ratios (its targets are for the full logins through svmmd).
+                "x_anchor_session": _ratio(med, base.get(ANCHOR_SESSION)),
+                "x_pkcs11_crl": _ratio(med, base.get(PKCS11_CRL)),
+                "target_row": r.key in FULL_ROWS and r.key != "svmm-full",
                 "reference_ms": REFERENCE_MS.get(r.key),
                 "error": r.error,
+                "logins": r.logins,
+                "ocsp_requests": r.ocsp_requests,
                 "samples_ms": [round(x, 3) for x in r.samples_ms],
             }
         )
@@ -560,7 +984,44 @@ def table(result: dict[str, object]) -> str:
         "times in ms; x anchor / x pkcs11: median over the anchor's / pam_pkcs11 "
         "ca,signature's median; ref: reference median on this kind of machine"
     )
+    lines += ["", *_targets(rows)]
+    asked = [r for r in rows if r["ocsp_requests"] and not r["error"]]
+    if asked:
+        lines.append(
+            "OCSP responder requests / logins (warm-up included): "
+            + ", ".join(f"{r['key']} {r['ocsp_requests']}/{r['logins']}" for r in asked)
+        )
     return "\n".join(lines)
+
+
+def _targets(rows: list[dict[str, object]]) -> list[str]:
+    """Issue 6: a full login through svmmd at most 1.2 x the do-nothing module making the
+    same PAM calls (anchor-session), and below pam_pkcs11 crl_offline (pkcs11-crl)."""
+    if not any(r["target_row"] or r["key"] == "svmm-full" for r in rows):
+        return []
+    lines = [
+        f"issue 6 targets: svmmd row median / {ANCHOR_SESSION} median <= "
+        f"{TARGET_X_ANCHOR_SESSION}, / {PKCS11_CRL} median < {TARGET_X_PKCS11_CRL}"
+    ]
+
+    def verdict(x: object, limit: float, strict: bool) -> str:
+        if not isinstance(x, float):
+            return "    -    (no baseline)"
+        ok = x < limit if strict else x <= limit
+        return f"{x:6.2f}  {'met' if ok else 'MISSED':<6}"
+
+    for r in rows:
+        if not r["target_row"] and r["key"] != "svmm-full":
+            continue
+        if r["error"]:
+            lines.append(f"  {r['label']:<42}  ERROR (see above)")
+            continue
+        a = verdict(r["x_anchor_session"], TARGET_X_ANCHOR_SESSION, strict=False)
+        c = verdict(r["x_pkcs11_crl"], TARGET_X_PKCS11_CRL, strict=True)
+        note = "" if r["target_row"] else "  (in-process: for comparison)"
+        line = f"  {r['label']:<42}  x {ANCHOR_SESSION} {a}  x {PKCS11_CRL} {c}{note}"
+        lines.append(line.rstrip())
+    return lines
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

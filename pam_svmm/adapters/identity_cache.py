@@ -42,6 +42,9 @@ _MAX_FILE = 1 << 20
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _CONFIG_KEY = "directory.cache_dir"
 SWEEP_INTERVAL = 60.0  # seconds between full sweeps of stale entries
+# An unchanged identity is stored again (with a new stamp) once its entry is this old: a
+# resident service logging the same person in again and again does not rewrite it each time.
+REWRITE_AFTER = dt.timedelta(seconds=60)
 
 
 class IdentityCache:
@@ -66,14 +69,28 @@ class IdentityCache:
             old = self._read(dir_fd, _user_file(name), now)
             known = old.get("fingerprints", []) if old else []
             merged = list(dict.fromkeys([*fps, *(f for f in known if isinstance(f, str))]))
+            dump = _dump(identity)
+            files = (*map(_fp_file, fps), _user_file(name))
+            unchanged = old is not None and old.get("identity") == dump and merged == known
+            if unchanged and all(self._recent(dir_fd, f, now) for f in files):
+                return  # the same answer, stored moments ago: no rewrite (and fsync)
             stamp = now.isoformat()
             for fp in fps:
                 self._write(dir_fd, _fp_file(fp), {"stored_at": stamp, "name": name})
             self._write(
                 dir_fd,
                 _user_file(name),
-                {"stored_at": stamp, "fingerprints": merged, "identity": _dump(identity)},
+                {"stored_at": stamp, "fingerprints": merged, "identity": dump},
             )
+
+    def _recent(self, dir_fd: int, name: str, now: dt.datetime) -> bool:
+        """Stored within REWRITE_AFTER (and fresh): rewriting it would change only the stamp.
+        Skipping that only ever makes the offline window end sooner, never later."""
+        entry = self._read(dir_fd, name, now)
+        if entry is None:
+            return False
+        at = dt.datetime.fromisoformat(entry["stored_at"])
+        return now - at <= min(REWRITE_AFTER, self.max_age / 10)
 
     def by_fingerprint(self, fingerprint: str, *, now: dt.datetime) -> Identity | None:
         if not self.enabled:

@@ -7,20 +7,19 @@ application. What a process-per-login module pays on every login (imports of cry
 ldap3, PyKCS11; loading the PKCS#11 module; parsing CRLs and the policy; TLS to the
 directory) is paid once here. The model is SSSD's pam responder with pam_sss as its client.
 
-Protocol "svmm-pam/1", JSON lines on svmmd's socket (the launcher socket; services/launcher.py
-documents the other protocol), one PAM call per connection:
+Protocol "svmm-pam/1" on svmmd's socket (the launcher socket; services/launcher.py documents
+the other protocol), one PAM call per connection. The connection starts with MAGIC, then
+frames (the codec is pam/shim.py's: a 4-byte length, NUL-separated ``key=value`` fields):
 
-    client  {"version": "svmm-pam/1", "call": "authenticate" | "setcred" | "acct_mgmt" |
-             "open_session" | "close_session", "flags": 0,
-             "items": {"service", "user", "tty", "rhost", "xdisplay"},
-             "env": {"SVMM_SESSION_ID": ..., "XDG_SESSION_ID": ...}, "tx": "<token>" | null}
-    daemon  {"conv": {"style": 1..4, "text": "..."}}    client: {"resp": "..." | null}
-                                                               or {"conv_error": "PAM_CONV_ERR"}
-    daemon  {"get_user": "<prompt>" | null}               client: {"user": "..."} or conv_error
-    daemon  {"result": "PAM_SUCCESS" | "PAM_AUTH_ERR" | ..., "user": "...",
-             "env": {"SVMM_SESSION_ID": ...}, "tx": "<token>"}
-    daemon  {"unavailable": "<why>"}   (first line only: nothing was done; the client may
-                                        run the call in its own process)
+    client  call=authenticate|setcred|acct_mgmt|open_session|close_session  flags=N
+            item.service= item.user= item.tty= item.rhost= item.xdisplay=
+            env.SVMM_SESSION_ID= env.XDG_SESSION_ID=  tx=<token>            (absent: unset)
+    daemon  conv.style=1..4 conv.text=...     client: resp=... (absent: no answer)
+                                                      or conv_error=PAM_CONV_ERR
+    daemon  get_user=<prompt>                 client: user=... or conv_error=...
+    daemon  result=PAM_SUCCESS|PAM_AUTH_ERR|... user=... env.SVMM_SESSION_ID=... tx=<token>
+    daemon  unavailable=<why>   (first frame only: nothing was done; the client may run the
+                                 call in its own process)
 
 Only root may call (the PAM applications that log people in run as root); anyone else gets
 ``unavailable``, so a screen locker running as its user falls back to its own process, where
@@ -39,7 +38,6 @@ the keyboard: the conversation releases the lock, so a slow PIN entry never hold
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import secrets
 import threading
@@ -49,13 +47,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..pam.shim import ENV_NAMES, ITEMS, encode, read_frame
+
 PROTOCOL = "svmm-pam/1"
 CALLS = ("authenticate", "setcred", "acct_mgmt", "open_session", "close_session")
 SESSION_CALLS = ("open_session", "close_session")
-MAX_LINE = 16384
 IDLE_SECONDS = 900.0  # a transaction unused this long (and its kept card session) goes
-ITEMS = ("service", "user", "tty", "rhost", "xdisplay")
-ENV_NAMES = ("SVMM_SESSION_ID", "XDG_SESSION_ID")
 log = logging.getLogger(__name__)
 
 # Linux-PAM's numbers (security/_pam_types.h): the handle this module gives pam/entry.py has
@@ -111,7 +108,7 @@ class Response:
 
 
 class _Readable(Protocol):
-    def readline(self, size: int = ..., /) -> bytes: ...
+    def read(self, size: int = ..., /) -> bytes: ...
 
 
 class _Writable(Protocol):
@@ -121,33 +118,26 @@ class _Writable(Protocol):
 
 
 class Channel:
-    """One client connection: JSON lines each way."""
+    """One client connection, after its MAGIC: frames each way."""
 
     def __init__(self, rfile: _Readable, wfile: _Writable) -> None:
         self._r = rfile
         self._w = wfile
 
-    def send(self, doc: dict[str, Any]) -> None:
+    def send(self, fields: dict[str, object]) -> None:
         try:
-            self._w.write((json.dumps(doc, separators=(",", ":")) + "\n").encode())
+            self._w.write(encode(fields))
             self._w.flush()
         except OSError as e:
             raise ProtocolError(f"the PAM client went away: {e}") from None
 
-    def receive(self) -> dict[str, Any]:
+    def receive(self) -> dict[str, str]:
         try:
-            line = self._r.readline(MAX_LINE + 1)
+            return read_frame(self._r.read)
         except (OSError, TimeoutError) as e:
             raise ProtocolError(f"the PAM client went away: {e}") from None
-        if not line.endswith(b"\n"):
-            raise ProtocolError("the PAM client sent no complete line")
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            raise ProtocolError("the PAM client sent no JSON") from None
-        if not isinstance(doc, dict):
-            raise ProtocolError("the PAM client sent no JSON object")
-        return doc
+        except ValueError as e:
+            raise ProtocolError(f"the PAM client sent a bad frame: {e}") from None
 
 
 class _Env:
@@ -177,7 +167,7 @@ class RemoteHandle:
     def __init__(
         self,
         channel: Channel,
-        items: dict[str, str | None],
+        items: dict[str, str],
         env: dict[str, str],
         transaction: Any,
         waiting: Callable[[], contextlib.AbstractContextManager[None]],
@@ -209,12 +199,12 @@ class RemoteHandle:
         self._user = value
         self.user_changed = True
 
-    def _ask(self, doc: dict[str, Any]) -> dict[str, Any]:
+    def _ask(self, fields: dict[str, object]) -> dict[str, str]:
         with self._waiting():
-            self._channel.send(doc)
+            self._channel.send(fields)
             answer = self._channel.receive()
         if "conv_error" in answer:
-            code = PAM_CODES.get(str(answer["conv_error"]), PAM_CODES["PAM_CONV_ERR"])
+            code = PAM_CODES.get(answer["conv_error"], PAM_CODES["PAM_CONV_ERR"])
             raise RemotePamError(code)
         return answer
 
@@ -222,17 +212,19 @@ class RemoteHandle:
         one = not isinstance(messages, list | tuple)
         answers = []
         for m in [messages] if one else messages:
-            answer = self._ask({"conv": {"style": int(m.msg_style), "text": str(m.msg)}})
-            resp = answer.get("resp")
-            answers.append(Response(resp if isinstance(resp, str) else None))
+            try:
+                answer = self._ask({"conv.style": int(m.msg_style), "conv.text": str(m.msg)})
+            except ValueError:  # a NUL in the text: PAM could not show it either
+                raise RemotePamError(PAM_CODES["PAM_CONV_ERR"], "unsendable message") from None
+            answers.append(Response(answer.get("resp")))
         return answers[0] if one else answers
 
     def get_user(self, prompt: str | None = None) -> str | None:
         if self._user:
             return self._user
-        answer = self._ask({"get_user": prompt})
+        answer = self._ask({"get_user": prompt or ""})
         user = answer.get("user")
-        if not isinstance(user, str) or not user:
+        if not user:
             raise RemotePamError(PAM_CODES["PAM_CONV_ERR"], "no user name")
         self._user = user
         return user
@@ -280,24 +272,20 @@ class PamResponder:
         finally:
             self._lock.acquire()
 
-    def serve(self, uid: int, pid: int, first: dict[str, Any], channel: Channel) -> None:
-        """One PAM call: ``first`` is the request line, already parsed."""
-        call = first.get("call")
+    def serve(self, uid: int, pid: int, channel: Channel) -> None:
+        """One PAM call on a connection whose MAGIC was read (the caller's uid and pid are
+        the kernel's). Nothing of the request is read before the uid is checked."""
         if uid != 0:
             channel.send({"unavailable": "only root's PAM applications use svmmd's PAM path"})
             return
+        first = channel.receive()
+        call = first.get("call", "")
         if call not in CALLS:
             channel.send({"unavailable": f"unknown PAM call {call!r}"})
             return
-        items = first.get("items")
-        env = first.get("env")
-        if not isinstance(items, dict) or not isinstance(env, dict):
-            channel.send({"unavailable": "items and env must be objects"})
-            return
-        items = {k: v for k, v in items.items() if k in ITEMS and isinstance(v, str)}
-        env = {k: v for k, v in env.items() if k in ENV_NAMES and isinstance(v, str)}
-        flags = first.get("flags")
-        flags = flags if isinstance(flags, int) and not isinstance(flags, bool) else 0
+        items = {k: first[f"item.{k}"] for k in ITEMS if f"item.{k}" in first}
+        env = {k: first[f"env.{k}"] for k in ENV_NAMES if f"env.{k}" in first}
+        flags = int(first["flags"]) if first.get("flags", "").isdigit() else 0
         session = call in SESSION_CALLS
         with self._lock:
             self._sweep()
@@ -310,12 +298,13 @@ class PamResponder:
                 return
             held.used = self._clock()
         result = _NAMES.get(code, "PAM_SESSION_ERR" if session else "PAM_SYSTEM_ERR")
-        reply: dict[str, Any] = {"result": result, "tx": token}
+        reply: dict[str, object] = {"result": result, "tx": token}
         if handle.user_changed and handle.user:
             reply["user"] = handle.user
-        if handle.env.changed:
-            reply["env"] = handle.env.changed
-        with contextlib.suppress(ProtocolError):
+        for name, value in handle.env.changed.items():
+            if name in ENV_NAMES:
+                reply[f"env.{name}"] = value
+        with contextlib.suppress(ProtocolError, ValueError):
             channel.send(reply)
 
     def _transaction(self, token: object, pid: int) -> tuple[str, _Held]:

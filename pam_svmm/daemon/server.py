@@ -1,8 +1,8 @@
 """svmmd's transport: a Unix stream socket, one thread per connection, JSON lines.
 
 Each line is one request of the "svmm-launcher/1" protocol (documented in
-services/launcher.py) and gets one reply line; a connection whose first line is a
-"svmm-pam/1" call belongs to the PAM responder (daemon/pam_responder.py) instead. The
+services/launcher.py) and gets one reply line; a connection that starts with the PAM
+client's MAGIC (pam/shim.py) belongs to the PAM responder (daemon/pam_responder.py) instead. The
 caller's uid is read once per connection from the kernel (SO_PEERCRED), never from what
 the caller sends. The socket is systemd's
 (socket activation: LISTEN_PID/LISTEN_FDS, fd 3) or our own, made 0666 in a root-owned 0755
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -27,15 +26,13 @@ from pathlib import Path
 
 from ..adapters.private_dir import open_private_dir
 from ..adapters.token import Pkcs11Module
+from ..pam.shim import MAGIC as PAM_MAGIC
 from ..services.launcher import MAX_REQUEST_BYTES, Launcher, Reply
-from .pam_responder import PROTOCOL as PAM_PROTOCOL
 from .pam_responder import Channel, PamResponder, ProtocolError
 
 SD_LISTEN_FDS_START = 3
 SOCKET_MODE = 0o666
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-# A PAM client's first line starts so (pam/thin.py writes it): no JSON parse to dispatch.
-PAM_PREFIX = b'{"version":"' + PAM_PROTOCOL.encode() + b'"'
 
 log = logging.getLogger(__name__)
 
@@ -95,22 +92,25 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         pid, uid = peer_cred(self.request)
-        first = True
+        try:
+            head = self.rfile.read(1)
+        except (TimeoutError, OSError):
+            return
+        if head == PAM_MAGIC[:1]:  # no JSON request starts so
+            self._pam(pid, uid)
+            return
         while True:
             try:
-                line = self.rfile.readline(MAX_REQUEST_BYTES + 2)
+                line = head + self.rfile.readline(MAX_REQUEST_BYTES + 2)
             except (TimeoutError, OSError):
                 return
+            head = b""
             if not line:
                 return
             if not line.endswith(b"\n"):
                 reply = Reply(False, "bad_request", "request line too long or unterminated")
                 self.wfile.write(reply.to_json())
                 return
-            if first and line.startswith(PAM_PREFIX):
-                self._pam(pid, uid, line)
-                return
-            first = False
             try:
                 reply = self.server.launcher.handle(uid, line.rstrip(b"\r\n"))
             except Exception:  # a bug: logged, and the answer is a refusal, never a success
@@ -128,22 +128,27 @@ class _Handler(socketserver.StreamRequestHandler):
                 for fd in reply.fds:
                     os.close(fd)  # the caller has its own now
 
-    def _pam(self, pid: int, uid: int, line: bytes) -> None:
+    def _pam(self, pid: int, uid: int) -> None:
         """A PAM call (daemon/pam_responder.py) owns the rest of the connection."""
         channel = Channel(self.rfile, self.wfile)
         responder = self.server.pam
         try:
-            doc = json.loads(line)
-        except ValueError:
-            doc = None
-        if responder is None or not isinstance(doc, dict):
-            with contextlib.suppress(ProtocolError):
-                channel.send({"unavailable": "this svmmd does not answer PAM calls"})
+            magic = self.rfile.read(len(PAM_MAGIC) - 1)
+        except (TimeoutError, OSError):
             return
-        try:
-            responder.serve(uid, pid, doc, channel)
-        except Exception:  # a bug: logged; the client sees no result and fails closed
-            log.exception("PAM call by pid %d failed", pid)
+        with contextlib.suppress(ProtocolError):
+            if magic != PAM_MAGIC[1:]:
+                channel.send({"unavailable": "not a svmm-pam/1 client"})
+                return
+            if responder is None:
+                channel.send({"unavailable": "this svmmd does not answer PAM calls"})
+                return
+            try:
+                responder.serve(uid, pid, channel)
+            except ProtocolError:
+                raise
+            except Exception:  # a bug: logged; the client sees no result and fails closed
+                log.exception("PAM call by pid %d failed", pid)
 
 
 class LauncherServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

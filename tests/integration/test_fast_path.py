@@ -155,17 +155,16 @@ def test_without_svmmd_required_refuses_and_auto_runs_in_process(
 
 def test_svmmd_answers_pam_calls_of_root_only(fast: tuple[Svmmd, str, str]) -> None:
     daemon, _required, _auto = fast
-    line = json.dumps(
-        {"version": "svmm-pam/1", "call": "authenticate", "flags": 0, "items": {}, "env": {},
-         "tx": None}, separators=(",", ":"),
-    )  # fmt: skip
     probe = (
-        "import socket,sys;s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);"
-        "s.sendall(sys.argv[2].encode()+b'\\n');print(s.makefile().readline())"
+        "import socket,sys;from pam_svmm.pam import shim;"
+        "s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);"
+        "s.sendall(shim.MAGIC+shim.encode({'call':'authenticate','item.user':'alice'}));"
+        "print(shim.read_frame(s.recv))"
     )
     p = subprocess.run(
-        [sys.executable, "-c", probe, str(daemon.sock), line],
+        [sys.executable, "-c", probe, str(daemon.sock)],
         capture_output=True, text=True, timeout=30, check=True,
         user=ALICE_UID, group=ALICE_UID, extra_groups=[], cwd="/",
+        env={"PYTHONPATH": str(ROOT)},
     )  # fmt: skip
-    assert "unavailable" in json.loads(p.stdout), p.stdout
+    assert "unavailable" in p.stdout and "only root" in p.stdout, p.stdout

@@ -242,3 +242,26 @@ def test_names_are_validated(cache: IdentityCache) -> None:
     assert cache.by_name("../u-alice", now=NOW) is None
     with pytest.raises(ValueError):
         cache.store(alice(account=PosixAccount("../x", 1, 1)), fingerprints=[FP], now=NOW)
+
+
+def test_an_unchanged_identity_is_not_rewritten_within_a_minute(cache: IdentityCache) -> None:
+    """svmmd logs the same person in again and again: no rewrite (and fsync) each time, but
+    any change, a new certificate or a minute passing writes again."""
+    cache.store(alice(), fingerprints=[FP], now=NOW)
+
+    def inodes() -> dict[str, int]:
+        return {p.name: p.stat().st_ino for p in entries(cache.folder)}
+
+    first = inodes()
+    cache.store(alice(), fingerprints=[FP], now=NOW + dt.timedelta(seconds=30))
+    assert inodes() == first  # nothing replaced
+    assert cache.by_fingerprint(FP, now=NOW + dt.timedelta(seconds=30)).fetched_at == NOW  # type: ignore[union-attr]
+    cache.store(alice(roles=("vm-users",)), fingerprints=[FP], now=NOW + dt.timedelta(seconds=31))
+    changed = inodes()
+    assert changed != first
+    assert cache.by_name("alice", now=NOW + dt.timedelta(seconds=31)).roles == ("vm-users",)  # type: ignore[union-attr]
+    cache.store(alice(roles=("vm-users",)), fingerprints=[FP2], now=NOW + dt.timedelta(seconds=32))
+    assert inodes() != changed and "f-" + FP2 + ".json" in inodes()
+    again = inodes()
+    cache.store(alice(roles=("vm-users",)), fingerprints=[FP], now=NOW + dt.timedelta(seconds=93))
+    assert inodes() != again  # over a minute since the last write: stamped anew

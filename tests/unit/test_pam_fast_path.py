@@ -1,4 +1,4 @@
-"""The fast path's protocol: pam/thin.py against svmmd's PAM responder over a real socket.
+"""The fast path's protocol: pam/shim.py's client against svmmd's PAM responder, real socket.
 
 The PAM functions svmmd runs are replaced by small stand-ins here (the real ones are
 exercised through the real PAM stack in tests/integration/test_fast_path.py)."""
@@ -18,7 +18,8 @@ import pytest
 
 from pam_svmm.daemon import pam_responder
 from pam_svmm.daemon.server import serving
-from pam_svmm.pam import entry, thin
+from pam_svmm.pam import entry
+from pam_svmm.pam import shim as thin
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the client accepts only root's svmmd")
 
@@ -165,9 +166,9 @@ def test_a_broken_reply_mid_call_fails_closed(tmp_path: Path) -> None:
     def answer() -> None:
         conn, _ = server.accept()
         conn.recv(65536)
-        conn.sendall(b'{"conv":{"style":1,"text":"PIN: "}}\n')
+        conn.sendall(thin.encode({"conv.style": 1, "conv.text": "PIN: "}))
         conn.recv(65536)
-        conn.sendall(b'{"result":"PAM_SUCCESS"')  # cut short: no newline
+        conn.sendall(thin.encode({"result": "PAM_SUCCESS"})[:-3])  # cut short
         conn.close()
 
     t = threading.Thread(target=answer)
@@ -198,6 +199,57 @@ def test_a_slow_pin_entry_does_not_hold_up_other_logins(svmmd: Any) -> None:
     assert served_meanwhile and other == [4]
     t.join(10)
     assert result == [0]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"a": "b"}, {"call": "authenticate", "item.user": "alice", "empty": ""},
+     {"conv.text": "PIN for Alice's card\n(\u00e9): ", "x": "=y=z"}, {}],
+)  # fmt: skip
+def test_frames_round_trip(fields: dict[str, str]) -> None:
+    frame = thin.encode(fields)
+    assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+    assert thin.decode(frame[4:]) == fields
+
+
+@pytest.mark.parametrize("body", [b"no-equals", b"a=1\0a=2", b"\xff=1", b"=value", b"a=1\0\0b=2"])
+def test_malformed_frames_are_refused(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        thin.decode(body)
+
+
+def test_what_cannot_be_sent_is_refused() -> None:
+    for fields in ({"a": "x\0y"}, {"a=b": "1"}, {"": "1"}, {"a": "x" * 70000}):
+        with pytest.raises(ValueError):
+            thin.encode(fields)
+
+
+def test_an_oversized_frame_is_refused_before_reading_it() -> None:
+    data = [(thin.MAX_FRAME + 1).to_bytes(4, "big")]
+    with pytest.raises(ValueError, match="too large"):
+        thin.read_frame(lambda n: data.pop(0) if data else b"")
+
+
+def test_a_launcher_request_still_works_beside_pam_calls(svmmd: Any) -> None:
+    """svmmd tells the two protocols apart by the first byte: JSON lines are untouched."""
+    options, _ = svmmd
+
+    class Launcher:
+        def handle(self, uid: int, line: bytes) -> Any:
+            from pam_svmm.services.launcher import Reply
+
+            return Reply(True, "ok", line.decode())
+
+    sock = socket.socket(socket.AF_UNIX)
+    path = Path(options.socket).with_name("l.sock")
+    sock.bind(str(path))
+    sock.listen()
+    with serving(Launcher(), sock), socket.socket(socket.AF_UNIX) as c:  # type: ignore[arg-type]
+        c.connect(str(path))
+        c.sendall(b'{"op":"list"}\n{"op":"status"}\n')
+        f = c.makefile("rb")
+        assert b'{\\"op\\":\\"list\\"}' in f.readline()
+        assert b"status" in f.readline()
 
 
 def test_process_start_tells_a_reused_pid() -> None:
