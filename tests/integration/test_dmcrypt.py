@@ -248,7 +248,9 @@ def _dm_service(lab: Any, slapd: Any, socket_dir: Path, *, volumes: bool) -> str
     return str(
         lab.variant(
             "dmcrypt",
-            lab.directory_overrides(slapd) + lab.policy_overrides(bundle) + launcher,
+            lab.directory_overrides(slapd)
+            + lab.policy_overrides(bundle, state=lab.folder / "policy-state-dmcrypt")
+            + launcher,
         )
     )
 

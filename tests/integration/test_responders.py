@@ -43,10 +43,14 @@ class Lab:
     def chain(self, cert: x509.Certificate) -> list[x509.Certificate]:
         return [cert, self.ca.intermediate.cert, self.ca.root.cert]
 
-    def checker(self, *, methods=(OCSP,), ee=REQUIRE, ca=OFF, timeout=2.0) -> RevocationChecker:  # type: ignore[no-untyped-def]
+    def checker(
+        self, *, methods=(OCSP,), ee=REQUIRE, ca=OFF, timeout=2.0, reuse=0.0
+    ) -> RevocationChecker:  # type: ignore[no-untyped-def]
+        # reuse 0: each check asks the responder, as a login process does (svmmd reuses).
         cfg = RevocationConfig(
-            end_entity=ee, ca=ca, methods=methods, cache_dir=self.cache, fetch_timeout=timeout
-        )
+            end_entity=ee, ca=ca, methods=methods, cache_dir=self.cache, fetch_timeout=timeout,
+            ocsp_reuse=reuse,
+        )  # fmt: skip
         fetcher = HttpFetcher()
         store = CrlStore(cfg.cache_dir, fetcher=fetcher, skew=cfg.clock_skew)
         return RevocationChecker(cfg, fetcher=fetcher, store=store)
@@ -132,7 +136,9 @@ def test_slow_crl_server_times_out(lab: Lab) -> None:
 
 def test_revocation_after_start_is_seen_by_ocsp(lab: Lab) -> None:
     c = lab.checker()
+    resident = lab.checker(reuse=300)  # svmmd's: reuses a good answer up to 300 s
     assert c.check(lab.chain(lab.alice))[0][1].outcome is Outcome.GOOD
+    assert resident.check(lab.chain(lab.alice))[0][1].outcome is Outcome.GOOD
     lab.ca.revoke(lab.alice)
     lab.ca.publish()
     # openssl notices the new index.txt after serving one more request; from then on it
@@ -141,6 +147,8 @@ def test_revocation_after_start_is_seen_by_ocsp(lab: Lab) -> None:
     assert first[0].status in (RevocationStatus.GOOD, RevocationStatus.REVOKED)
     with pytest.raises(CertificateRevoked):
         c.check(lab.chain(lab.alice))
+    # The price of reuse, bounded by ocsp_reuse and the response's nextUpdate.
+    assert resident.check(lab.chain(lab.alice))[0][1].outcome is Outcome.GOOD
 
 
 def test_reload_makes_the_next_answer_current(lab: Lab) -> None:
