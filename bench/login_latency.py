@@ -87,7 +87,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -104,6 +103,7 @@ if str(REPO) not in sys.path:  # run as a script: make `bench` and `pam_svmm` im
     sys.path.insert(0, str(REPO))
 
 from bench import _fixtures as fx  # noqa: E402
+from pam_svmm.lab.svmmd import SvmmdProcess  # noqa: E402
 
 if TYPE_CHECKING:
     from pam_svmm.lab.directory import Slapd
@@ -220,7 +220,7 @@ class Bench:
         self.ocsp: fx.OcspResponder | None = None
         self.slapd: Slapd | None = None
         self.policy: Path | None = None
-        self.daemons: list[Svmmd] = []
+        self.daemons: list[SvmmdProcess] = []
         self.env: dict[str, str] = {}
 
     def service(self, name: str, line: str) -> str:
@@ -325,55 +325,6 @@ class Bench:
             self.ocsp.stop()
         if self.slapd is not None:
             self.slapd.stop()
-
-
-class Svmmd:
-    """svmmd (`python -m pam_svmm.daemon.server --config TOML`) as the bench's own process,
-    seeing the bench token (its SOFTHSM2_CONF) as the PAM process does in the in-process path.
-    Its log goes to a file (a pipe nobody reads would block it)."""
-
-    def __init__(self, config: Path, socket_path: Path, env: dict[str, str], log: Path):
-        self.config, self.socket, self.env, self.log = config, socket_path, env, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pam_svmm.daemon.server", "--config", str(self.config)],
-                env=self.env,
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        deadline = time.monotonic() + SVMMD_START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise Unavailable(f"svmmd exited ({self.proc.returncode}): {self.tail()}")
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(str(self.socket))
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise Unavailable(f"svmmd did not listen within {SVMMD_START_TIMEOUT:.0f} s: {self.tail()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def tail(self) -> str:
-        try:
-            return " | ".join(self.log.read_text().strip().splitlines()[-3:])[-400:]
-        except OSError:
-            return ""
 
 
 def _tidy(text: str) -> str:
@@ -562,10 +513,10 @@ def _plan_svmm(
     if full:
         plan.verify = lambda: _verify_full(audit)
     if daemon != "off":
-        svmmd = Svmmd(toml, sock, _svmmd_env(b), b.workdir / f"{key}-svmmd.log")
+        svmmd = SvmmdProcess(toml, sock, _svmmd_env(b), b.workdir / f"{key}-svmmd.log")
         b.daemons.append(svmmd)
         b.log(f"  starting svmmd for {key}...")
-        svmmd.start()
+        svmmd.start(SVMMD_START_TIMEOUT)
         tail = svmmd.tail
         plan.diagnose = lambda: f"{_diagnose_svmm(b, shim, toml, audit)}; svmmd log: {tail()}"
 
@@ -574,7 +525,7 @@ def _plan_svmm(
             try:
                 return b.login(service, ops=ops)
             finally:
-                svmmd.start()
+                svmmd.start(SVMMD_START_TIMEOUT)
 
         plan.refusals.append(("the right PIN with svmmd stopped (daemon=required)", without_svmmd))
     if cold:
@@ -818,7 +769,7 @@ def prepare(b: Bench, row: Row) -> None:
             plan.before_each()
         try:
             bad = refused()
-        except (Unavailable, OSError) as e:
+        except (Unavailable, OSError, RuntimeError) as e:  # RuntimeError: svmmd did not start
             row.error = f"checking {what}: {e}"
             return
         if bad.ok:

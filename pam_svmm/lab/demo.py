@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .lab import DEMO_CARDS, CardSpec, Lab, free_ports
+from .lab import DEMO_CARDS, LOGIN_SERVICE, CardSpec, Lab, free_ports
 from .volumes import make_volume
 
 PIN = "123456"
 POLICY_EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "policy.example.toml"
 PASSWORD = "demo-password"  # alice's and paul's in config/ldap/example-org.ldif
 PASSWORD_SERVICE = "svmm-login"
+LAUNCHER = "launcher.sock"
 
 DIRECTORY_CARDS = (
     CardSpec("twin", "twin", "p256", upn=False, story="e-mail only, two entries share it"),
@@ -166,6 +167,7 @@ def run_demo(folder: Path, *, fresh: bool = False, out: TextIO = sys.stdout) -> 
         say(f"  ready in {time.monotonic() - t0:.1f} s")
         say()
         failures += _session_and_policy(lab, say, launcher, socket_dir)
+        failures += _fast_path(lab, say, socket_dir)
         for i, scene in enumerate(SCENES, 1):
             if scene.before == "stop-ocsp":
                 ocsp.stop()  # type: ignore[attr-defined]
@@ -256,6 +258,42 @@ def _session_and_policy(lab: Lab, say: Any, launcher: Any, socket_dir: Path) -> 
             say(f"    EXPECTED exit {expect}, got {p.returncode}: {p.stderr.strip()}")
             failures += 1
         say()
+    return failures
+
+
+def _fast_path(lab: Lab, say: Any, socket_dir: Path) -> int:
+    """The same card login through svmmd: the PAM process is only its client, svmmd holds the
+    reader, the CRL index, the directory connection and the policy. The PAM process's own
+    reader is empty here, so only svmmd can have done it."""
+    from statistics import median
+
+    service = "login"  # a PAM service the policy lets alice use on lab-host
+    lab.write_pam_service(name=service, args=f"daemon=required socket={socket_dir / LAUNCHER}")
+    say(
+        " *  the fast path: alice logs in through svmmd (PAM module argument daemon=required);"
+        " her card is in svmmd's reader, the PAM process's reader is empty"
+    )
+    failures = 0
+    times: dict[str, list[float]] = {"svmmd": [], "process": []}
+    for i in range(4):
+        for where, reader, name in (
+            ("svmmd", lab.insert(), service),
+            ("process", lab.insert("alice"), LOGIN_SERVICE),
+        ):
+            t0 = time.monotonic()
+            report = lab.login(reader, pin=PIN, user="alice", service=name)
+            ms = (time.monotonic() - t0) * 1000
+            if not report.ok:
+                say(f"    {where}: NOT LOGGED IN: {report.name} {'; '.join(report.messages)}")
+                failures += 1
+            if i:  # the first loads what svmmd keeps: not a fair sample
+                times[where].append(ms)
+    say(
+        f"    authenticate + account, median of 3: through svmmd {median(times['svmmd']):.0f} ms,"
+        f" in the PAM process {median(times['process']):.0f} ms"
+        " (bench/login_latency.py measures it properly)"
+    )
+    say()
     return failures
 
 
@@ -355,6 +393,7 @@ def _launcher(lab: Lab) -> Iterator[Any]:
 
     from ..adapters.token import Pkcs11Module
     from ..config import load
+    from ..daemon.pam_responder import PamResponder
     from ..daemon.server import bind_socket, serving
     from ..services.launcher import Launcher
 
@@ -365,10 +404,13 @@ def _launcher(lab: Lab) -> Iterator[Any]:
     for name, value in lab.insert("alice").env.items():
         os.environ[name] = value
     launcher.start_card_watch(Pkcs11Module(config.pkcs11.module))
+    # It answers PAM calls too (the fast path): with the same reader, as svmmd would.
+    pam = PamResponder(lab.config_path)
     try:
-        with serving(launcher, bind_socket(config.launcher.socket)):
+        with serving(launcher, bind_socket(config.launcher.socket), pam):
             yield launcher
     finally:
+        pam.close()
         launcher.stop_card_watch()
         for vm in list(launcher.registry.running()):
             launcher.registry.stop(vm, quit_timeout=2, term_timeout=2, kill_timeout=2)

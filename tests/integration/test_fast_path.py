@@ -12,11 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import pytest
 
 from pam_svmm.lab.directory import Slapd
 from pam_svmm.lab.lab import Lab
+from pam_svmm.lab.svmmd import SvmmdProcess
 from pam_svmm.lab.volumes import make_volume
 from tests.integration import ldap_fixtures
 from tests.integration.test_login import PIN
@@ -38,40 +37,8 @@ ALICE_UID = 10001  # config/ldap/example-org.ldif
 PAM_SUCCESS, PAM_AUTH_ERR, PAM_AUTHINFO_UNAVAIL = 0, 7, 9
 
 
-class Svmmd:
-    def __init__(self, config: Path, env: dict[str, str], sock: Path) -> None:
-        self.config, self.env, self.sock = config, env, sock
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **self.env}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pam_svmm.daemon.server", "--config", str(self.config)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"svmmd exited: {self.proc.stderr.read().decode()}")  # type: ignore[union-attr]
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(str(self.sock))
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("svmmd did not listen in time")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
-
-
 @pytest.fixture(scope="module")
-def fast(lab: Lab, slapd: Slapd) -> Iterator[tuple[Svmmd, str, str]]:
+def fast(lab: Lab, slapd: Slapd) -> Iterator[tuple[SvmmdProcess, str, str]]:
     sock_dir = Path(tempfile.mkdtemp(prefix="svmm-fast-", dir="/tmp"))
     os.chmod(sock_dir, 0o755)  # noqa: S103 - root's folder; every user reaches the socket
     policy = (ROOT / "config" / "policy.example.toml").read_bytes()
@@ -87,7 +54,8 @@ def fast(lab: Lab, slapd: Slapd) -> Iterator[tuple[Svmmd, str, str]]:
     sock = sock_dir / "launcher.sock"
     required = lab.variant("fast", overrides, args=f"daemon=required socket={sock}")
     auto = lab.variant("fast-auto", overrides, args=f"daemon=auto socket={sock}")
-    daemon = Svmmd(lab.folder / f"{required}.toml", lab.insert("alice").env, sock)
+    env = {"PYTHONPATH": str(ROOT), **lab.insert("alice").env}
+    daemon = SvmmdProcess(lab.folder / f"{required}.toml", sock, env, sock_dir / "svmmd.log")
     daemon.start()
     try:
         yield daemon, required, auto
@@ -96,7 +64,7 @@ def fast(lab: Lab, slapd: Slapd) -> Iterator[tuple[Svmmd, str, str]]:
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
-def test_a_card_login_is_done_by_svmmd(lab: Lab, fast: tuple[Svmmd, str, str]) -> None:
+def test_a_card_login_is_done_by_svmmd(lab: Lab, fast: tuple[SvmmdProcess, str, str]) -> None:
     _daemon, required, _auto = fast
     before = len(lab.audit_records())
     report = lab.login(lab.insert(), pin=PIN, service=required)  # an empty reader here
@@ -108,7 +76,7 @@ def test_a_card_login_is_done_by_svmmd(lab: Lab, fast: tuple[Svmmd, str, str]) -
     assert auth[0]["roles"]  # the directory's roles, from svmmd's pooled connection
 
 
-def test_wrong_pin_through_svmmd(lab: Lab, fast: tuple[Svmmd, str, str]) -> None:
+def test_wrong_pin_through_svmmd(lab: Lab, fast: tuple[SvmmdProcess, str, str]) -> None:
     _daemon, required, _auto = fast
     report = lab.login(lab.insert(), pin="000000", service=required)
     assert report.code == PAM_AUTH_ERR, report
@@ -117,7 +85,7 @@ def test_wrong_pin_through_svmmd(lab: Lab, fast: tuple[Svmmd, str, str]) -> None
 
 
 def test_session_through_svmmd_writes_and_removes_the_allowlist(
-    lab: Lab, fast: tuple[Svmmd, str, str]
+    lab: Lab, fast: tuple[SvmmdProcess, str, str]
 ) -> None:
     _daemon, required, _auto = fast
     before = len(lab.audit_records())
@@ -138,7 +106,7 @@ def test_session_through_svmmd_writes_and_removes_the_allowlist(
 
 
 def test_without_svmmd_required_refuses_and_auto_runs_in_process(
-    lab: Lab, fast: tuple[Svmmd, str, str]
+    lab: Lab, fast: tuple[SvmmdProcess, str, str]
 ) -> None:
     daemon, required, auto = fast
     daemon.stop()
@@ -153,7 +121,7 @@ def test_without_svmmd_required_refuses_and_auto_runs_in_process(
         daemon.start()
 
 
-def test_svmmd_answers_pam_calls_of_root_only(fast: tuple[Svmmd, str, str]) -> None:
+def test_svmmd_answers_pam_calls_of_root_only(fast: tuple[SvmmdProcess, str, str]) -> None:
     daemon, _required, _auto = fast
     probe = (
         "import socket,sys;from pam_svmm.pam import shim;"
@@ -162,7 +130,7 @@ def test_svmmd_answers_pam_calls_of_root_only(fast: tuple[Svmmd, str, str]) -> N
         "print(shim.read_frame(s.recv))"
     )
     p = subprocess.run(
-        [sys.executable, "-c", probe, str(daemon.sock)],
+        [sys.executable, "-c", probe, str(daemon.socket)],
         capture_output=True, text=True, timeout=30, check=True,
         user=ALICE_UID, group=ALICE_UID, extra_groups=[], cwd="/",
         env={"PYTHONPATH": str(ROOT)},
