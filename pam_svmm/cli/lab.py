@@ -19,7 +19,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve", help="run the lab's OCSP responder, CRL server and directory until stopped"
     )
     sv.add_argument("--dir", type=Path, default=Path(".lab"))
+    sv.add_argument(
+        "--directory",
+        action="store_true",
+        help="also run the directory (slapd) on the ports `svmm lab provision` recorded",
+    )
     sv.set_defaults(func=serve)
+    pv = s.add_parser(
+        "provision",
+        help="install the demo organisation on this host (vagrant/provision.sh, the e2e guest)",
+    )
+    pv.add_argument("--dir", type=Path, default=Path("/var/lib/svmm/demo"))
+    pv.add_argument("--config-out", type=Path, default=Path("/etc/svmm/svmm.toml"))
+    pv.add_argument("--reader", action="append", default=[], help="a card in the host's reader")
+    pv.add_argument("--volume-mode", choices=["vmm", "dm-crypt"], default="vmm")
+    pv.set_defaults(func=provision)
+    rd = s.add_parser("reader", help="the host's reader (svmm lab provision): cards in, pulled")
+    rd.add_argument("--dir", type=Path, default=Path("/var/lib/svmm/demo"))
+    rd.add_argument("cards", nargs="*", help="the cards the reader holds from now on")
+    rd.add_argument("--pull", metavar="CARD", help="pull this card out (the launcher notices)")
+    rd.add_argument("--back", metavar="CARD", help="put a pulled card back")
+    rd.set_defaults(func=reader)
     sh = s.add_parser("shell", help="run a command with some demo cards inserted")
     sh.add_argument("--dir", type=Path, default=Path(".lab"))
     sh.add_argument(
@@ -48,10 +68,58 @@ def serve(args: argparse.Namespace) -> int:
     lab = Lab(args.dir)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with lab.responders() as (ocsp, crl):
-        print(f"OCSP {ocsp.url}  CRLs {crl.url}  (Ctrl-C to stop)", flush=True)  # type: ignore[attr-defined]
+    with contextlib.ExitStack() as stack:
+        ocsp, crl = stack.enter_context(lab.responders())
+        print(f"OCSP {ocsp.url}  CRLs {crl.url}  (Ctrl-C to stop)", flush=True)
+        if args.directory:
+            from ..lab.directory import Slapd
+            from ..lab.host import host_ports
+
+            ports = host_ports(lab.folder)
+            if ports is None:
+                print(f"no {lab.folder}/host.json: run `svmm lab provision` first", flush=True)
+                return 5
+            slapd = Slapd(lab.folder / "directory", ca=lab.ca, port=ports.ldap,
+                          ldaps_port=ports.ldaps)  # fmt: skip
+            stack.enter_context(slapd)
+            print(f"directory {slapd.uri} (StartTLS), {slapd.base_dn}", flush=True)
+        _notify_ready()
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
+    return 0
+
+
+def _notify_ready() -> None:
+    """Tell systemd (Type=notify) that the services answer."""
+    import socket
+
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path:
+        return
+    addr = "\0" + path[1:] if path.startswith("@") else path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(b"READY=1", addr)
+
+
+def provision(args: argparse.Namespace) -> int:
+    from ..lab.host import provision as provision_host
+
+    cards = args.reader or ["alice"]
+    out = provision_host(args.dir, args.config_out, reader=cards, volume_mode=args.volume_mode)
+    print(f"demo organisation in {args.dir.resolve()}; configuration {out}; reader: "
+          f"{', '.join(cards)}")  # fmt: skip
+    return 0
+
+
+def reader(args: argparse.Namespace) -> int:
+    from ..lab.host import set_reader, set_removed
+    from ..lab.lab import Lab
+
+    lab = Lab(args.dir)
+    if args.pull or args.back:
+        set_removed(lab, args.pull or args.back, removed=bool(args.pull))
+    else:
+        set_reader(lab, args.cards)
     return 0
 
 

@@ -74,9 +74,22 @@ static int serial_of(const CK_TOKEN_INFO *ti, char out[17])
     return 0;
 }
 
-static int state_path(const char *serial, char *buf, size_t len)
+/* The state folder: $SVMM_PINGUARD_STATE, else the one compiled in (a host whose PAM
+ * processes, login, su, sudo, get no lab environment), else none. */
+#ifndef PINGUARD_DEFAULT_STATE
+#define PINGUARD_DEFAULT_STATE ""
+#endif
+static const char *state_dir(void)
 {
     const char *dir = getenv("SVMM_PINGUARD_STATE");
+    if (dir == NULL || *dir == '\0')
+        dir = PINGUARD_DEFAULT_STATE;
+    return *dir == '\0' ? NULL : dir;
+}
+
+static int state_path(const char *serial, char *buf, size_t len)
+{
+    const char *dir = state_dir();
     if (dir == NULL || *dir == '\0')
         return -1;
     int n = snprintf(buf, len, "%s/%s", dir, serial);
@@ -204,7 +217,7 @@ static int read_pinpad(const char *path, CK_UTF8CHAR *pin, CK_ULONG *len)
 
 static CK_RV guard_GetSlotList(CK_BBOOL present, CK_SLOT_ID_PTR list, CK_ULONG_PTR count)
 {
-    if (!present || getenv("SVMM_PINGUARD_STATE") == NULL)
+    if (!present || state_dir() == NULL)
         return real->C_GetSlotList(present, list, count);
     CK_SLOT_ID *all = NULL;
     CK_ULONG n = 0, kept = 0;

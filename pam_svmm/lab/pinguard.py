@@ -21,13 +21,19 @@ ENV_STATE = "SVMM_PINGUARD_STATE"
 DEFAULT_REAL_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 
-def build_pinguard(out_dir: str | os.PathLike[str], *, cc: str = "gcc") -> Path:
-    """Compile pinguard.c into ``out_dir`` (cached by source hash); return the .so path."""
+def build_pinguard(
+    out_dir: str | os.PathLike[str], *, cc: str = "gcc", default_state: Path | None = None
+) -> Path:
+    """Compile pinguard.c into ``out_dir`` (cached by source hash); return the .so path.
+
+    ``default_state``: the state folder used when ``SVMM_PINGUARD_STATE`` is not set (a host
+    whose login, su and sudo run the module without the lab's environment)."""
+    state = () if default_state is None else (f'-DPINGUARD_DEFAULT_STATE="{default_state}"',)
     return build_c(
         SOURCE,
         out_dir,
         suffix=".so",
-        flags=("-shared", "-fPIC", "-fvisibility=hidden", f"-I{HEADER_DIR}"),
+        flags=("-shared", "-fPIC", "-fvisibility=hidden", f"-I{HEADER_DIR}", *state),
         libs=("-ldl", "-lpthread"),
         cc=cc,
     )

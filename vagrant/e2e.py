@@ -1,0 +1,526 @@
+"""The end-to-end test (`tools/run e2e`): build or reuse the offline guest (guest.py), boot
+it, and play the scenario of issue 7 on its serial consoles, printing a step-by-step report.
+
+ttyS0 is the guest's serial login (agetty, /bin/login, the PAM stack pam-auth-update wrote):
+the scenario types user names and the card's PIN there, as a person would. ttyS1 is a root
+shell of the test guest only: it swaps the cards in the demo reader, pulls a card, reads the
+audit trail and the allowlist. Transcripts of both ports go to the log folder.
+Exit status: 0 when every step passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import guest
+from serial_console import ExpectTimeout, RootShell, SerialConsole
+
+PIN = "123456"  # the demo cards' PIN (pam_svmm/lab/lab.py)
+WRONG_PIN = "000000"
+UIDS = {"alice": 10001, "bob": 10002, "mallory": 10006, "scl": 10007}
+SVMM = "/opt/svmm/venv/bin/svmm"
+DEMO = "/var/lib/svmm/demo"
+AUDIT = "/var/log/svmm/audit.jsonl"
+CONFIG = "/etc/svmm/svmm.toml"
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = ""  # no prompt: commands end with a marker (RootShell.run)
+LOGIN_TIMEOUT = 180  # a card login under TCG: python, cryptography, OCSP, LDAP, the card
+
+
+class StepFailed(AssertionError):
+    pass
+
+
+def check(ok: object, detail: str) -> None:
+    if not ok:
+        raise StepFailed(detail)
+
+
+@dataclass
+class Report:
+    rows: list[tuple[str, bool | None, float, str]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def step(self, name: str, *, fatal: bool = False) -> Iterator[list[str]]:
+        """A step; the list it yields collects details. A failure is recorded, and raised
+        again only when ``fatal`` (the rest cannot run)."""
+        notes: list[str] = []
+        t0 = time.monotonic()
+        print(f"  ... {name}", flush=True)
+        try:
+            yield notes
+        except Exception as e:
+            detail = e.args[0] if isinstance(e, StepFailed) else f"{type(e).__name__}: {e}"
+            self._add(name, False, time.monotonic() - t0, f"{detail} {'; '.join(notes)}")
+            if not isinstance(e, StepFailed | ExpectTimeout):
+                traceback.print_exc()
+            if fatal:
+                raise
+        else:
+            self._add(name, True, time.monotonic() - t0, "; ".join(notes))
+
+    def skip(self, name: str, why: str) -> None:
+        self._add(name, None, 0.0, why)
+
+    def _add(self, name: str, ok: bool | None, seconds: float, detail: str) -> None:
+        self.rows.append((name, ok, seconds, detail))
+        verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[ok]
+        print(f"  {verdict} {seconds:6.1f} s  {name}" + (f"  -- {detail}" if detail else ""))
+        sys.stdout.flush()
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for r in self.rows if r[1] is False)
+
+    def table(self) -> str:
+        lines = []
+        for i, (name, ok, secs, detail) in enumerate(self.rows, 1):
+            verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[ok]
+            lines.append(f"{i:3}  {verdict}  {secs:6.1f} s  {name}")
+            if detail and ok is not True:
+                lines.append(f"                      {detail[:300]}")
+        return "\n".join(lines)
+
+
+# --- the consoles -------------------------------------------------------------------------
+
+
+class Console:
+    """ttyS0: logins through /bin/login, and the logged-in user's shell."""
+
+    def __init__(self, port: SerialConsole) -> None:
+        self.port = port
+        self.at_prompt = False  # the last thing read was the login prompt
+        self.logged_in = False  # a user's shell is on the console
+
+    def login(self, user: str, pin: str | None) -> tuple[bool, str]:
+        """Type ``user`` at the login prompt and ``pin`` at the module's PIN prompt.
+
+        Returns (logged in, what the console said)."""
+        p = self.port
+        self.wait_prompt()
+        self.at_prompt = False
+        p.note(f"login {user}")
+        p.sendline(user)
+        said: list[str] = []
+        deadline = time.monotonic() + LOGIN_TIMEOUT
+        while True:
+            m = p.expect(
+                r"(?m)(PIN for [^\n]*?: $|Password: $|Login incorrect|login: $|"
+                r"[$#] $|Last login|Linux svmm-guest)",
+                max(deadline - time.monotonic(), 1),
+            )
+            said.append(m.group(1))
+            text = m.group(1)
+            if text.startswith("PIN for"):
+                if pin is None:
+                    p.sendline("")
+                else:
+                    p.sendline(pin, secret=True)
+                pin = None  # one PIN per attempt
+            elif text.startswith("Password:"):
+                p.sendline("")  # no password: this test logs in with cards only
+            elif text in ("Login incorrect", "login: "):
+                self.at_prompt = text == "login: "
+                return False, " | ".join(said)
+            elif text in ("$ ", "# "):
+                self._setup_shell()
+                self.logged_in = True
+                return True, " | ".join(said)
+
+    def wait_prompt(self, timeout: float = 90) -> None:
+        """Until the login prompt is the last thing on the console. A blank line is sent
+        only if none comes: at login's own prompt (after a failure) it would start a login
+        with an empty name, which the module answers by asking for any card's PIN."""
+        p = self.port
+        seen = p.drain(quiet=0.5, limit=5)
+        if re.search(r"login: $", seen) or (self.at_prompt and not seen.strip()):
+            return
+        try:
+            p.expect(r"login: $", 20)
+        except ExpectTimeout:
+            p.sendline("")
+            p.expect(r"login: $", timeout)
+        p.drain(quiet=0.3, limit=2)
+        self.at_prompt = True
+
+    def _setup_shell(self) -> None:
+        p = self.port
+        p.sendline(f"stty -echo; PS1='{PROMPT}'; PS2=''; TERM=dumb; export TERM")
+        RootShell(p).run("true", timeout=30)  # the marker, not the echoed prompt text
+        p.drain(quiet=0.3, limit=2)
+
+    def run(self, command: str, timeout: float = 120) -> tuple[int, str]:
+        """A command in the user's shell: (exit status, output)."""
+        self._need_shell()
+        return RootShell(self.port).run(command, timeout=timeout)
+
+    def interactive(
+        self, command: str, pin: str, *, timeout: float = LOGIN_TIMEOUT
+    ) -> tuple[int, str, bool]:
+        """A command that may ask for the card's PIN (su, sudo): (status, output, asked)."""
+        import secrets
+
+        self._need_shell()
+        tag = secrets.token_hex(4)
+        p = self.port
+        p.note(command)
+        p.sendline(f"{command}; echo __rc_{tag}_$?__")
+        asked = False
+        out = ""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = p.expect(
+                rf"(?s)(.*?)(PIN for [^\n]*?: $|__rc_{tag}_(\d+)__\n?)",
+                max(deadline - time.monotonic(), 1),
+            )
+            out += m.group(1)
+            if m.group(3) is not None:
+                return int(m.group(3)), out.strip("\n"), asked
+            asked = True
+            p.sendline(pin, secret=True)
+
+    def _need_shell(self) -> None:
+        if not self.logged_in:
+            raise StepFailed("nobody is logged in on the console (an earlier step failed)")
+
+    def logout(self) -> None:
+        self._need_shell()
+        self.logged_in = False
+        self.port.sendline("exit")
+        self.port.expect(r"login: $", 90)
+        self.at_prompt = True
+
+
+class Guest:
+    """The whole guest: the login console and the root control shell."""
+
+    def __init__(self, console: Console, root: RootShell) -> None:
+        self.console = console
+        self.root = root
+
+    def audit_lines(self) -> int:
+        code, out = self.root.run(f"wc -l < {AUDIT} 2>/dev/null || echo 0")
+        return int(out.split()[-1]) if code == 0 and out.split() else 0
+
+    def audit_since(self, start: int) -> list[dict[str, object]]:
+        _code, out = self.root.run(f"tail -n +{start + 1} {AUDIT}")
+        records = []
+        for line in out.splitlines():
+            with contextlib.suppress(ValueError):
+                r = json.loads(line)
+                if r.get("event") != "seal":
+                    records.append(r)
+        return records
+
+    def reader(self, *cards: str) -> None:
+        """Put these soft cards in the reader. SoftHSM2 reads its token folder once per
+        process, so svmmd (which answers logins and watches the cards) starts again, as a
+        real reader's hot-plug would have told it; a stopped svmmd is left stopped."""
+        self.root.check(
+            f"{SVMM} lab reader --dir {DEMO} {' '.join(cards)} && "
+            "systemctl try-restart svmmd.service",
+            timeout=120,
+        )
+
+    def exists(self, path: str) -> bool:
+        return self.root.run(f"test -e {shlex.quote(path)}")[0] == 0
+
+    def mappings(self) -> list[str]:
+        _code, out = self.root.run("ls /dev/mapper")
+        return sorted(n for n in out.split() if n != "control")
+
+
+def summary(records: list[dict[str, object]], event: str = "auth") -> str:
+    return ", ".join(
+        f"{r.get('event')}:{r.get('outcome')}:{r.get('reason')}"
+        for r in records
+        if r.get("event") == event
+    )
+
+
+def refused(g: Guest, user: str, pin: str | None, *, reason: str) -> Callable[[list[str]], None]:
+    def play(notes: list[str]) -> None:
+        start = g.audit_lines()
+        ok, said = g.console.login(user, pin)
+        notes.append(f"console: {said}")
+        check(not ok, f"{user} was logged in")
+        if ok:
+            g.console.logout()
+        recs = g.audit_since(start)
+        auth = [r for r in recs if r.get("event") == "auth"]
+        notes.append(f"audit: {summary(recs) or 'none'}")
+        check(auth and all(r.get("outcome") != "success" for r in auth), "no auth refusal audited")
+        check(any(reason in str(r.get("reason")) for r in auth), f"no audit reason ~ {reason!r}")
+        check(not g.exists(f"/run/svmm/allowlist/{UIDS.get(user, 0)}.json"), "allowlist written")
+        check(not g.mappings(), f"a volume opened: {g.mappings()}")
+
+    return play
+
+
+# --- the scenario -------------------------------------------------------------------------
+
+
+def scenario(g: Guest, report: Report, mode: str) -> None:
+    c, root = g.console, g.root
+    alice = UIDS["alice"]
+    allowlist = f"/run/svmm/allowlist/{alice}.json"
+    dm = mode == "dm-crypt"
+
+    with report.step("wrong PIN: alice is refused, audited") as n:
+        g.reader("alice")
+        refused(g, "alice", WRONG_PIN, reason="pin")(n)
+
+    with report.step("alice logs in on the serial console with her card and PIN", fatal=True) as n:
+        start = g.audit_lines()
+        ok, said = c.login("alice", PIN)
+        n.append(f"console: {said}")
+        check(ok, "not logged in")
+        code, who = c.run("id -un; id -u")
+        check(who.split() == ["alice", str(alice)], f"id says {who!r}")
+        recs = g.audit_since(start)
+        n.append(f"audit: {summary(recs)}")
+        check(
+            any(r.get("event") == "auth" and r.get("outcome") == "success" for r in recs),
+            "no successful auth record",
+        )
+
+    with report.step("the allowlist exists, root-owned, with alice's VMs") as n:
+        code, out = root.run(f"stat -c '%U %a' {allowlist} && cat {allowlist}")
+        check(code == 0, f"no {allowlist}")
+        owner, body = out.split("\n", 1)
+        data = json.loads(body)
+        n.append(f"{owner}; vms: {', '.join(sorted(data.get('vms', {})))}")
+        check(owner.startswith("root "), f"owner/mode {owner}")
+        check("vm-web" in data.get("vms", {}), "vm-web not granted")
+
+    if dm:
+        with report.step("dm-crypt: the session's volume is under /dev/mapper") as n:
+            maps = g.mappings()
+            n.append(f"/dev/mapper: {', '.join(maps) or 'nothing'}")
+            check("svmm-web-disk" in maps, "no /dev/mapper/svmm-web-disk")
+    else:
+        report.skip("dm-crypt: the session's volume is under /dev/mapper", f"volumes.mode {mode}")
+
+    with report.step("alice: svmm vm start vm-web boots the granted VM (nested QEMU)") as n:
+        code, out = c.run(f"{SVMM} vm --json start vm-web", timeout=180)
+        check(code == 0, f"exit {code}: {out[-300:]}")
+        reply = json.loads(out[out.index("{") :])
+        data = reply.get("data", {})
+        n.append(f"pid {data.get('pid')}, volumes {data.get('volumes')}")
+        if dm:
+            # QEMU holds the session's mapping open (svmmd passes it by fd).
+            code, fds = root.run(
+                'd=$(readlink -f /dev/mapper/svmm-web-disk) && echo "$d" && '
+                f'ls -l /proc/{int(data.get("pid", 0))}/fd | grep -cF "$d"'
+            )
+            n.append(f"QEMU fds on {fds.split()[0] if fds else '?'}: {fds.split()[-1:]}")
+            check(code == 0, "QEMU does not hold the /dev/mapper device")
+
+    with report.step("alice: a VM not granted to her (vm-db) is refused") as n:
+        code, out = c.run(f"{SVMM} vm start vm-db", timeout=120)
+        n.append(out.replace("\n", " ")[:200])
+        check(code == 1, f"exit {code}, not a refusal by the launcher (1)")
+
+    with report.step("card removal pauses alice's VM") as n:
+        try:
+            # svmmd starts a VM stopped (QEMU -S); the user lets it run.
+            code, out = c.run(f"{SVMM} vm resume vm-web", timeout=60)
+            check(code == 0, f"resume: exit {code}: {out[-200:]}")
+            status = c.run(f"{SVMM} vm --json status vm-web")[1]
+            check(re.search(r'"status":\s*"running"', status), f"not running: {status[-200:]}")
+            root.check(f"{SVMM} lab reader --dir {DEMO} --pull alice")
+            try:
+                status = ""
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    code, status = c.run(f"{SVMM} vm --json status vm-web")
+                    if re.search(r'"status":\s*"paused"', status):
+                        break
+                    time.sleep(1)
+                flat = re.sub(r"\s+", " ", status)
+                n.append(f"status after the pull: {flat[:160]}")
+                check(re.search(r'"status":\s*"paused"', status), "vm-web not paused")
+                if dm:
+                    # dm-crypt mode: the pulled card's volumes are suspended (luksSuspend:
+                    # the key leaves the kernel); attr is L(ive), I(nactive), s(uspended), rw.
+                    _, attr = root.run("dmsetup info -c --noheadings -o attr svmm-web-disk")
+                    n.append(f"svmm-web-disk attr {attr.strip()}")
+                    check(attr.strip()[2:3] == "s", "svmm-web-disk not suspended")
+            finally:
+                root.check(f"{SVMM} lab reader --dir {DEMO} --back alice")
+        finally:
+            code, out = c.run(f"{SVMM} vm stop vm-web", timeout=90)
+            n.append(f"stop: {out.strip()[:100]}")
+
+    with report.step("sudo -u bob with alice's card (engineering role)") as n:
+        code, out, asked = c.interactive("sudo -u bob id -un", PIN)
+        n.append(f"asked PIN: {asked}; out: {out.strip()[-120:]}")
+        check(asked, "sudo did not ask for the card's PIN")
+        check(code == 0 and out.strip().endswith("bob"), f"exit {code}")
+
+    with report.step("alice logs out: allowlist removed" + (", volume closed" if dm else "")) as n:
+        start = g.audit_lines()
+        c.logout()
+        deadline = time.monotonic() + 20
+        while g.exists(allowlist) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        check(not g.exists(allowlist), "allowlist still there")
+        recs = g.audit_since(start)
+        n.append(f"audit: {summary(recs, 'session_close')}")
+        if dm:
+            maps = g.mappings()
+            n.append(f"/dev/mapper: {', '.join(maps) or 'nothing'}")
+            check(not maps, "a volume is still open")
+
+    with report.step("scl logs in with his card; su - alice with alice's card") as n:
+        g.reader("scl", "alice")
+        ok, said = c.login("scl", PIN)
+        n.append(f"console: {said}")
+        check(ok, "scl not logged in")
+        code, out, asked = c.interactive("su - alice -c 'id -un'", PIN)
+        n.append(f"asked PIN: {asked}; out: {out.strip()[-80:]}")
+        check(asked and code == 0 and out.strip().endswith("alice"), f"su exit {code}")
+
+    with report.step("sudo is limited to the engineering role: scl is refused") as n:
+        code, out, asked = c.interactive("sudo -u alice id -un", PIN)
+        n.append(f"asked PIN: {asked}; out: {out.strip()[-160:]}")
+        check(code != 0, "sudo worked for scl")
+        check("not in the sudoers" in out or "not allowed" in out, "no sudoers refusal")
+        c.logout()
+
+    with report.step("another user's card: alice with bob's card is refused") as n:
+        g.reader("bob")
+        refused(g, "alice", PIN, reason="")(n)
+
+    with report.step("revoked card: mallory is refused") as n:
+        g.reader("mallory")
+        refused(g, "mallory", PIN, reason="revoked")(n)
+
+    g.reader("alice")
+    with report.step("svmm audit verify passes") as n:
+        code, out = root.run(f"{SVMM} audit verify")
+        n.append(out.strip()[-200:])
+        check(code == 0, f"exit {code}")
+
+
+# Run on the root shell after a failure (the serial port is slow: keep them short).
+DIAGNOSTICS = (
+    "ls -la /run/svmm /var/log/svmm",
+    'grep -v \'"outcome":"success"\' /var/log/svmm/audit.jsonl | tail -n 4 | '
+    "sed 's/.*\"detail\"/detail/' | cut -c1-400",
+    "systemctl --no-pager --failed",
+    "systemctl --no-pager status svmmd.socket svmmd.service svmm-demo-org.service | tail -n 30",
+    "journalctl -b --no-pager -o short-monotonic -t svmm -t login -t sudo -t su -n 60",
+    "journalctl -b --no-pager -o short-monotonic -u svmmd.service -n 30",
+)
+
+
+def diagnostics(g: Guest, path: Path, commands: list[str]) -> None:
+    with path.open("w") as out:
+        for command in commands:
+            out.write(f"### {command}\n")
+            try:
+                out.write(g.root.run(command, timeout=120)[1] + "\n")
+            except Exception as e:
+                out.write(f"(failed: {type(e).__name__}: {e})\n")
+                return
+    print(f"e2e: diagnostics from the guest in {path}", flush=True)
+
+
+def run_e2e(args: argparse.Namespace) -> int:
+    report = Report()
+    logs = args.logs or (args.cache / "logs" / time.strftime("%Y%m%d-%H%M%S"))
+    logs.mkdir(parents=True, exist_ok=True)
+    mode = args.volumes
+    if mode == "auto":
+        mode = "dm-crypt" if (REPO / "pam_svmm" / "services" / "dmcrypt.py").exists() else "vmm"
+    print(f"e2e: logs and transcripts in {logs}; volumes.mode = {mode}", flush=True)
+    t_all = time.monotonic()
+    image, timings, kvm = guest.prepare(args)
+    with contextlib.ExitStack() as stack:
+        vm = stack.enter_context(guest.Vm(image, logs / "vm", kvm=kvm))
+        t0 = time.monotonic()
+        tr0 = stack.enter_context((logs / "ttyS0.log").open("w"))
+        tr1 = stack.enter_context((logs / "ttyS1-root.log").open("w"))
+        s0 = SerialConsole.connect(vm.sockets[0], transcript=tr0, name="ttyS0")
+        s1 = SerialConsole.connect(vm.sockets[1], transcript=tr1, name="ttyS1")
+        stack.callback(s0.close)
+        stack.callback(s1.close)
+        g = Guest(Console(s0), RootShell(s1))
+        try:
+            with report.step(f"boot to the login prompt ({'KVM' if kvm else 'TCG'})", fatal=True):
+                s0.expect(r"login: $", 600)
+                g.console.at_prompt = True
+            timings.add("boot to login prompt", time.monotonic() - t0, "(KVM)" if kvm else "(TCG)")
+            with report.step("root control shell on ttyS1", fatal=True):
+                g.root.setup(120)
+            with report.step("device-mapper: modprobe dm_crypt, /dev/mapper/control") as n:
+                code, out = g.root.run(
+                    "modprobe dm_crypt; modprobe loop; ls -l /dev/mapper/control"
+                )
+                n.append(out.strip()[:120])
+                check(code == 0, "no /dev/mapper/control")
+            with report.step(
+                "demo organisation up, directory users visible (NSS)", fatal=True
+            ) as n:
+                g.root.check(
+                    "for i in $(seq 120); do systemctl is-active -q svmm-demo-org && "
+                    "getent passwd alice >/dev/null && break; "
+                    "systemctl start svmm-nss-sync.service; sleep 1; done; getent passwd alice",
+                    timeout=300,
+                )
+                n.append(g.root.check("getent passwd alice scl | cut -d: -f1,3,7 | tr '\\n' ' '"))
+            if mode != "vmm":
+                g.root.check(f'sed -i \'s/^mode = "vmm"/mode = "{mode}"/\' {CONFIG}')
+            t1 = time.monotonic()
+            scenario(g, report, mode)
+            timings.add("scenario", time.monotonic() - t1)
+        except Exception as e:
+            print(f"e2e: stopped: {type(e).__name__}: {e}", flush=True)
+            if report.failed == 0:
+                report._add("e2e driver", False, 0.0, f"{type(e).__name__}: {e}")
+        finally:
+            if report.failed or args.root_cmd:
+                diagnostics(g, logs / "diagnostics.log", [*args.root_cmd, *DIAGNOSTICS])
+    timings.add("e2e total", time.monotonic() - t_all)
+    print("\nStages:\n" + timings.table())
+    print(f"\nScenario (volumes.mode = {mode}):\n" + report.table())
+    print(f"\n{len(report.rows)} steps, {report.failed} failed. Logs: {logs}")
+    return 1 if report.failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    guest.add_arguments(p)
+    p.add_argument(
+        "--volumes",
+        choices=["auto", "vmm", "dm-crypt"],
+        default="auto",
+        help="volumes.mode in the guest (auto: dm-crypt when the product has it)",
+    )
+    p.add_argument("--logs", type=Path, help="folder for transcripts (default: CACHE/logs/TIME)")
+    p.add_argument(
+        "--root-cmd",
+        action="append",
+        default=[],
+        help="a command for the guest's root shell at the end (its output goes to "
+        "LOGS/diagnostics.log); repeat for more",
+    )
+    return run_e2e(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# Provision a Debian 12 host with pam_svmm the way an organisation rolls it out, with a demo
+# organisation (CA, OCSP/CRL, directory, soft cards, an encrypted VM volume) to log in with.
+#
+#   vagrant/provision.sh                       everything, then start the services (Vagrant)
+#   vagrant/provision.sh --phase P [...]       only these phases, in the order given:
+#       packages   the product's Debian dependencies (apt)
+#       product    /opt/svmm/venv (from /usr/bin/python3), pip install of this repository,
+#                  compileall, the pam_python shim as /usr/lib/svmm/pam_svmm.py
+#       system     pam-auth-update profile, nsswitch (extrausers), systemd units, sudoers
+#                  rule for the engineering role, the QEMU account
+#       demo       the demo organisation in /var/lib/svmm/demo and /etc/svmm/svmm.toml
+#       guest      the offline test guest's own bits (serial getty, a root shell on ttyS1)
+#   vagrant/provision.sh --no-start ...        do not start services (a chroot, an image)
+#   vagrant/provision.sh --src DIR ...         the repository is DIR (Vagrant copies this
+#                                              script alone to the box; default: ..)
+#   vagrant/provision.sh --build-guest DIR     build the offline test guest, cached in DIR
+#                                              (vagrant/guest.py; tools/run e2e boots it)
+set -euo pipefail
+
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=/opt/svmm/venv
+DEMO=/var/lib/svmm/demo
+CONFIG=/etc/svmm/svmm.toml
+
+# The product's Debian dependencies (tools/run DEBIAN_PACKAGES, minus the test-only ones)
+# and what a host needs around them. tests/unit/test_provision.py keeps the two in step.
+PACKAGES=(
+  python3 python3-venv openssl ca-certificates
+  libpam-python pamtester
+  softhsm2 opensc p11-kit p11-kit-modules libp11-kit-dev libpam0g-dev gcc libc6-dev
+  libnss-extrausers util-linux
+  slapd ldap-utils
+  cryptsetup-bin cryptsetup qemu-system-x86 qemu-utils
+  libpam-runtime sudo login passwd kmod
+)
+
+say() { printf '[provision] %s\n' "$*"; }
+
+phase_packages() {
+  say "Debian packages: ${PACKAGES[*]}"
+  apt-get update -q
+  # The demo runs its own slapd (lab folder, loopback); the package must not set one up.
+  echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
+}
+
+phase_product() {
+  say "product: $VENV from /usr/bin/python3, pip install $SRC"
+  if [ ! -x "$VENV/bin/python" ]; then
+    /usr/bin/python3 -m venv "$VENV"
+  fi
+  "$VENV/bin/pip" install -q --upgrade pip
+  # A copy of the tree: pip builds in it, and the source folder stays as it was.
+  local build
+  build=$(mktemp -d)
+  cp -a "$SRC/pam_svmm" "$SRC/pyproject.toml" "$SRC/README.md" "$build/"
+  "$VENV/bin/pip" install -q "$build"
+  rm -rf "$build"
+  # PAM processes may run with PYTHONDONTWRITEBYTECODE: compile once, as root.
+  "$VENV/bin/python" -m compileall -q "$VENV/lib" >/dev/null
+  install -D -m 0644 "$SRC/pam_svmm/pam/shim.py" /usr/lib/svmm/pam_svmm.py
+  ln -sf "$VENV/bin/svmm" /usr/local/bin/svmm
+  ln -sf "$VENV/bin/svmmd" /usr/local/bin/svmmd
+}
+
+phase_system() {
+  say "system: PAM profile, nsswitch, systemd units, sudoers, QEMU account"
+  install -d -m 0755 /etc/svmm
+  if [ ! -e "$CONFIG" ]; then
+    install -m 0644 "$SRC/config/svmm.toml" "$CONFIG"
+  fi
+  install -D -m 0644 "$SRC/config/pam-configs/svmm" /usr/share/pam-configs/svmm
+  pam-auth-update --package --enable svmm
+  # The identity bridge after the local files (local accounts always win).
+  sed -i -E \
+    -e '/^(passwd|group):/{/extrausers/!s/$/ extrausers/}' /etc/nsswitch.conf
+  install -d -m 0755 /var/lib/extrausers
+  for unit in svmmd.socket svmmd.service svmm-nss-sync.service svmm-nss-sync.timer; do
+    install -m 0644 "$SRC/config/systemd/$unit" "/etc/systemd/system/$unit"
+  done
+  # The shipped svmmd.service runs /usr/bin/python3 -m ...; here the product is in the venv.
+  install -d /etc/systemd/system/svmmd.service.d
+  cat > /etc/systemd/system/svmmd.service.d/venv.conf <<EOF
+[Service]
+ExecStart=
+ExecStart=$VENV/bin/python -m pam_svmm.daemon.server
+# svmmd also answers the PAM module's logins (the fast path): it writes the revocation and
+# identity caches under /var/cache/svmm, which the shipped unit leaves read-only.
+ReadWritePaths=/var/cache/svmm
+# volumes.mode = "dm-crypt" with that path: session volumes are opened by svmmd, and
+# cryptsetup needs device-mapper and loop devices (CAP_SYS_ADMIN) and its lock folder.
+CapabilityBoundingSet=CAP_SYS_ADMIN
+ReadWritePaths=-/run/cryptsetup
+EOF
+  # svmmd's unit names these in ReadWritePaths: they must exist before it starts.
+  install -d -m 0700 /var/log/svmm /var/lib/svmm
+  install -d -m 0755 /var/cache/svmm
+  getent passwd svmm-vm >/dev/null ||
+    useradd --system --no-create-home --shell /usr/sbin/nologin svmm-vm
+  # sudo for one role: the directory's engineering group (a POSIX group through the bridge,
+  # and a role of its members), authenticated with the card through PAM.
+  install -m 0440 /dev/stdin /etc/sudoers.d/svmm-engineering <<'EOF'
+# pam_svmm: members of the engineering role may use sudo (with their card and PIN).
+%engineering ALL=(ALL:ALL) ALL
+EOF
+  visudo -cq
+  systemctl enable svmmd.socket svmm-nss-sync.timer >/dev/null 2>&1 || true
+}
+
+phase_demo() {
+  say "demo organisation in $DEMO, configuration $CONFIG"
+  # The lab builds the organisation from the repository (config/ldap, config/policy, the
+  # card interposer's C source), so it runs from the source tree; the product it configures
+  # is the installed one.
+  PYTHONPATH="$SRC" "$VENV/bin/python" -m pam_svmm.cli.main lab provision \
+    --dir "$DEMO" --config-out "$CONFIG" --reader alice
+  install -m 0644 "$SRC/config/systemd/svmm-demo-org.service" /etc/systemd/system/
+  # The account sync waits for the demo directory and also runs at boot.
+  install -d /etc/systemd/system/svmm-nss-sync.service.d
+  cat > /etc/systemd/system/svmm-nss-sync.service.d/demo.conf <<'EOF'
+[Unit]
+Wants=svmm-demo-org.service
+After=svmm-demo-org.service
+EOF
+  systemctl enable svmm-demo-org.service >/dev/null 2>&1 || true
+  # The Debian slapd service is not configured (the demo runs its own): keep it off.
+  systemctl disable slapd.service >/dev/null 2>&1 || true
+  install -d /etc/systemd/system/multi-user.target.wants
+  ln -sf /etc/systemd/system/svmm-nss-sync.service \
+    /etc/systemd/system/multi-user.target.wants/svmm-nss-sync.service
+}
+
+phase_guest() {
+  say "test guest: serial login on ttyS0, root shell on ttyS1, dm_crypt at boot"
+  echo svmm-guest > /etc/hostname
+  printf '127.0.0.1 localhost\n127.0.1.1 svmm-guest\n' > /etc/hosts
+  printf '/dev/vda / ext4 rw,errors=remount-ro 0 1\n' > /etc/fstab
+  printf "dm_mod\ndm_crypt\nloop\n" > /etc/modules-load.d/svmm-dm-crypt.conf
+  # Root has no password: the only root access is the control port (ttyS1).
+  passwd -d root >/dev/null
+  passwd -l root >/dev/null
+  install -d /etc/systemd/system/getty.target.wants
+  ln -sf /lib/systemd/system/serial-getty@.service \
+    /etc/systemd/system/getty.target.wants/serial-getty@ttyS0.service
+  cat > /etc/systemd/system/svmm-e2e-control.service <<'EOF'
+[Unit]
+Description=e2e control port: a root shell on ttyS1 (test guest only)
+After=systemd-user-sessions.service
+
+[Service]
+ExecStart=/bin/bash --noprofile --norc -i
+StandardInput=tty
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/ttyS1
+TTYReset=yes
+Environment=TERM=dumb HOME=/root
+Restart=always
+
+[Install]
+WantedBy=multi-user.target
+EOF
+  systemctl enable svmm-e2e-control.service >/dev/null 2>&1 || true
+  systemctl mask serial-getty@ttyS1.service >/dev/null 2>&1 || true
+  # No network in the offline guest: do not wait for it.
+  systemctl mask systemd-networkd-wait-online.service >/dev/null 2>&1 || true
+}
+
+start_services() {
+  say "starting services"
+  systemctl daemon-reload
+  systemctl restart svmm-demo-org.service
+  systemctl start svmm-nss-sync.service
+  systemctl enable --now svmmd.socket svmm-nss-sync.timer
+}
+
+phases=()
+start=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --phase) phases+=("$2"); shift 2 ;;
+    --no-start) start=0; shift ;;
+    --src) SRC=$(cd "$2" && pwd); shift 2 ;;
+    --build-guest)
+      exec /usr/bin/python3 "$SRC/vagrant/guest.py" build --cache "$2" ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "provision.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+if [ "$(id -u)" -ne 0 ]; then
+  echo "provision.sh: run as root" >&2
+  exit 2
+fi
+if [ ${#phases[@]} -eq 0 ]; then
+  phases=(packages product system demo)
+fi
+for p in "${phases[@]}"; do
+  case "$p" in
+    packages|product|system|demo|guest) "phase_$p" ;;
+    *) echo "provision.sh: unknown phase $p" >&2; exit 2 ;;
+  esac
+done
+if [ "$start" -eq 1 ] && [[ " ${phases[*]} " == *" demo "* ]]; then
+  start_services
+fi
+say "done: ${phases[*]}"
