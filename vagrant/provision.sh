@@ -85,13 +85,6 @@ phase_system() {
 [Service]
 ExecStart=
 ExecStart=$VENV/bin/python -m pam_svmm.daemon.server
-# svmmd also answers the PAM module's logins (the fast path): it writes the revocation and
-# identity caches under /var/cache/svmm, which the shipped unit leaves read-only.
-ReadWritePaths=/var/cache/svmm
-# volumes.mode = "dm-crypt" with that path: session volumes are opened by svmmd, and
-# cryptsetup needs device-mapper and loop devices (CAP_SYS_ADMIN) and its lock folder.
-CapabilityBoundingSet=CAP_SYS_ADMIN
-ReadWritePaths=-/run/cryptsetup
 EOF
   # svmmd's unit names these in ReadWritePaths: they must exist before it starts.
   install -d -m 0700 /var/log/svmm /var/lib/svmm

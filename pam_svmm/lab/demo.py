@@ -170,7 +170,7 @@ def run_demo(folder: Path, *, fresh: bool = False, out: TextIO = sys.stdout) -> 
         failures += _fast_path(lab, say, socket_dir)
         for i, scene in enumerate(SCENES, 1):
             if scene.before == "stop-ocsp":
-                ocsp.stop()  # type: ignore[attr-defined]
+                ocsp.stop()
             elif scene.before == "stop-directory":
                 slapd.stop()
             failures += _play(lab, i, scene, say)

@@ -67,7 +67,9 @@ def provision(
     (lab.folder / HOST_FILE).write_text(json.dumps(asdict(ports), indent=1) + "\n")
     slapd = Slapd(lab.folder / "directory", ca=lab.ca, port=ports.ldap, ldaps_port=ports.ldaps)
     slapd.build()
-    bundle = lab.write_policy(host_policy(policy.read_text()).encode())
+    # The example policy as it is: a granted VM whose disk is not enrolled for a user's card
+    # is skipped at session open (audited), and Debian's `su -` (su-l) is a login service.
+    bundle = lab.write_policy(policy.read_bytes())
     for volume, card in VOLUMES:
         make_volume(lab, volume, card)
     module = pinguard.build_pinguard(lab.folder / "pinguard-host", default_state=lab.pinguard_state)
@@ -90,22 +92,6 @@ def provision(
     load_seal_key(seal_key, create=True)
     set_reader(lab, reader, softhsm_conf=softhsm_conf)
     return config_out
-
-
-def host_policy(example: str) -> str:
-    """The example policy with vm-web granted to the engineering role instead of every
-    vm-users member: its disk is enrolled for alice's card only, and a session whose
-    allowlist names a volume the card cannot open fails (key release is all or nothing), so
-    users without such a grant (scl) log in with an allowlist of no VMs. And `su -` (su-l)
-    is a login service too."""
-    grant = '[[grants]]\nrole = "vm-users"\nvm = "vm-web"\n'
-    services = 'services = ["login", "sudo", "su", "svmm-login"]\n'
-    if grant not in example or services not in example:
-        raise ValueError("the example policy no longer grants vm-web to vm-users")
-    # Debian's `su -` is the PAM service su-l.
-    return example.replace(grant, '[[grants]]\nrole = "engineering"\nvm = "vm-web"\n').replace(
-        services, 'services = ["login", "sudo", "su", "su-l", "svmm-login"]\n'
-    )
 
 
 def _host_overrides(lab: Lab, module: Path, volume_mode: str, seal_key: Path) -> str:

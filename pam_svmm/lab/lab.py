@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -34,6 +34,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from . import pinguard
 from .pamclient import PamReport, PamSession, build_client, pam_env, run_client, start_session
 from .pki import SMARTCARD_LOGON, LabCA, PrivateKey, key_pem, load_key, new_key
+
+if TYPE_CHECKING:
+    from .responders import CrlServer, OcspResponder
 
 SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 PAM_PYTHON = Path("/lib/security/pam_python.so")
@@ -533,7 +536,7 @@ card_required_roles = ["vm-admins"]
     # --- responders -----------------------------------------------------------------------
 
     @contextmanager
-    def responders(self) -> Iterator[tuple[object, object]]:
+    def responders(self) -> Iterator[tuple[OcspResponder, CrlServer]]:
         """The OCSP responder and CRL server on the ports the certificates name."""
         from urllib.parse import urlsplit
 

@@ -52,8 +52,16 @@ from ..config import Config
 from ..domain.allowlist import Allowlist
 from ..domain.audit_record import Outcome
 from ..errors import SvmmError, VolumeError
-from .key_release import Audit, Released, card_unlock, volume_image, volumes_to_release
+from .key_release import (
+    Audit,
+    Released,
+    card_unlock,
+    skipped,
+    volume_image,
+    volumes_to_release,
+)
 from .session import _prune_dead
+from .volumes import NOT_ENROLLED
 
 MAPPING_PREFIX = "svmm-"
 STATE_SUBDIR = "dmcrypt"
@@ -176,7 +184,7 @@ class DmcryptVolumes:
         with self._locked() as (held, state):
             _prune_dead(state.sessions)
             try:
-                for volume, vms in wanted.items():
+                for volume, vms in list(wanted.items()):
                     try:
                         how = self._open_one(volume, state, unlock)
                     except SvmmError as e:
@@ -185,8 +193,11 @@ class DmcryptVolumes:
                             Outcome.FAILURE,
                             e.reason,
                             ",".join(vms),
-                            f"volume {volume}: {e.message}",
+                            f"volume {volume}: {e.message}{skipped(e)}",
                         )
+                        if e.reason == NOT_ENROLLED:
+                            del wanted[volume]
+                            continue
                         raise
                     done.append((volume, how))
                 state.entries()[session_id] = {

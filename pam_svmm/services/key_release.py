@@ -27,6 +27,7 @@ from ..config import Config
 from ..domain.allowlist import Allowlist
 from ..domain.audit_record import Outcome
 from ..errors import SvmmError, VolumeError
+from .volumes import NOT_ENROLLED
 
 # (event, outcome, reason, vm, detail): the caller writes the audit record.
 Audit = Callable[[str, Outcome, str, str, str], None]
@@ -60,6 +61,14 @@ def volume_image(config: Config, name: str) -> Path:
     if not stat.S_ISREG(st.st_mode) or (st.st_uid != 0 and st.st_uid != os.geteuid()):
         raise VolumeError(f"volume {name!r}: {path} is not a regular file owned by root")
     return path
+
+
+def skipped(error: SvmmError) -> str:
+    """A volume this card holds no key for is skipped, not a failed session: its holder may
+    use the VMs whose disks the card opens; the others will not start (audited so)."""
+    if error.reason == NOT_ENROLLED:
+        return "; skipped: its VMs cannot boot in this session"
+    return ""
 
 
 def card_unlock(login: Any, wanted: dict[str, tuple[str, ...]], audit: Audit) -> Any:
@@ -117,7 +126,7 @@ class KeyRelease:
         held: list[tuple[str, bytearray]] = []
         handed_over = False
         try:
-            for volume, vms in wanted.items():
+            for volume, vms in list(wanted.items()):
                 try:
                     passphrase = self.volumes.release(volume_image(self.config, volume), unlock)
                 except SvmmError as e:
@@ -126,10 +135,15 @@ class KeyRelease:
                         Outcome.FAILURE,
                         e.reason,
                         ",".join(vms),
-                        f"volume {volume}: {e.message}",
+                        f"volume {volume}: {e.message}{skipped(e)}",
                     )
+                    if e.reason == NOT_ENROLLED:
+                        del wanted[volume]
+                        continue
                     raise
                 held.append((volume, passphrase))
+            if not held:
+                return []
             reply = self.send(
                 {
                     "op": "hold_keys",

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 
 VOLUME = "svmm-volume"
 KEY_OBJECT_PREFIX = "svmm-volume "  # + the LUKS UUID: one secret object per volume and card
+# The card holds no key for the volume: a fact about the enrolment, not a broken card.
+NOT_ENROLLED = "card_not_enrolled"
 
 Progress = Callable[[str], None]
 
@@ -406,7 +408,7 @@ class Volumes:
             if not mine:
                 raise VolumeError(
                     f"{path}: card {unlock.card.recipient[:16]} is not enrolled",
-                    reason="volume_key_refused",
+                    reason=NOT_ENROLLED,
                 )
             token = mine[0]
             secret = keys.release(unlock.session, token)

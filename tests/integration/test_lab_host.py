@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,6 @@ from pam_svmm.lab.lab import Lab, free_ports
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def test_host_policy_moves_the_vm_web_grant_to_engineering() -> None:
-    text = host.host_policy(host.POLICY_EXAMPLE.read_text())
-    grants = tomllib.loads(text)["grants"]
-    assert {g["role"] for g in grants if g.get("vm") == "vm-web"} == {"engineering", "vm-admins"}
-    assert "su-l" in tomllib.loads(text)["hosts"]["lab-host"]["services"]
-    with pytest.raises(ValueError, match="vm-users"):
-        host.host_policy(text)
 
 
 def test_provision_writes_a_host_configuration_and_a_reader(tmp_path: Path) -> None:

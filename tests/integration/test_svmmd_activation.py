@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,5 +95,8 @@ def test_the_units_agree_with_the_configuration() -> None:
     assert socket_unit["Socket"]["SocketMode"] == "0666"
     service = configparser.ConfigParser(strict=False, interpolation=None)
     service.read(units / "svmmd.service")
-    assert service["Service"]["ExecStart"].split()[1:] == ["-m", "pam_svmm.daemon.server"]
+    # The console script pyproject.toml declares, in the venv the PAM shim uses by default.
+    assert service["Service"]["ExecStart"] == "/opt/svmm/venv/bin/svmmd"
+    scripts = tomllib.loads((units.parents[1] / "pyproject.toml").read_text())["project"]
+    assert scripts["scripts"]["svmmd"] == "pam_svmm.daemon.server:main"
     assert "svmmd.socket" in service["Unit"]["Requires"]

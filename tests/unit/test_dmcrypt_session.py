@@ -115,11 +115,14 @@ class Volumes:
     """The card's part: releases ``pass-<volume>``; records the buffers to check wiping."""
 
     fail_on: str = ""
+    not_enrolled: tuple[str, ...] = ()
     given: list[bytearray] = field(default_factory=list)
 
     def release(self, path: Path, unlock: Any) -> bytearray:
         if path.stem == self.fail_on:
             raise VolumeError(f"{path.stem}: Invalid password", reason="volume_key_refused")
+        if path.stem in self.not_enrolled:
+            raise VolumeError(f"{path}: card ab is not enrolled", reason="card_not_enrolled")
         secret = bytearray(f"pass-{path.stem}".encode())
         self.given.append(secret)
         return secret
@@ -235,6 +238,16 @@ def test_open_maps_every_volume_of_a_bootable_vm_with_keys_on_stdin_only(world: 
     assert not any("pass-" in r[4] for r in world.records)
     mode = os.stat(world.dm.records.folder / "0.json").st_mode & 0o777
     assert mode == 0o600 and os.stat(world.dm.records.folder).st_mode & 0o077 == 0
+
+
+def test_a_volume_the_card_holds_no_key_for_is_skipped_and_audited(world: World) -> None:
+    world.volumes.not_enrolled = ("db-disk",)
+    out = world.open("s1")
+    assert sorted(r.volume for r in out) == ["db-logs", "web-disk"]
+    assert sorted(world.cs.table) == ["svmm-db-logs", "svmm-web-disk"]
+    assert world.state()["s1"]["volumes"] == ["db-logs", "web-disk"]
+    (skip,) = [r for r in world.records if r[2] == "card_not_enrolled"]
+    assert skip[1] is Outcome.FAILURE and skip[3] == "vm-db" and "skipped" in skip[4]
 
 
 def test_the_third_of_three_failing_closes_the_first_two(world: World) -> None:

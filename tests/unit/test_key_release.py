@@ -52,11 +52,14 @@ class Login:
 @dataclass
 class Volumes:
     fail_on: str = ""
+    not_enrolled: tuple[str, ...] = ()
     given: list[bytearray] = field(default_factory=list)
 
     def release(self, path: Path, unlock: Any) -> bytearray:
         if path.stem == self.fail_on:
             raise VolumeError(f"{path.stem}: Invalid password", reason="volume_key_refused")
+        if path.stem in self.not_enrolled:
+            raise VolumeError(f"{path}: card ab is not enrolled", reason="card_not_enrolled")
         secret = bytearray(f"pass-{path.stem}".encode())
         self.given.append(secret)
         return secret
@@ -152,3 +155,27 @@ def test_a_missing_or_foreign_volume_image_is_refused(cfg: config.Config) -> Non
     (cfg.volumes.dir / "db-logs.img").symlink_to(cfg.volumes.dir / "web-disk.img")
     err, _ = run(cfg, Login(), Volumes(), Launcher())
     assert isinstance(err, VolumeError) and "db-logs" in err.message
+
+
+def test_a_volume_the_card_holds_no_key_for_is_skipped_not_a_failed_session(
+    cfg: config.Config,
+) -> None:
+    """vm-db is granted by role, but its disks are enrolled for other cards: the session opens
+    with web-disk's key only, and the skip is audited (the launcher refuses vm-db later)."""
+    volumes, launcher = Volumes(not_enrolled=("db-disk", "db-logs")), Launcher()
+    out, records = run(cfg, Login(), volumes, launcher)
+    assert [r.volume for r in out] == ["web-disk"]
+    (req,) = launcher.requests
+    assert [v["name"] for v in req["volumes"]] == ["web-disk"]
+    skipped = [r for r in records if r[2] == "card_not_enrolled"]
+    assert [(r[1], r[3]) for r in skipped] == [(Outcome.FAILURE, "vm-db")] * 2
+    assert all("skipped" in r[4] for r in skipped)
+    assert [r[3] for r in records if r[1] is Outcome.SUCCESS] == ["vm-web"]
+
+
+def test_no_volume_enrolled_for_the_card_hands_nothing_over(cfg: config.Config) -> None:
+    volumes = Volumes(not_enrolled=("db-disk", "db-logs", "web-disk"))
+    launcher = Launcher()
+    out, records = run(cfg, Login(), volumes, launcher)
+    assert out == [] and launcher.requests == []
+    assert {r[2] for r in records} == {"card_not_enrolled"}
