@@ -303,7 +303,10 @@ class LauncherConfig:
     run_dir: Path = Path("/run/svmm/vms")  # per-VM private folders (QMP socket, QEMU log)
     registry_dir: Path = Path("/run/svmm/registry")  # running VMs, root-only
     start_timeout: float = 10.0  # seconds until QEMU answers on QMP
-    quit_timeout: float = 5.0  # stop: QMP quit, then SIGTERM, then SIGKILL, each this long
+    # stop: first the ACPI power button (a running guest shuts down cleanly) for this long
+    # (0: skip it), then QMP quit, then SIGTERM, then SIGKILL, each for its own timeout.
+    powerdown_timeout: float = 30.0
+    quit_timeout: float = 5.0
     term_timeout: float = 3.0
     kill_timeout: float = 3.0
     card_removal: CardRemovalAction = CardRemovalAction.PAUSE
@@ -643,6 +646,7 @@ def _launcher(t: _Table) -> LauncherConfig:
         run_dir=t.path("run_dir", d.run_dir) or d.run_dir,
         registry_dir=t.path("registry_dir", d.registry_dir) or d.registry_dir,
         start_timeout=t.number("start_timeout", d.start_timeout, minimum=0.5),
+        powerdown_timeout=t.number("powerdown_timeout", d.powerdown_timeout, minimum=0),
         quit_timeout=t.number("quit_timeout", d.quit_timeout, minimum=0.1),
         term_timeout=t.number("term_timeout", d.term_timeout, minimum=0.1),
         kill_timeout=t.number("kill_timeout", d.kill_timeout, minimum=0.1),

@@ -101,6 +101,18 @@ class VmHandle:
             raise VmError(f"VM {self.record.vm}: query-status answered {answer!r}")
         return {"status": answer.get("status", ""), "running": bool(answer.get("running"))}
 
+    def powerdown(self, timeout: float) -> bool:
+        """Press the ACPI power button of a running guest and wait up to ``timeout`` for it
+        to shut down (QEMU exits when the guest powers off). False when the VM is not running
+        (paused, or held before start: no guest code could answer) or did not go in time."""
+        try:
+            if not self.alive() or self.status()["status"] != "running":
+                return False
+            self.qmp.execute("system_powerdown")
+        except (VmError, OSError):
+            return False  # quit / SIGTERM / SIGKILL follow
+        return self._wait(timeout)
+
     def stop(self, *, quit_timeout: float, term_timeout: float, kill_timeout: float) -> str:
         """QMP quit, then SIGTERM, then SIGKILL; returns how it ended."""
         how = "exited"
@@ -234,17 +246,30 @@ class VmRegistry:
             return record
 
     def stop(
-        self, vm: str, *, quit_timeout: float, term_timeout: float, kill_timeout: float
+        self,
+        vm: str,
+        *,
+        quit_timeout: float,
+        term_timeout: float,
+        kill_timeout: float,
+        powerdown_timeout: float = 0.0,
     ) -> str:
+        """ACPI power button first (``powerdown_timeout`` > 0), then quit, SIGTERM, SIGKILL.
+        Returns how it ended: powerdown, exited, quit, term or kill."""
         with self._lock:
             h = self._vms.get(vm)
             if h is None:
+                raise VmError(f"VM {vm} is not running", reason="vm_not_running")
+        # Outside the lock: a guest may take its time, the other VMs must not wait for it.
+        powered_off = powerdown_timeout > 0 and h.powerdown(powerdown_timeout)
+        with self._lock:
+            if self._vms.get(vm) is not h:
                 raise VmError(f"VM {vm} is not running", reason="vm_not_running")
             how = h.stop(
                 quit_timeout=quit_timeout, term_timeout=term_timeout, kill_timeout=kill_timeout
             )
             self._forget(vm)
-            return how
+            return "powerdown" if powered_off and how == "exited" else how
 
     def reattach(self, *, timeout: float = 5.0) -> list[str]:
         """Load the records of VMs a previous launcher started; returns the VM ids found

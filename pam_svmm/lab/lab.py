@@ -404,6 +404,8 @@ card_required_roles = ["vm-admins"]
         return (
             f'\n[launcher]\nsocket = "{socket_dir / "launcher.sock"}"\nvm_user = "nobody"\n'
             f'run_dir = "{run / "vms"}"\nregistry_dir = "{run / "registry"}"\n{poll}'
+            # The lab's VMs run no guest OS: nobody answers the ACPI power button.
+            "powerdown_timeout = 1\n"
             # The example policy's networks, on QEMU's isolated user stack (no bridge here).
             '\n[launcher.networks.dmz]\nkind = "user"\n'
             '\n[launcher.networks.internal]\nkind = "user"\n'

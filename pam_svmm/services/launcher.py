@@ -640,7 +640,7 @@ class CardVm:
         self._launcher._pause(self.record, "card_removed")
 
     def stop(self) -> None:
-        self._launcher._stop(self.record.vm)
+        self._launcher._stop(self.record.vm, graceful=False)
 
 
 class CardVms:
@@ -1292,11 +1292,14 @@ class Launcher:
             why = f"card {event.reason}; token {event.serial}"
             self._audited("volume_suspend", outcome, d, 0, "card_watch", detail=why)
 
-    def _stop(self, vm: str) -> str:
+    def _stop(self, vm: str, *, graceful: bool = True) -> str:
+        """``graceful``: the guest gets the ACPI power button first (a user's stop, the last
+        logout); a pulled card's VMs are quit at once: no grace for a guest whose card left."""
         lc = self.config.launcher
         try:
             return self.registry.stop(
                 vm,
+                powerdown_timeout=lc.powerdown_timeout if graceful else 0.0,
                 quit_timeout=lc.quit_timeout,
                 term_timeout=lc.term_timeout,
                 kill_timeout=lc.kill_timeout,

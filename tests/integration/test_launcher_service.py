@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,8 @@ def test_start_status_wall_stop_through_the_socket(service: Running, base: Path)
     assert ask(sock, {"op": "status", "vm": "bank-a"}, user=None)[0]["ok"]
     wall = ask(sock, {"op": "start", "vm": "bank-b"})[0]
     assert not wall["ok"] and wall["reason"] == "conflict_of_interest"
+    # Held before start (prelaunch): no guest code could answer the power button, so the
+    # stop does not wait for it.
     stop = ask(sock, {"op": "stop", "vm": "bank-a"})[0]
     assert stop["ok"] and stop["data"]["how"] == "quit"
     assert proc_start_time(pid) is None
@@ -213,3 +216,17 @@ def test_cli_client_as_nobody(service: Running) -> None:
     assert out.returncode == 1 and "volume_key_unavailable" in out.stderr
     out = subprocess.run([*cmd, "start", "x,y"], **as_nobody)
     assert out.returncode == 1 and "vm_name_invalid" in out.stderr
+
+
+@needs_qemu
+def test_a_running_vm_gets_the_power_button_before_quit(service: Running) -> None:
+    """-machine none runs no guest that could answer: the stop waits powerdown_timeout, then
+    quits (a guest OS would have shut down: tests/unit/test_vm_powerdown.py)."""
+    sock = service.launcher.config.launcher.socket
+    assert ask(sock, {"op": "start", "vm": "bank-a"})[0]["ok"]
+    service.launcher.registry.get("bank-a").qmp.execute("cont")
+    t0 = time.monotonic()
+    stop = ask(sock, {"op": "stop", "vm": "bank-a"})[0]
+    waited = time.monotonic() - t0
+    assert stop["ok"] and stop["data"]["how"] == "quit", stop
+    assert waited >= service.launcher.config.launcher.powerdown_timeout

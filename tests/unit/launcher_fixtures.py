@@ -116,6 +116,7 @@ def launcher_config(base: Path, *, vm_user: str = "nobody") -> Config:
             run_dir=base / "vms",
             registry_dir=base / "registry",
             start_timeout=10.0,
+            powerdown_timeout=0.5,  # no guest OS answers the power button here
             quit_timeout=3.0,
             term_timeout=2.0,
             kill_timeout=2.0,
