@@ -52,7 +52,15 @@ BASE_INCLUDE = (
     "ca-certificates",
 )
 # What goes into the image stage's key: the product, its configuration, the provisioning.
-PRODUCT_PATHS = ("pam_svmm", "config", "vagrant/provision.sh", "pyproject.toml", "README.md")
+# What the image is made from (its cache key); tests/: the device-mapper tests run in it.
+PRODUCT_PATHS = (
+    "pam_svmm",
+    "config",
+    "tests",
+    "vagrant/provision.sh",
+    "pyproject.toml",
+    "README.md",
+)
 GUEST_SRC = "/opt/svmm/src"  # where the repository is copied inside the guest
 HOST_CA = "/etc/ssl/certs/ca-certificates.crt"
 BUILD_CA = "/root/.svmm-build-ca.crt"  # the host's CA bundle, for pip in the chroot only
@@ -298,7 +306,13 @@ class Guest:
                 with self.timings.stage("product install"):
                     in_chroot(
                         work,
-                        [f"{GUEST_SRC}/vagrant/provision.sh", "--phase", "product"],
+                        [
+                            f"{GUEST_SRC}/vagrant/provision.sh",
+                            "--phase",
+                            "product",
+                            "--phase",
+                            "tests",
+                        ],
                         env=pip_env(work),
                     )
                 with self.timings.stage("system + demo org"):

@@ -11,6 +11,8 @@
 #                  rule for the engineering role, the QEMU account
 #       demo       the demo organisation in /var/lib/svmm/demo and /etc/svmm/svmm.toml
 #       guest      the offline test guest's own bits (serial getty, a root shell on ttyS1)
+#       tests      the test guest's test runner: /opt/svmm/test-venv, pam_wrapper (the
+#                  device-mapper tests run in the guest; tools/run e2e)
 #   vagrant/provision.sh --no-start ...        do not start services (a chroot, an image)
 #   vagrant/provision.sh --src DIR ...         the repository is DIR (Vagrant copies this
 #                                              script alone to the box; default: ..)
@@ -20,6 +22,7 @@ set -euo pipefail
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=/opt/svmm/venv
+TEST_VENV=/opt/svmm/test-venv
 DEMO=/var/lib/svmm/demo
 CONFIG=/etc/svmm/svmm.toml
 
@@ -124,6 +127,24 @@ EOF
     /etc/systemd/system/multi-user.target.wants/svmm-nss-sync.service
 }
 
+phase_tests() {
+  # The test guest only: the tests that need device-mapper run in it (tools/run e2e), with
+  # their own venv so the product's stays as a host would have it. pam_wrapper is the lab's
+  # PAM harness (its logins run against the lab's service files, not the system's).
+  say "tests: $TEST_VENV (pytest and the product), the lab's PAM harness"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    libpam-wrapper libnss-wrapper
+  if [ ! -x "$TEST_VENV/bin/python" ]; then
+    /usr/bin/python3 -m venv "$TEST_VENV"
+  fi
+  local build
+  build=$(mktemp -d)
+  cp -a "$SRC/pam_svmm" "$SRC/pyproject.toml" "$SRC/README.md" "$build/"
+  "$TEST_VENV/bin/pip" install -q "$build" "pytest>=8"
+  rm -rf "$build"
+  "$TEST_VENV/bin/python" -m compileall -q "$TEST_VENV/lib" >/dev/null
+}
+
 phase_guest() {
   say "test guest: serial login on ttyS0, root shell on ttyS1, dm_crypt at boot"
   echo svmm-guest > /etc/hostname
@@ -190,7 +211,7 @@ if [ ${#phases[@]} -eq 0 ]; then
 fi
 for p in "${phases[@]}"; do
   case "$p" in
-    packages|product|system|demo|guest) "phase_$p" ;;
+    packages|product|system|demo|guest|tests) "phase_$p" ;;
     *) echo "provision.sh: unknown phase $p" >&2; exit 2 ;;
   esac
 done

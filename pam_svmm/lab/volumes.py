@@ -36,7 +36,7 @@ def escrow_credentials(lab: Any) -> tuple[Path, Path]:
 
 
 def make_volume(
-    lab: Any, name: str, card: str, *, size: int = 16 << 20, luks_type: str = "luks1"
+    lab: Any, name: str, card: str, *, size: int | None = None, luks_type: str = "luks1"
 ) -> Path:
     """<lab>/volumes/<name>.img enrolled for ``card`` (a lab card name); made once.
     ``luks_type``: luks1 (QEMU 7.2's LUKS driver; dm-crypt opens it too) or luks2 (dm-crypt
@@ -51,7 +51,8 @@ def make_volume(
     reader = lab.insert(card)
     request = {
         "path": str(path),
-        "size": size,
+        # LUKS2's header alone takes 16 MiB (services/volumes.py MIN_SIZE).
+        "size": size or ((32 if luks_type == "luks2" else 16) << 20),
         "owner": str(spec["holder"]),
         "cert": str(lab.cards_dir / card / "cert.pem"),
         "escrow": str(escrow),

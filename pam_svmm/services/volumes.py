@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 VOLUME = "svmm-volume"
 KEY_OBJECT_PREFIX = "svmm-volume "  # + the LUKS UUID: one secret object per volume and card
+# cryptsetup's default header sizes, and the least image size that leaves room for data.
+HEADER_SIZE = {"luks1": 2 << 20, "luks2": 16 << 20}
+MIN_SIZE = {"luks1": 4 << 20, "luks2": 20 << 20}
 # The card holds no key for the volume: a fact about the enrolment, not a broken card.
 NOT_ENROLLED = "card_not_enrolled"
 
@@ -209,6 +212,13 @@ class Volumes:
         release the key before the volume is kept."""
         if luks_type == "luks1" and self.pbkdf.kind != "pbkdf2":
             raise VolumeError("LUKS1 volumes (QEMU 7.2's LUKS driver) need --pbkdf pbkdf2")
+        least = MIN_SIZE.get(luks_type)
+        if size is not None and least is not None and size < least:
+            # cryptsetup formats it, and only `open` says "too small for activation".
+            raise VolumeError(
+                f"{path}: {size >> 20} MiB is too small for {luks_type.upper()} (its header "
+                f"takes {HEADER_SIZE[luks_type] >> 20} MiB); give at least {least >> 20} MiB"
+            )
         card_secret, recovery = keys.new_volume_secret(), keys.new_volume_secret()
         card_pw, recovery_pw = luks_passphrase(card_secret), luks_passphrase(recovery)
         with (

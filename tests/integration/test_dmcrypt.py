@@ -43,7 +43,7 @@ needs_dm = pytest.mark.skipif(
     "in /proc/misc): cryptsetup open cannot map volumes here; the issue-7 guest runs this",
 )
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no QEMU")
-SIZE = 16 << 20
+SIZE = 32 << 20  # LUKS2's header alone takes 16 MiB
 slapd = ldap_fixtures.slapd
 
 

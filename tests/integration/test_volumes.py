@@ -34,7 +34,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("cryptsetup") is None, reason="cryptsetup not installed"),
 ]
 
-SIZE = 16 << 20
+SIZE = 32 << 20  # LUKS2 (the default) needs room beyond its 16 MiB header
 ALICE = Owner("user", "alice")
 
 
@@ -319,7 +319,14 @@ def test_cli_create_status_enroll_recover(
     img = tmp_path / "v.img"
     mod = ["--module", str(cards.hsm.module_path), "--pin-file", str(pin)]
     fast = ["--pbkdf", "pbkdf2", "--pbkdf-iterations", "1000"]
+    # LUKS2's header takes 16 MiB: an image with no room for data is refused before any work.
     rc = main(["volume", "create", str(img), "--size", "16M", "--owner", "alice",
+               "--custody", "key-object", "--escrow-cert", str(pem), "--card", "a",
+               *mod, *fast])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 6 and "too small for LUKS2" in out.err and "at least 20 MiB" in out.err
+    assert not img.exists()
+    rc = main(["volume", "create", str(img), "--size", "32M", "--owner", "alice",
                "--custody", "key-object", "--escrow-cert", str(pem), "--card", "a",
                *mod, *fast])  # fmt: skip
     out = capsys.readouterr()
