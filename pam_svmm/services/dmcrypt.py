@@ -44,6 +44,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +56,12 @@ from ..errors import SvmmError, VolumeError
 from .key_release import (
     Audit,
     Released,
+    attempt,
     card_unlock,
-    skipped,
     volume_image,
     volumes_to_release,
 )
 from .session import _prune_dead
-from .volumes import NOT_ENROLLED
 
 MAPPING_PREFIX = "svmm-"
 STATE_SUBDIR = "dmcrypt"
@@ -185,20 +185,12 @@ class DmcryptVolumes:
             _prune_dead(state.sessions)
             try:
                 for volume, vms in list(wanted.items()):
-                    try:
-                        how = self._open_one(volume, state, unlock)
-                    except SvmmError as e:
-                        audit(
-                            "key_release",
-                            Outcome.FAILURE,
-                            e.reason,
-                            ",".join(vms),
-                            f"volume {volume}: {e.message}{skipped(e)}",
-                        )
-                        if e.reason == NOT_ENROLLED:
-                            del wanted[volume]
-                            continue
-                        raise
+                    how = attempt(
+                        volume, vms, audit, partial(self._open_one, volume, state, unlock)
+                    )
+                    if how is None:  # the card holds no key for it: skipped (audited)
+                        del wanted[volume]
+                        continue
                     done.append((volume, how))
                 state.entries()[session_id] = {
                     "uid": allowlist.uid,

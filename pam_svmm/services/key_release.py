@@ -20,14 +20,17 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..config import Config
 from ..domain.allowlist import Allowlist
 from ..domain.audit_record import Outcome
 from ..errors import SvmmError, VolumeError
 from .volumes import NOT_ENROLLED
+
+T = TypeVar("T")
 
 # (event, outcome, reason, vm, detail): the caller writes the audit record.
 Audit = Callable[[str, Outcome, str, str, str], None]
@@ -63,12 +66,25 @@ def volume_image(config: Config, name: str) -> Path:
     return path
 
 
-def skipped(error: SvmmError) -> str:
-    """A volume this card holds no key for is skipped, not a failed session: its holder may
-    use the VMs whose disks the card opens; the others will not start (audited so)."""
-    if error.reason == NOT_ENROLLED:
-        return "; skipped: its VMs cannot boot in this session"
-    return ""
+def attempt(volume: str, vms: tuple[str, ...], audit: Audit, step: Callable[[], T]) -> T | None:
+    """``step()`` for one volume; a failure is audited and raised, except that a volume
+    this card holds no key for is skipped (None), not a failed session: its holder may use
+    the VMs whose disks the card opens; the others will not start (audited so)."""
+    try:
+        return step()
+    except SvmmError as e:
+        skip = e.reason == NOT_ENROLLED
+        note = "; skipped: its VMs cannot boot in this session" if skip else ""
+        audit(
+            "key_release",
+            Outcome.FAILURE,
+            e.reason,
+            ",".join(vms),
+            f"volume {volume}: {e.message}{note}",
+        )
+        if skip:
+            return None
+        raise
 
 
 def card_unlock(login: Any, wanted: dict[str, tuple[str, ...]], audit: Audit) -> Any:
@@ -127,20 +143,13 @@ class KeyRelease:
         handed_over = False
         try:
             for volume, vms in list(wanted.items()):
-                try:
-                    passphrase = self.volumes.release(volume_image(self.config, volume), unlock)
-                except SvmmError as e:
-                    audit(
-                        "key_release",
-                        Outcome.FAILURE,
-                        e.reason,
-                        ",".join(vms),
-                        f"volume {volume}: {e.message}{skipped(e)}",
-                    )
-                    if e.reason == NOT_ENROLLED:
-                        del wanted[volume]
-                        continue
-                    raise
+                image = volume_image(self.config, volume)
+                passphrase = attempt(
+                    volume, vms, audit, partial(self.volumes.release, image, unlock)
+                )
+                if passphrase is None:
+                    del wanted[volume]
+                    continue
                 held.append((volume, passphrase))
             if not held:
                 return []

@@ -26,6 +26,7 @@ from pam_svmm.domain.allowlist import Allowlist, VmAllowance
 from pam_svmm.domain.audit_record import CardFacts, Outcome
 from pam_svmm.errors import VolumeError
 from pam_svmm.services.dmcrypt import DmcryptVolumes, mapping_name
+from tests.unit.test_key_release import Volumes  # the card's part, a stand-in
 
 NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 VMS = {
@@ -108,24 +109,6 @@ class KernelCryptsetup(Cryptsetup):
 
     def verbs(self) -> list[str]:
         return [" ".join(c[1:]) for c in self.calls if c[1] != "status"]
-
-
-@dataclass
-class Volumes:
-    """The card's part: releases ``pass-<volume>``; records the buffers to check wiping."""
-
-    fail_on: str = ""
-    not_enrolled: tuple[str, ...] = ()
-    given: list[bytearray] = field(default_factory=list)
-
-    def release(self, path: Path, unlock: Any) -> bytearray:
-        if path.stem == self.fail_on:
-            raise VolumeError(f"{path.stem}: Invalid password", reason="volume_key_refused")
-        if path.stem in self.not_enrolled:
-            raise VolumeError(f"{path}: card ab is not enrolled", reason="card_not_enrolled")
-        secret = bytearray(f"pass-{path.stem}".encode())
-        self.given.append(secret)
-        return secret
 
 
 @dataclass

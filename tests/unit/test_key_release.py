@@ -51,6 +51,8 @@ class Login:
 
 @dataclass
 class Volumes:
+    """The card's part: releases ``pass-<volume>``; records the buffers to check wiping."""
+
     fail_on: str = ""
     not_enrolled: tuple[str, ...] = ()
     given: list[bytearray] = field(default_factory=list)
