@@ -348,7 +348,43 @@ class DirectoryClient:
 
     def identity(self, dn: str, *, now: dt.datetime | None = None) -> Identity:
         """The entry at ``dn`` as an Identity: account, roles, POSIX groups, state, certs."""
-        now = now or dt.datetime.now(dt.UTC)
+        at = now or dt.datetime.now(dt.UTC)
+
+        def op(conn: ldap3.Connection) -> Identity:
+            found = self._search(
+                conn, dn, "(objectClass=*)", self._identity_attributes(), scope=ldap3.BASE
+            )
+            if not found:
+                raise DirectoryUnavailable(f"entry {dn!r} vanished while it was read")
+            return self._identity_of(conn, found[0], at)
+
+        return self._failover(f"reading {dn}", op)
+
+    def identity_for(
+        self, ldap_filter: str, *, now: dt.datetime | None = None
+    ) -> tuple[list[str], Identity | None]:
+        """The user entries ``search_users`` finds, and the Identity of the only one (None
+        for none or several). One search reads the entries with what an identity needs, so a
+        login does not ask again for the entry it just found."""
+        at = now or dt.datetime.now(dt.UTC)
+        full = f"(&{self.config.user_filter}{ldap_filter})"
+
+        def op(conn: ldap3.Connection) -> tuple[list[str], Identity | None]:
+            found = self._search(
+                conn,
+                self.users_base,
+                full,
+                self._identity_attributes(),
+                size_limit=MAPPING_SIZE_LIMIT,
+            )
+            dns = sorted({e.dn for e in found})
+            if len(dns) != 1:
+                return dns, None
+            return dns, self._identity_of(conn, found[0], at)
+
+        return self._failover(f"searching {full}", op)
+
+    def _identity_attributes(self) -> list[str]:
         cfg = self.config
         attrs = [
             "uid",
@@ -363,34 +399,28 @@ class DirectoryClient:
             "pwdAccountLockedTime",
             "memberOf",
         ]
-        attrs += [a for a in (cfg.disabled_attribute, cfg.role_attribute) if a]
+        return attrs + [a for a in (cfg.disabled_attribute, cfg.role_attribute) if a]
 
-        def op(conn: ldap3.Connection) -> Identity:
-            found = self._search(conn, dn, "(objectClass=*)", attrs, scope=ldap3.BASE)
-            if not found:
-                raise DirectoryUnavailable(f"entry {dn!r} vanished while it was read")
-            entry = found[0]
-            account = _account(entry)
-            if account is None:
-                raise DirectoryUnavailable(
-                    f"entry {dn!r} is not a POSIX account (uid, uidNumber, gidNumber)",
-                    reason="directory_entry_malformed",
-                )
-            roles = self._roles(conn, entry, account.name)
-            groups = self._posix_groups(conn, entry.dn, account)
-            certs = tuple(entry.raw("userCertificate;binary") or entry.raw("userCertificate"))
-            return Identity(
-                dn=entry.dn,
-                account=account,
-                roles=roles,
-                groups=groups,
-                state=_state(entry, cfg.disabled_attribute, now),
-                certificates=certs,
-                source="directory",
-                fetched_at=now,
+    def _identity_of(self, conn: ldap3.Connection, entry: _Entry, now: dt.datetime) -> Identity:
+        account = _account(entry)
+        if account is None:
+            raise DirectoryUnavailable(
+                f"entry {entry.dn!r} is not a POSIX account (uid, uidNumber, gidNumber)",
+                reason="directory_entry_malformed",
             )
-
-        return self._failover(f"reading {dn}", op)
+        roles = self._roles(conn, entry, account.name)
+        groups = self._posix_groups(conn, entry.dn, account)
+        certs = tuple(entry.raw("userCertificate;binary") or entry.raw("userCertificate"))
+        return Identity(
+            dn=entry.dn,
+            account=account,
+            roles=roles,
+            groups=groups,
+            state=_state(entry, self.config.disabled_attribute, now),
+            certificates=certs,
+            source="directory",
+            fetched_at=now,
+        )
 
     # --- roles and groups -----------------------------------------------------------------
 

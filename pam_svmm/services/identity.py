@@ -40,6 +40,9 @@ class Directory(Protocol):
 
     def search_users(self, ldap_filter: str) -> list[str]: ...
     def identity(self, dn: str, *, now: dt.datetime | None = None) -> Identity: ...
+    def identity_for(
+        self, ldap_filter: str, *, now: dt.datetime | None = None
+    ) -> tuple[list[str], Identity | None]: ...
 
 
 def _utcnow() -> dt.datetime:
@@ -102,16 +105,15 @@ class DirectoryMapper:
     def _lookup(
         self, decider: certmap.RuleEvaluation, cert: x509.Certificate, now: dt.datetime
     ) -> Identity:
-        dns = self.client.search_users(decider.ldap_filter)
+        dns, identity = self.client.identity_for(decider.ldap_filter, now=now)
         name = decider.rule.name
         if not dns:
             raise UnknownUser(f"rule {name!r}: no directory entry for this certificate")
-        if len(dns) > 1:
+        if len(dns) > 1 or identity is None:
             raise AmbiguousUser(
                 f"rule {name!r}: {len(dns)} directory entries match this certificate "
                 f"({', '.join(dns)}); refusing to pick one"
             )
-        identity = self.client.identity(dns[0], now=now)
         if self._require_cert(decider.rule) and (
             cert.public_bytes(Encoding.DER) not in identity.certificates
         ):

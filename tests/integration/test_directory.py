@@ -324,6 +324,19 @@ def test_roles_through_nested_groups(mapper: DirectoryMapper, slapd: Slapd) -> N
     assert alice.account.uid == 10001 and alice.account.home == "/home/alice"
 
 
+def test_one_search_finds_and_reads_the_entry(mapper: DirectoryMapper, slapd: Slapd) -> None:  # noqa: F811
+    """identity_for (what a login uses): the same identity as search + read, in one search;
+    several entries or none give no identity."""
+    client: DirectoryClient = mapper.client  # type: ignore[assignment]
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    dns, alice = client.identity_for("(uid=alice)", now=now)
+    assert dns == [slapd.user_dn("alice")]
+    assert alice == client.identity(slapd.user_dn("alice"), now=now)
+    dns, nobody = client.identity_for("(|(uid=alice)(uid=bob))", now=now)
+    assert dns == sorted([slapd.user_dn("alice"), slapd.user_dn("bob")]) and nobody is None
+    assert client.identity_for("(uid=no-such-user)", now=now) == ([], None)
+
+
 def test_nested_depth_bounds_the_walk(slapd: Slapd, tmp_path: Path) -> None:  # noqa: F811
     _, client, _ = build(slapd, tmp_path, nested_depth=0)
     assert "vm-admins" not in client.identity(slapd.user_dn("paul")).roles
