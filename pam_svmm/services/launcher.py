@@ -35,7 +35,8 @@ svmmd made in the VM's private run folder (``-chardev socket,id=console``; an
 ``isa-serial`` on it when there is a machine); svmmd connects and passes the connection with
 the reply (SCM_RIGHTS, one descriptor, on the reply line's first byte). Reply data ``vm``,
 ``escape`` ("^]", what `svmm vm console` leaves on). One client at a time:
-``console_busy`` while another holds it (QMP ``query-chardev``); ``console_unavailable``.
+``console_busy`` while another holds it (QMP ``query-chardev``; svmmd replies only once QEMU
+has taken the connection, so two requests cannot both get one); ``console_unavailable``.
 Audited ``vm_console``.
 
 Volume keys (root only: the PAM module hands over what the card released, and takes it back):
@@ -129,6 +130,7 @@ import pwd
 import re
 import stat
 import threading
+import time
 from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -1165,12 +1167,10 @@ class Launcher:
                 return self._audited("vm_deny", Outcome.FAILURE, d, uid, "console")
             conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
             try:
-                chardevs = handle.qmp.execute("query-chardev")
-                mine = [c for c in chardevs or [] if isinstance(c, dict)
-                        and c.get("label") == CONSOLE_ID]  # fmt: skip
-                if not mine:
+                states = _console_states(handle)
+                if not states:
                     raise VmError(f"VM {vm} has no console", reason="console_unavailable")
-                if not str(mine[0].get("filename", "")).startswith("disconnected:"):
+                if not states[0].startswith("disconnected:"):
                     raise VmError(f"{vm}'s console is in use", reason="console_busy")
                 conn.settimeout(5.0)
                 try:
@@ -1179,6 +1179,11 @@ class Launcher:
                     raise VmError(f"VM {vm}: console: {e.strerror}",
                                   reason="console_unavailable") from None  # fmt: skip
                 conn.settimeout(None)
+                # QEMU accepts in its main loop: wait (under the lock) until it has, so the
+                # next request sees the console taken instead of queueing behind this one.
+                if not _console_taken(handle, deadline=time.monotonic() + 2.0):
+                    raise VmError(f"VM {vm}: QEMU did not take the console connection",
+                                  reason="console_unavailable")  # fmt: skip
                 reply = self._audited("vm_console", Outcome.SUCCESS, d, uid, "console",
                                       {"vm": vm, "escape": "^]"})  # fmt: skip
             except VmError as e:
@@ -1339,3 +1344,23 @@ class Launcher:
         )
         ok = outcome is Outcome.SUCCESS
         return Reply(ok, d.reason, d.message if not ok else (d.message or "ok"), data or {})
+
+
+def _console_states(handle: Any) -> list[str]:
+    """The console chardev's QMP filename ("disconnected:..." while nobody is attached)."""
+    chardevs = handle.qmp.execute("query-chardev")
+    return [
+        str(c.get("filename", ""))
+        for c in chardevs or []
+        if isinstance(c, dict) and c.get("label") == CONSOLE_ID
+    ]
+
+
+def _console_taken(handle: Any, *, deadline: float) -> bool:
+    while True:
+        states = _console_states(handle)
+        if states and not states[0].startswith("disconnected:"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
