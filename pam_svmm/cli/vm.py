@@ -84,6 +84,8 @@ def _print(cmd: str, data: dict[str, Any]) -> None:
             print(f"(no usable allowlist: {data.get('allowlist')})")
         if data.get("keys_held"):
             print(f"volume keys held: {', '.join(data['keys_held'])}")
+        if data.get("volumes_open"):
+            print(f"volumes open (dm-crypt): {', '.join(data['volumes_open'])}")
     elif cmd == "start":
         print(f"{data.get('vm')}: started (pid {data.get('pid')})")
     elif cmd == "stop":

@@ -11,7 +11,8 @@ a request line is at most 64 KiB):
 A VM request carries no identity: the caller's uid is the kernel's (SO_PEERCRED), and such a
 request with any other key (a "uid", a "user") is refused as ``bad_request``. ``vm`` is
 required for start, stop, status, resume and console. ``list`` data: ``allowed`` (vm,
-permissions, running), ``running``, ``allowlist`` (ok or why not), ``keys_held`` (the names of
+permissions, running), ``running``, ``allowlist`` (ok or why not), ``volumes_open`` (dm-crypt
+mode: the mappings the caller's sessions opened), ``keys_held`` (the names of
 the volumes whose keys the service holds for the caller; never a key). ``start`` data:
 ``vm``, ``pid``, ``volumes``, ``usb`` (``vvvv:pppp``), ``networks`` (names).
 
@@ -985,6 +986,12 @@ class Launcher:
             "allowlist": note,
             "keys_held": sorted(self.keys.held(uid)),  # names only
         }
+        if self.dmcrypt is not None:  # dm-crypt: what the caller's sessions have mapped
+            try:
+                data["volumes_open"] = sorted(self.dmcrypt.open_volumes(uid))
+            except SvmmError as e:
+                data["volumes_open"] = []
+                data["allowlist"] = f"{note}; dm-crypt state: {e.reason}"
         return self._audited("vm_list", Outcome.SUCCESS, decision, uid, "list", data)
 
     def _start(self, uid: int, vm: str) -> Reply:

@@ -417,7 +417,10 @@ def test_the_launcher_refuses_a_volume_no_session_has_open(cfg: config.Config) -
     with pytest.raises(LauncherRefused) as e:
         launcher._disks(10001, ("web-disk",))
     assert e.value.reason == "volume_not_open"
+    assert launcher._list(10001).data["volumes_open"] == []
     world.open("s1", vms={"vm-web": VMS["vm-web"]})
+    assert launcher._list(10001).data["volumes_open"] == ["web-disk"]  # svmm vm list says so
+    assert launcher._list(10002).data["volumes_open"] == []
     (disk,) = launcher._disks(10001, ("web-disk",))
     assert disk == RawDisk("web-disk", Path("/dev/mapper/svmm-web-disk"))
     assert launcher._token_serial(10001, ("web-disk",), "") == "tok-alice"
