@@ -26,7 +26,7 @@ from pam_svmm.domain.allowlist import Allowlist, VmAllowance
 from pam_svmm.domain.audit_record import CardFacts, Outcome
 from pam_svmm.errors import VolumeError
 from pam_svmm.services.dmcrypt import DmcryptVolumes, mapping_name
-from tests.unit.test_key_release import Volumes  # the card's part, a stand-in
+from tests.unit.test_key_release import Login, Volumes  # the login and the card: stand-ins
 
 NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 VMS = {
@@ -109,19 +109,6 @@ class KernelCryptsetup(Cryptsetup):
 
     def verbs(self) -> list[str]:
         return [" ".join(c[1:]) for c in self.calls if c[1] != "status"]
-
-
-@dataclass
-class Login:
-    method: str = "card"
-    card_session: Any = "logged-in session"
-    chain: tuple[Any, ...] = ("certificate",)
-    card_key_id: bytes = b"\x01"
-    card: CardFacts = field(
-        default_factory=lambda: CardFacts(
-            fingerprint="ab" * 32, token="alice ID card", token_serial="tok-alice"
-        )
-    )
 
 
 def allowlist(vms: Mapping[str, VmAllowance] = VMS, *, user: str = "alice") -> Allowlist:

@@ -44,7 +44,7 @@ class Login:
     card_key_id: bytes = b"\x01"
     card: CardFacts = field(
         default_factory=lambda: CardFacts(
-            fingerprint="ab" * 32, token="alice ID card", token_serial="s1"
+            fingerprint="ab" * 32, token="alice ID card", token_serial="tok-alice"
         )
     )
 
