@@ -149,7 +149,7 @@ def run(argv: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
 
 @contextlib.contextmanager
 def chroot_mounts(root: Path) -> Iterator[None]:
-    """/proc, /sys, /dev and /dev/pts of the host, bound into ``root`` for the duration."""
+    """/proc, /sys, /dev, /dev/pts and /dev/shm of the host, bound into ``root`` meanwhile."""
     mounted: list[Path] = []
     try:
         for src, fstype in (
@@ -157,6 +157,7 @@ def chroot_mounts(root: Path) -> Iterator[None]:
             ("/sys", "sysfs"),
             ("/dev", None),
             ("/dev/pts", None),
+            ("/dev/shm", None),  # noqa: S108 - bound, not written
         ):
             target = root / src.lstrip("/")
             target.mkdir(parents=True, exist_ok=True)
@@ -190,14 +191,16 @@ def pip_env(root: Path, environ: dict[str, str] | None = None) -> dict[str, str]
     return env
 
 
-def in_chroot(root: Path, argv: Sequence[str], *, env: dict[str, str] | None = None) -> None:
+def in_chroot(
+    root: Path, argv: Sequence[str], *, env: dict[str, str] | None = None, **kw: object
+) -> None:
     base = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "DEBIAN_FRONTEND": "noninteractive",
     }
-    run(["chroot", str(root), *argv], env=base | (env or {}))
+    run(["chroot", str(root), *argv], env=base | (env or {}), **kw)
 
 
 def prepare_chroot(root: Path) -> None:

@@ -32,6 +32,7 @@ PACKAGES=(
   python3 python3-venv openssl ca-certificates
   libpam-python pamtester
   softhsm2 opensc p11-kit p11-kit-modules libp11-kit-dev libpam0g-dev gcc libc6-dev
+  libengine-pkcs11-openssl iproute2
   libnss-extrausers util-linux
   slapd ldap-utils
   cryptsetup-bin cryptsetup qemu-system-x86 qemu-utils

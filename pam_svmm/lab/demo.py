@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .lab import DEMO_CARDS, LOGIN_SERVICE, CardSpec, Lab, free_ports
+from .userland import userland
 from .volumes import make_volume
 
 PIN = "123456"
@@ -363,10 +364,10 @@ def _vm(socket_dir: Path, uid: int, *args: str) -> tuple[int, dict[str, Any]]:
     import subprocess
 
     p = subprocess.run(
-        [sys.executable, "-m", "pam_svmm.cli.main", "vm", "--socket",
-         str(socket_dir / "launcher.sock"), "--json", *args],
+        userland().argv("-m", "pam_svmm.cli.main", "vm", "--socket",
+                        str(socket_dir / "launcher.sock"), "--json", *args),
         capture_output=True, text=True, timeout=120, check=False,
-        user=uid, group=uid, extra_groups=[], env={"PATH": "/usr/bin:/bin"}, cwd="/",
+        user=uid, group=uid, extra_groups=[], env=userland().env(), cwd="/",
     )  # fmt: skip
     try:
         return p.returncode, json.loads(p.stdout)

@@ -42,7 +42,9 @@ needs_dm = pytest.mark.skipif(
     reason="no device-mapper on this host (/dev/mapper/control missing or no device-mapper "
     "in /proc/misc): cryptsetup open cannot map volumes here; the issue-7 guest runs this",
 )
-needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no QEMU")
+needs_qemu = pytest.mark.skipif(
+    shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed"
+)
 SIZE = 32 << 20  # LUKS2's header alone takes 16 MiB
 slapd = ldap_fixtures.slapd
 

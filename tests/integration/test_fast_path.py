@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 from pam_svmm.lab.directory import Slapd
 from pam_svmm.lab.lab import Lab
 from pam_svmm.lab.svmmd import SvmmdProcess
+from pam_svmm.lab.userland import userland
 from pam_svmm.lab.volumes import make_volume
 from tests.integration import ldap_fixtures
 from tests.integration.test_login import PIN
@@ -130,9 +130,8 @@ def test_svmmd_answers_pam_calls_of_root_only(fast: tuple[SvmmdProcess, str, str
         "print(shim.read_frame(s.recv))"
     )
     p = subprocess.run(
-        [sys.executable, "-c", probe, str(daemon.socket)],
+        userland().argv("-c", probe, str(daemon.socket)),
         capture_output=True, text=True, timeout=30, check=True,
-        user=ALICE_UID, group=ALICE_UID, extra_groups=[], cwd="/",
-        env={"PYTHONPATH": str(ROOT)},
+        user=ALICE_UID, group=ALICE_UID, extra_groups=[], cwd="/", env=userland().env(),
     )  # fmt: skip
     assert "unavailable" in p.stdout and "only root" in p.stdout, p.stdout

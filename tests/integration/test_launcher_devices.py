@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
@@ -28,6 +27,7 @@ from pam_svmm.config import (
     VolumesConfig,
 )
 from pam_svmm.daemon.server import bind_socket
+from pam_svmm.lab.userland import userland
 from pam_svmm.services.launcher import Launcher
 from tests.integration.test_launcher_keys import KEY, luks_template  # noqa: F401
 from tests.integration.test_launcher_service import NOBODY, Running, ask
@@ -251,9 +251,9 @@ def test_console_goes_to_its_owner_with_the_grant(service: Running, base: Path) 
 
     assert console()["filename"].startswith("disconnected:")
     client = subprocess.Popen(
-        [sys.executable, "-c", CONSOLE_CLIENT, str(sock), "devbox"],
+        userland().argv("-c", CONSOLE_CLIENT, str(sock), "devbox"),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, user=NOBODY, group=NOBODY,
-        extra_groups=[],
+        extra_groups=[], env=userland().env(),
     )  # fmt: skip
     try:
         got = json.loads(client.stdout.readline())
@@ -379,8 +379,8 @@ def test_svmm_vm_console_attaches_and_detaches(service: Running, base: Path) -> 
     sock = service.launcher.config.launcher.socket
     assert all(r["ok"] for r in ask(sock, {"op": "start", "vm": "devbox"},
                                     {"op": "start", "vm": "quiet"}))  # fmt: skip
-    cli = [sys.executable, "-m", "pam_svmm.cli.main", "vm", "--socket", str(sock), "console"]
-    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PATH": "/usr/bin:/bin"}
+    cli = userland().argv("-m", "pam_svmm.cli.main", "vm", "--socket", str(sock), "console")
+    env = userland().env()
     done = subprocess.run(
         [*cli, "devbox"], input=b"root\r\x1d", capture_output=True, timeout=30,
         user=NOBODY, group=NOBODY, extra_groups=[], env=env,

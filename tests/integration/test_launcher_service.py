@@ -10,7 +10,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,6 +22,7 @@ import pytest
 from pam_svmm.adapters.allowlist_store import AllowlistStore
 from pam_svmm.adapters.vm_registry import proc_start_time
 from pam_svmm.daemon.server import LauncherServer, bind_socket, peer_uid, serve
+from pam_svmm.lab.userland import userland
 from pam_svmm.services.launcher import Launcher
 from tests.unit.launcher_fixtures import (
     LocalPolicy,
@@ -92,8 +92,8 @@ def ask(sock: Path, *requests: dict[str, Any], user: int | None = NOBODY) -> lis
     """Requests sent by a separate process running as ``user`` over one connection."""
     lines = "".join(json.dumps({"version": "svmm-launcher/1", **r}) + "\n" for r in requests)
     out = subprocess.run(
-        [sys.executable, "-c", CLIENT, str(sock)],
-        input=lines.encode(), capture_output=True, check=True, timeout=60,
+        userland().argv("-c", CLIENT, str(sock)),
+        input=lines.encode(), capture_output=True, check=True, timeout=60, env=userland().env(),
         user=user, group=user, extra_groups=[] if user is not None else None,
     )  # fmt: skip
     return [json.loads(x) for x in out.stdout.decode().splitlines()]
@@ -205,8 +205,8 @@ def test_a_dead_vms_record_is_dropped_on_reattach(service: Running, base: Path) 
 
 def test_cli_client_as_nobody(service: Running) -> None:
     sock = service.launcher.config.launcher.socket
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    cmd = [sys.executable, "-m", "pam_svmm.cli.main", "vm", "--socket", str(sock)]
+    env = userland().env()
+    cmd = userland().argv("-m", "pam_svmm.cli.main", "vm", "--socket", str(sock))
     as_nobody: dict = dict(capture_output=True, text=True, env=env, timeout=60, user=NOBODY,
                            group=NOBODY, extra_groups=[], cwd="/")  # fmt: skip
     out = subprocess.run([*cmd, "list"], **as_nobody)

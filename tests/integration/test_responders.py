@@ -24,7 +24,7 @@ from pam_svmm.services.revocation import RevocationChecker
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command"),
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed"),
 ]
 
 OCSP, CRL = RevocationMethod.OCSP, RevocationMethod.CRL

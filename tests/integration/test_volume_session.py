@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from pam_svmm.config import load
 from pam_svmm.daemon.server import bind_socket, serving
 from pam_svmm.lab.directory import Slapd
 from pam_svmm.lab.lab import Lab
+from pam_svmm.lab.userland import userland
 from pam_svmm.lab.volumes import make_volume
 from pam_svmm.services.launcher import Launcher
 from tests.integration import ldap_fixtures
@@ -30,7 +30,9 @@ from tests.integration.test_login import PIN
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no QEMU"),
+    pytest.mark.skipif(
+        shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed"
+    ),
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (svmmd, other uids)"),
 ]
 slapd = ldap_fixtures.slapd
@@ -76,10 +78,10 @@ def service(lab: Lab, slapd: Slapd, socket_dir: Path) -> Iterator[tuple[str, Lau
 
 def vm(socket_dir: Path, *args: str, uid: int = ALICE_UID) -> tuple[int, dict[str, Any]]:
     p = subprocess.run(
-        [sys.executable, "-m", "pam_svmm.cli.main", "vm", "--socket",
-         str(socket_dir / "launcher.sock"), "--json", *args],
+        userland().argv("-m", "pam_svmm.cli.main", "vm", "--socket",
+                        str(socket_dir / "launcher.sock"), "--json", *args),
         capture_output=True, text=True, timeout=120, check=False,
-        user=uid, group=uid, extra_groups=[], env={"PATH": "/usr/bin:/bin"}, cwd="/",
+        user=uid, group=uid, extra_groups=[], env=userland().env(), cwd="/",
     )  # fmt: skip
     return p.returncode, json.loads(p.stdout) if p.stdout.strip() else {"stderr": p.stderr}
 
