@@ -390,6 +390,15 @@ class TokenSession:
             except pk.PyKCS11Error as e:
                 if e.value != pk.CKR_USER_ALREADY_LOGGED_IN:
                     raise
+                # Login state is per token per application: another session of this process
+                # (another PAM transaction in svmmd) is logged in, and the card checked no
+                # PIN now. Never a success (pam_p11's wrong-PIN bypass); this session stays
+                # logged out, so closing it cannot log the other one out either.
+                raise TokenError(
+                    f"card {self.token.describe()} is logged in for another login that has "
+                    "not finished; no PIN was checked, try again",
+                    reason="card_busy",
+                ) from None
         self._logged_in = True
 
     def mechanisms(self) -> frozenset[str]:

@@ -5,11 +5,16 @@
  *
  *   svmm-pamclient SERVICE USER < pin      (USER "" leaves PAM_USER for the modules to set)
  *   svmm-pamclient SERVICE USER session < pin
+ *   svmm-pamclient SERVICE USER pause < pin
  *
  * Session mode: after a successful setcred, pam_open_session, then a line {"session_open":N}
  * on stdout; the client then waits for a second line on stdin (or its end, or SIGTERM/SIGHUP)
  * before pam_close_session and pam_setcred(PAM_DELETE_CRED). The report carries both codes
  * ("session_open", "session_close"; -1 when the call was not made).
+ *
+ * Pause mode is session mode with a stop between the two halves of a login: after setcred a
+ * line {"authenticated":N}, then a line on stdin before pam_open_session. Another PAM
+ * application can act in that gap (the transaction is authenticated, its session not open).
  *
  * Run it with pam_wrapper preloaded so it reads the lab's service files. The answer to every
  * echo-off prompt is the first line of stdin; it is never printed. (python-pam cannot host
@@ -95,9 +100,10 @@ static void wait_for_end_of_session(void) {
 }
 
 int main(int argc, char **argv) {
-    int session = argc == 4 && strcmp(argv[3], "session") == 0;
+    int pause = argc == 4 && strcmp(argv[3], "pause") == 0;
+    int session = pause || (argc == 4 && strcmp(argv[3], "session") == 0);
     if (argc != 3 && !session) {
-        fprintf(stderr, "usage: %s SERVICE USER [session] < pin\n", argv[0]);
+        fprintf(stderr, "usage: %s SERVICE USER [session|pause] < pin\n", argv[0]);
         return 2;
     }
     if (!fgets(secret, sizeof(secret), stdin)) secret[0] = '\0';
@@ -120,6 +126,12 @@ int main(int argc, char **argv) {
     int open_rc = -1, close_rc = -1;
     if (session && rc == PAM_SUCCESS) {
         catch_end_signals();
+        if (pause) {
+            printf("\n{\"authenticated\":%d}\n", rc);
+            fflush(stdout);
+            wait_for_end_of_session();
+            stop_waiting = 0;
+        }
         open_rc = pam_open_session(h, 0);
         printf("\n{\"session_open\":%d}\n", open_rc);
         fflush(stdout);

@@ -136,32 +136,57 @@ class PamSession:
     ``opened`` is pam_open_session's code (None: the login failed before it; ``report`` then
     holds the final report already)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], stderr: Any, timeout: float) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], stderr: Any, timeout: float, *, pause: bool = False
+    ) -> None:
         self.proc = proc
         self._stderr = stderr
         self._out = b""
         self.opened: int | None = None
+        self.authenticated: int | None = None
         self.report: PamReport | None = None
         self.pid = proc.pid
+        if pause:
+            line = self._wait_for('{"authenticated"', timeout)
+            if line is not None:
+                self.authenticated = int(json.loads(line)["authenticated"])
+            return
+        self._open(timeout)
+
+    def resume(self, *, timeout: float = 60) -> None:
+        """Pause mode: go on to pam_open_session; returns once it answered."""
+        assert self.proc.stdin is not None and self.report is None
+        self.proc.stdin.write(b"\n")
+        self.proc.stdin.flush()
+        self._open(timeout)
+
+    def _open(self, timeout: float) -> None:
+        line = self._wait_for('{"session_open"', timeout)
+        if line is not None:
+            self.opened = int(json.loads(line)["session_open"])
+
+    def _wait_for(self, prefix: str, timeout: float) -> str | None:
+        """The first stdout line starting with ``prefix``; None when the client ended first
+        (its report is then in ``report``)."""
         deadline = time.monotonic() + timeout
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
         while True:
             for line in self._out.decode(errors="replace").splitlines():
-                if line.startswith('{"session_open"'):
-                    self.opened = int(json.loads(line)["session_open"])
-                    return
+                if line.startswith(prefix):
+                    self._out = self._out.replace(line.encode(), b"", 1)
+                    return line
             left = deadline - time.monotonic()
             if left <= 0:
                 self._kill()
-                raise RuntimeError("PAM client: no session_open line in time")
+                raise RuntimeError(f"PAM client: no {prefix}...}} line in time")
             ready, _, _ = select.select([fd], [], [], left)
             if not ready:
                 continue
             chunk = os.read(fd, 65536)
             if not chunk:  # the login failed: the process wrote its report and ended
                 self._finish(timeout)
-                return
+                return None
             self._out += chunk
 
     @property
@@ -217,12 +242,14 @@ def start_session(
     *,
     env: dict[str, str] | None = None,
     timeout: float = 60,
+    pause: bool = False,
 ) -> PamSession:
-    """Log in and open a PAM session in a new client process; returns once it is open."""
+    """Log in and open a PAM session in a new client process; returns once it is open
+    (``pause``: once authenticated, before the session; ``PamSession.resume`` opens it)."""
     # stderr to a file: a chatty module must not block the client on a full pipe
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 - PamSession closes it
     proc = subprocess.Popen(
-        [str(client), service, user, "session"],
+        [str(client), service, user, "pause" if pause else "session"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=stderr,
@@ -231,4 +258,4 @@ def start_session(
     assert proc.stdin is not None
     proc.stdin.write(pin.encode() + b"\n")
     proc.stdin.flush()
-    return PamSession(proc, stderr, timeout)
+    return PamSession(proc, stderr, timeout, pause=pause)

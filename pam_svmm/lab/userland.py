@@ -20,9 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import pam_svmm
-
 SYSTEM_PYTHON = "/usr/bin/python3"
+PACKAGE = Path(__file__).resolve().parents[1]  # pam_svmm/ (a namespace package: no __file__)
 
 
 @dataclass(frozen=True)
@@ -88,9 +87,7 @@ def userland() -> Userland:
     top = Path(tempfile.mkdtemp(prefix="svmm-userland-", dir="/tmp"))
     atexit.register(shutil.rmtree, top, True)
     site = top / "site"
-    shutil.copytree(
-        Path(pam_svmm.__file__).parent, site / "pam_svmm", ignore=shutil.ignore_patterns("*.c")
-    )
+    shutil.copytree(PACKAGE, site / "pam_svmm", ignore=shutil.ignore_patterns("*.c"))
     for dist in _closure("pam_svmm"):
         if dist.metadata["Name"].lower().replace("_", "-") != "pam-svmm":
             _copy_distribution(dist, site)

@@ -21,6 +21,7 @@ import pytest
 
 from pam_svmm.lab.directory import Slapd
 from pam_svmm.lab.lab import Lab
+from pam_svmm.lab.pamclient import build_client, start_session
 from pam_svmm.lab.svmmd import SvmmdProcess
 from pam_svmm.lab.userland import userland
 from pam_svmm.lab.volumes import make_volume
@@ -82,6 +83,32 @@ def test_wrong_pin_through_svmmd(lab: Lab, fast: tuple[SvmmdProcess, str, str]) 
     assert report.code == PAM_AUTH_ERR, report
     assert any("PIN" in m for m in report.messages), report  # svmmd's message reached us
     assert lab.login(lab.insert(), pin=PIN, service=required).ok  # the counter is reset
+
+
+def test_a_pending_login_never_vouches_for_a_wrong_pin(
+    lab: Lab, fast: tuple[SvmmdProcess, str, str]
+) -> None:
+    """pam_p11's bypass class: svmmd keeps alice's card logged in from authenticate until her
+    open_session has released her keys. Meanwhile a second PAM application (`su alice` typed
+    by someone else) with a wrong PIN must not log in: C_Login answers "already logged in"
+    without checking the PIN, which is never a success."""
+    _daemon, required, _auto = fast
+    first = start_session(
+        build_client(lab.folder / "bin"), lab.pam_dir, required, "", PIN,
+        env=lab.insert().env, pause=True,
+    )  # fmt: skip
+    try:
+        assert first.authenticated == PAM_SUCCESS, first.report
+        before = len(lab.audit_records())
+        second = lab.login(lab.insert(), pin="000000", service=required)
+        assert second.code != PAM_SUCCESS, second
+        auth = [r for r in lab.audit_records()[before:] if r["event"] == "auth"]
+        assert [(r["outcome"], r["reason"]) for r in auth] == [("undecided", "card_busy")], auth
+        first.resume()
+        assert first.opened == PAM_SUCCESS  # the first login goes on unharmed
+    finally:
+        first.close()
+    assert lab.login(lab.insert(), pin=PIN, service=required).ok  # nothing left logged in
 
 
 def test_session_through_svmmd_writes_and_removes_the_allowlist(
