@@ -893,11 +893,11 @@ def parse(data: dict[str, Any], source: Path | None = None) -> Config:
 
 
 def resolve_path(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """The file to read: explicit argument, else $SVMM_CONFIG, else the default."""
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get(ENV_VAR)
-    return Path(env) if env else DEFAULT_PATH
+    """The file to read: the explicit path, else the default. Never the environment: the PAM
+    module runs as root inside su and sudo with the caller's environment (invariant 9).
+    Only the `svmm` command, which runs with its own caller's rights, reads $SVMM_CONFIG
+    (cli/main.py)."""
+    return Path(explicit) if explicit else DEFAULT_PATH
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:

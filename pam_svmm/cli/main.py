@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .. import config as config_mod
 from ..errors import AuditTampered, AuthFailed, ConfigError, PinLocked, SvmmError, Undecided
 
 # The ONE table from errors to exit codes (first match wins).
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The command runs with its caller's rights, so the caller may choose the file; the PAM
+    # module and svmmd never read the environment for it (config.resolve_path).
+    args.config = args.config or os.environ.get(config_mod.ENV_VAR) or None
     try:
         return int(args.func(args) or EXIT_OK)
     except SvmmError as e:

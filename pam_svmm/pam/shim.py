@@ -99,21 +99,34 @@ def _exactly(recv: Any, n: int) -> bytes:
 # --- the client ----------------------------------------------------------------------------
 
 
+# Every module argument the product reads (the shim: daemon, socket, venv; pam/entry.py:
+# config). Anything else is an administrator's typo (`daemom=off`): refused, named.
+ARGUMENTS = ("config", "daemon", "socket", "venv")
+
+
 class ModuleOptions:
-    """The module arguments read here: ``daemon=auto|required|off``, ``socket=PATH``."""
+    """The module arguments read here: ``daemon=auto|required|off``, ``socket=PATH``; all of
+    them checked: ``problem`` names the first unknown or malformed one."""
 
     def __init__(self, argv: list[str]) -> None:
         self.daemon = "auto"
         self.socket = DEFAULT_SOCKET
+        self.problem = ""
         for arg in argv[1:]:
-            if arg.startswith("daemon="):
-                self.daemon = arg[len("daemon=") :]
-            elif arg.startswith("socket="):
-                self.socket = arg[len("socket=") :]
+            key, eq, value = arg.partition("=")
+            if key not in ARGUMENTS or not eq or not value:
+                known = ", ".join(f"{k}=" for k in ARGUMENTS)
+                self.problem = self.problem or f"unknown or malformed argument {arg!r} ({known})"
+            elif key == "daemon":
+                self.daemon = value
+            elif key == "socket":
+                self.socket = value
+        if not self.problem and self.daemon not in ("auto", "required", "off"):
+            self.problem = f"daemon={self.daemon!r} must be auto, required or off"
 
     @property
     def valid(self) -> bool:
-        return self.daemon in ("auto", "required", "off")
+        return not self.problem
 
 
 def _request(name: str, pamh: Any, flags: int) -> dict[str, object]:
@@ -274,7 +287,7 @@ def _call(name: str, pamh: Any, flags: int, argv: list[str]) -> int:
     session = name.endswith("_session")
     options = ModuleOptions(argv)
     if not options.valid:
-        _syslog("pam_svmm: daemon= must be auto, required or off")
+        _syslog(f"pam_svmm: module arguments: {options.problem}")
         return int(pamh.PAM_SESSION_ERR if session else pamh.PAM_SYSTEM_ERR)
     if options.daemon != "off" and os.geteuid() == 0:
         try:

@@ -4,6 +4,7 @@ a real `openssl ocsp` responder and CRL server. Each login is a fresh PAM proces
 from __future__ import annotations
 
 import datetime as dt
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,3 +324,24 @@ def test_the_default_p11_kit_proxy_finds_the_card_module(lab: Lab) -> None:
     a = login(lab, "bob", user="bob", service=svc)
     assert a.report.ok, a.report
     assert a.record["card"]["token"] == "bob ID card"
+
+
+def test_the_callers_environment_never_chooses_the_configuration(lab: Lab) -> None:
+    """su and sudo run the module as root with the caller's environment. A rule without
+    config= reads the built-in default (/etc/svmm/svmm.toml), never $SVMM_CONFIG: a user's
+    own TOML (their PKCS#11 module, their anchors) must not decide a root login. Here the
+    default file is absent, so the login is refused, whatever the caller set."""
+    from pam_svmm.lab.lab import PAM_PYTHON, SHIM
+    from pam_svmm.lab.pamclient import build_client, run_client
+
+    line = f"{PAM_PYTHON} {SHIM} venv={Path(sys.prefix)} daemon=off"
+    (lab.pam_dir / "svmm-noconfig").write_text(
+        f"auth required {line}\naccount required {line}\nsession required {line}\n"
+    )
+    if Path("/etc/svmm/svmm.toml").exists():
+        pytest.skip("this machine has a real /etc/svmm/svmm.toml")
+    hostile = dict(lab.insert("alice").env, SVMM_CONFIG=str(lab.config_path))
+    report = run_client(build_client(lab.folder / "bin"), lab.pam_dir, "svmm-noconfig", "",
+                        PIN, env=hostile)  # fmt: skip
+    assert report.code != 0, report
+    assert any("/etc/svmm/svmm.toml" in m for m in report.messages), report

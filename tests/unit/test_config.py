@@ -76,9 +76,7 @@ def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
         config.load(bad)
 
 
-def test_path_resolution_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(config.ENV_VAR, raising=False)
-    assert config.resolve_path(None) == config.DEFAULT_PATH
+def test_path_resolution_never_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(config.ENV_VAR, "/tmp/env.toml")
-    assert config.resolve_path(None) == Path("/tmp/env.toml")
+    assert config.resolve_path(None) == config.DEFAULT_PATH  # the PAM path: never the caller's
     assert config.resolve_path("/tmp/arg.toml") == Path("/tmp/arg.toml")

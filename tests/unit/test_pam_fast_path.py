@@ -255,3 +255,26 @@ def test_a_launcher_request_still_works_beside_pam_calls(svmmd: Any) -> None:
 def test_process_start_tells_a_reused_pid() -> None:
     assert pam_responder.process_start(os.getpid()) is not None
     assert pam_responder.process_start(2**22 + 7) is None
+
+
+@pytest.mark.parametrize(
+    "arg", ["daemom=off", "config", "config=", "socket", "debug", "venv=/opt/svmm/venv x"]
+)
+def test_an_unknown_or_malformed_module_argument_is_refused_and_named(
+    arg: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A misspelt argument (`daemom=off`) was silently ignored: the module then ran with
+    defaults the administrator did not mean. Now the call refuses and syslog names it."""
+    said: list[str] = []
+    monkeypatch.setattr(thin, "_syslog", said.append)
+    argv = ["shim", "daemon=off", *arg.split(" ")]
+    assert not thin.ModuleOptions(argv).valid
+    code = thin.pam_sm_authenticate(FakePamh(), 0, argv)
+    assert code != 0 and code == FakePamh.PAM_SYSTEM_ERR
+    assert said and repr(arg.split(" ")[-1]) in said[0], said
+
+
+def test_every_documented_module_argument_is_accepted() -> None:
+    argv = ["shim", "config=/etc/svmm/svmm.toml", "daemon=required", "socket=/run/s", "venv=/v"]
+    options = thin.ModuleOptions(argv)
+    assert options.valid and (options.daemon, options.socket) == ("required", "/run/s")
