@@ -101,6 +101,13 @@ class UnknownUser(AuthFailed):
     reason = "unknown_user"
 
 
+class LocalAccountShadowed(AuthFailed):
+    """The directory entry the card maps to names a local or system account (root, a uid
+    outside the directory's range): whoever can add one entry must not get a local account."""
+
+    reason = "local_account_shadowed"
+
+
 class UserMismatch(AuthFailed):
     """The card belongs to someone other than the user asking to log in."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..adapters.identity_cache import IdentityCache
 from ..config import CertmapRule, Config
-from ..domain import certmap
+from ..domain import certmap, nss
 from ..domain.certpolicy import fingerprint
 from ..domain.identity import AccountStatus, Identity, MappingTrace
 from ..domain.mapping import MappedIdentity
@@ -31,8 +32,31 @@ from ..errors import (
     AmbiguousUser,
     ConfigError,
     DirectoryUnavailable,
+    LocalAccountShadowed,
     UnknownUser,
 )
+
+LOCAL_PASSWD = Path("/etc/passwd")
+
+
+def local_accounts(path: Path = LOCAL_PASSWD) -> nss.LocalDb:
+    """The local accounts' names and uids. Unreadable: every uid is taken (fail closed)."""
+    try:
+        return nss.parse_local(path.read_text(encoding="utf-8", errors="replace"))
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read the local accounts: {e.strerror}") from None
+
+
+def refuse_local(identity: Identity, config: Config, local: nss.LocalDb) -> None:
+    """The NSS bridge's rule on the login path too (SSSD filters root the same way): an
+    identity that is, or collides with, a local or system account never logs in as it."""
+    problem = nss.account_problem(identity.account, config.nss, local)
+    if problem is not None:
+        raise LocalAccountShadowed(
+            f"directory entry {identity.dn} maps to account {identity.account.name!r} "
+            f"(uid {identity.account.uid}), which this host will not give a directory user: "
+            f"{problem[1]}"
+        )
 
 
 class Directory(Protocol):
@@ -56,6 +80,7 @@ class DirectoryMapper:
         client: Directory,
         cache: IdentityCache,
         now: Callable[[], dt.datetime] = _utcnow,
+        local: Callable[[], nss.LocalDb] = local_accounts,
     ) -> None:
         if not config.certmap.rules:
             raise ConfigError("certmap.rules", "at least one rule is required with a directory")
@@ -64,6 +89,8 @@ class DirectoryMapper:
         self.client = client
         self.cache = cache
         self.now = now
+        self.config = config
+        self.local = local
         # Set when the cache could not be refreshed (the login itself is not refused).
         self.cache_error: str | None = None
 
@@ -78,12 +105,14 @@ class DirectoryMapper:
         now = self.now()
         try:
             identity = self._lookup(decider, cert, now)
+            refuse_local(identity, self.config, self.local())
         except DirectoryUnavailable as e:
             cached = self.cache.by_fingerprint(fingerprint(cert), now=now)
             if cached is None:
                 raise DirectoryUnavailable(
                     f"{e.message}; no fresh offline entry for this certificate", reason=e.reason
                 ) from None
+            refuse_local(cached, self.config, self.local())
             return MappedIdentity(
                 username=cached.name,
                 rule="offline-cache",

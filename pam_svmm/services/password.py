@@ -8,11 +8,14 @@ except by the method the audit trail records.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ..config import Config, TlsMode
+from ..domain.nss import LocalDb
 from ..errors import MethodNotAllowed, PasswordIncorrect, UnknownUser
 from .auth import Attempt, LoginRequest, LoginResult, Prompter
+from .identity import local_accounts, refuse_local
 
 if TYPE_CHECKING:
     from ..domain.identity import Identity
@@ -31,9 +34,15 @@ def password_allowed(config: Config, service: str) -> bool:
 
 
 class PasswordAuthenticator:
-    def __init__(self, config: Config, directory: UserDirectory) -> None:
+    def __init__(
+        self,
+        config: Config,
+        directory: UserDirectory,
+        local: Callable[[], LocalDb] = local_accounts,
+    ) -> None:
         self.config = config
         self.directory = directory
+        self.local = local
 
     def authenticate(
         self, request: LoginRequest, prompter: Prompter, attempt: Attempt
@@ -51,6 +60,7 @@ class PasswordAuthenticator:
         if identity is not None:
             attempt.identity = identity
             attempt.user = identity.name
+            refuse_local(identity, self.config, self.local())
             demanding = sorted(set(identity.roles) & set(self.config.password.card_required_roles))
             if demanding:
                 raise MethodNotAllowed(

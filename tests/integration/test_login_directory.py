@@ -16,6 +16,7 @@ from tests.integration.test_login import login, refused
 
 pytestmark = pytest.mark.integration
 slapd, slapd_factory = ldap_fixtures.slapd, ldap_fixtures.slapd_factory
+fresh_slapd = ldap_fixtures.fresh_slapd
 PASSWORD = "demo-password"
 
 
@@ -137,3 +138,26 @@ def test_directory_down_offline_login_then_cache_expiry(
         "PAM_AUTHINFO_UNAVAIL",
         "directory_unavailable",
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "uid", "why"),
+    [("toor", 0, "uid 0 not in"), ("root", 10050, "a local account has this name"),
+     ("sys2", 3, "uid 3 not in")],
+)  # fmt: skip
+def test_a_directory_entry_naming_a_local_account_never_logs_in_as_it(
+    lab: Lab, fresh_slapd: Slapd, name: str, uid: int, why: str
+) -> None:
+    """Whoever can add one directory entry (uid 0, or the name root, with some card's UPN)
+    must not give that card's holder a local account. The NSS bridge already refuses to
+    shadow local accounts; the login applies the same rule, audited."""
+    fresh_slapd.add_ldif(
+        f"dn: uid={name},ou=people,dc=demo,dc=example\n"
+        "objectClass: inetOrgPerson\nobjectClass: posixAccount\nobjectClass: svmmUser\n"
+        f"uid: {name}\ncn: {name}\nsn: {name}\nuidNumber: {uid}\ngidNumber: 10000\n"
+        f"homeDirectory: /home/{name}\nsvmmPrincipalName: ghost@demo.example\n"
+    )
+    service = lab.variant(f"shadow-{name}", lab.directory_overrides(fresh_slapd))
+    a = login(lab, "ghost", service=service)
+    refused(a, "PAM_AUTH_ERR", "local_account_shadowed")
+    assert why in a.record["detail"] and a.report.prompts == ()  # decided before any PIN

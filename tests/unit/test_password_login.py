@@ -10,6 +10,7 @@ import pytest
 
 from pam_svmm import config, errors
 from pam_svmm.domain.identity import Identity, PosixAccount
+from pam_svmm.domain.nss import LocalDb
 from pam_svmm.services.auth import Attempt, LoginRequest
 from pam_svmm.services.password import PasswordAuthenticator, password_allowed
 
@@ -68,10 +69,13 @@ def cfg(**over: Any) -> config.Config:
 def run(c: config.Config, d: Directory, user: str, pw: str, service: str = "login") -> Any:
     prompter = Prompter(pw)
     attempt = Attempt()
-    result = PasswordAuthenticator(c, d).authenticate(
+    result = PasswordAuthenticator(c, d, local=lambda: LOCAL).authenticate(
         LoginRequest(service, "h", user), prompter, attempt
     )
     return result, prompter, attempt
+
+
+LOCAL = LocalDb(frozenset({"root", "daemon"}), frozenset({0, 1}))
 
 
 def directory() -> Directory:
@@ -109,11 +113,26 @@ def test_unknown_user_is_asked_for_a_password_all_the_same() -> None:
     assert d.binds == []
 
 
+@pytest.mark.parametrize(
+    "account",
+    [PosixAccount("root", 10009, 10001), PosixAccount("toor", 0, 10001),
+     PosixAccount("daemon2", 1, 10001)],
+)  # fmt: skip
+def test_a_directory_entry_shadowing_a_local_account_gets_no_password_login(
+    account: PosixAccount,
+) -> None:
+    shadow = Identity(dn=f"uid={account.name},dc=x", account=account)
+    d = Directory({account.name: (shadow, "s3cret")})
+    with pytest.raises(errors.LocalAccountShadowed):
+        run(cfg(), d, account.name, "s3cret")
+    assert d.binds == []
+
+
 def test_a_role_that_demands_a_card_is_refused_before_the_password() -> None:
     c = cfg()
     prompter = Prompter("s3cret")
     with pytest.raises(errors.MethodNotAllowed, match="must log in with a card"):
-        PasswordAuthenticator(c, directory()).authenticate(
+        PasswordAuthenticator(c, directory(), local=lambda: LOCAL).authenticate(
             LoginRequest("login", "h", "root2"), prompter, Attempt()
         )
     assert prompter.prompts == []
