@@ -527,7 +527,10 @@ def run_e2e(args: argparse.Namespace) -> int:
     timings.add("e2e total", time.monotonic() - t_all)
     print("\nStages:\n" + timings.table())
     print(f"\nScenario (volumes.mode = {mode}):\n" + report.table())
-    print(f"\n{len(report.rows)} steps, {report.failed} failed. Logs: {logs}")
+    passed = sum(1 for r in report.rows if r[1] is True)
+    skipped = sum(1 for r in report.rows if r[1] is None)
+    print(f"\nLogs and transcripts: {logs}")
+    print(f"e2e: {passed} passed, {report.failed} failed" + (f", {skipped} skipped" if skipped else ""))
     return 1 if report.failed else 0
 
 
