@@ -530,7 +530,8 @@ def run_e2e(args: argparse.Namespace) -> int:
     passed = sum(1 for r in report.rows if r[1] is True)
     skipped = sum(1 for r in report.rows if r[1] is None)
     print(f"\nLogs and transcripts: {logs}")
-    print(f"e2e: {passed} passed, {report.failed} failed" + (f", {skipped} skipped" if skipped else ""))
+    tail = f", {skipped} skipped" if skipped else ""
+    print(f"e2e: {passed} passed, {report.failed} failed{tail}")
     return 1 if report.failed else 0
 
 
