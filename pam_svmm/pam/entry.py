@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import config as config_mod
-from ..errors import ConversationFailed, NoCard
+from ..errors import ConfigError, ConversationFailed, NoCard
 from ..services.auth import LoginRequest
 from .codes import pam_code_name
 
@@ -147,6 +147,50 @@ def _log_failure(where: str, error: BaseException) -> None:
     syslog.syslog(syslog.LOG_ERR, f"pam_svmm {where}: {text}")
 
 
+# --- a configuration that does not load (invariant 15) -----------------------------------
+#
+# An unedited or broken /etc/svmm/svmm.toml must never lock root out at the console, and
+# must never let a directory user in. The module cannot ask the directory without a
+# configuration, so it decides by the one thing it can read, /etc/passwd:
+#
+#   phase          local account (or no user yet)        any other user
+#   authenticate   PAM_AUTHINFO_UNAVAIL (the profile      PAM_AUTH_ERR (the stack ends)
+#                  ignores it: pam_unix asks root's
+#                  password)
+#   acct_mgmt      PAM_IGNORE                             PAM_AUTHINFO_UNAVAIL (refused)
+#   open/close     PAM_IGNORE                             PAM_SESSION_ERR
+#
+# Always loud: syslog names the problem, and the person is told card login is unavailable.
+LOCAL_PASSWD = "/etc/passwd"  # noqa: S105 - the accounts file, not a password
+BROKEN = "Smart-card login is unavailable on this host: its configuration is broken."
+
+
+def _is_local(user: str | None) -> bool:
+    """No user yet, root, or a name in /etc/passwd. Unreadable passwd: only root is local."""
+    if not user or user == "root":
+        return True
+    from ..domain.nss import parse_local
+
+    try:
+        with open(LOCAL_PASSWD, encoding="utf-8", errors="replace") as f:
+            return user in parse_local(f.read()).names
+    except OSError:
+        return False
+
+
+def _config_broken(pamh: Any, where: str, error: BaseException) -> int:
+    _log_failure(where, error)
+    user = pamh.user or None
+    local = _is_local(user)
+    if where == "authenticate":
+        with contextlib.suppress(ConversationFailed):
+            PamPrompter(pamh).error(BROKEN)
+        return int(pamh.PAM_AUTHINFO_UNAVAIL if local else pamh.PAM_AUTH_ERR)
+    if local:
+        return int(pamh.PAM_IGNORE)
+    return int(pamh.PAM_AUTHINFO_UNAVAIL if where == "acct_mgmt" else pamh.PAM_SESSION_ERR)
+
+
 def _tell_user(pamh: Any, error: BaseException) -> None:
     from ..errors import SvmmError
 
@@ -176,6 +220,8 @@ def pam_sm_authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
             pamh.user = result.user
         _tx(pamh).logins[result.user] = result
         return int(pamh.PAM_SUCCESS)
+    except ConfigError as error:
+        return _config_broken(pamh, "authenticate", error)
     except Exception as error:
         _log_failure("authenticate", error)
         _tell_user(pamh, error)
@@ -200,6 +246,8 @@ def pam_sm_acct_mgmt(pamh: Any, flags: int, argv: list[str]) -> int:
         svc = _service(ModuleArgs.parse(argv))
         decided = svc.account(_request(pamh, svc), _tx(pamh).logins.get(pamh.user or ""))
         return int(pamh.PAM_SUCCESS if decided else pamh.PAM_IGNORE)
+    except ConfigError as error:
+        return _config_broken(pamh, "acct_mgmt", error)
     except Exception as error:
         _log_failure("acct_mgmt", error)
         _tell_user(pamh, error)
@@ -399,6 +447,8 @@ def pam_sm_open_session(pamh: Any, flags: int, argv: list[str]) -> int:
         with contextlib.suppress(Exception):
             pamh.env[SESSION_ENV] = sid
         return int(pamh.PAM_SUCCESS)
+    except ConfigError as error:
+        return _config_broken(pamh, "open_session", error)
     except Exception as error:
         _log_failure("open_session", error)
         return int(getattr(pamh, pam_code_name(error, session=True)))
@@ -530,6 +580,8 @@ def pam_sm_close_session(pamh: Any, flags: int, argv: list[str]) -> int:
             f"session {sid}; {what}",
         )
         return int(pamh.PAM_SUCCESS)
+    except ConfigError as error:
+        return _config_broken(pamh, "close_session", error)
     except Exception as error:
         _log_failure("close_session", error)
         return int(getattr(pamh, pam_code_name(error, session=True)))

@@ -344,4 +344,45 @@ def test_the_callers_environment_never_chooses_the_configuration(lab: Lab) -> No
     report = run_client(build_client(lab.folder / "bin"), lab.pam_dir, "svmm-noconfig", "",
                         PIN, env=hostile)  # fmt: skip
     assert report.code != 0, report
-    assert any("/etc/svmm/svmm.toml" in m for m in report.messages), report
+    assert report.name == "PAM_AUTHINFO_UNAVAIL", report  # no user yet: could not decide
+
+
+def _profile_controls() -> dict[str, str]:
+    """The control field of each phase in the shipped pam-auth-update profile."""
+    text = (Path(__file__).resolve().parents[2] / "config/pam-configs/svmm").read_text()
+    controls: dict[str, str] = {}
+    current = ""
+    for line in text.splitlines():
+        if line and not line.startswith(("\t", " ")):
+            current = line.split(":", 1)[0]
+        elif current in ("Auth", "Account", "Session") and line.strip():
+            controls[current.lower()] = line.split("]", 1)[0].strip() + "]"
+    return controls
+
+
+@pytest.mark.parametrize(("user", "code"), [("root", "PAM_SUCCESS"), ("alice", "PAM_AUTH_ERR")])
+def test_an_unedited_host_still_lets_root_in_and_no_directory_user(
+    lab: Lab, user: str, code: str
+) -> None:
+    """The shipped profile's rules with the module's default configuration missing (a fresh
+    install before the administrator edits it): root's password (pam_permit stands in for
+    pam_unix after us) still works; a directory user is refused, never waved through."""
+    from pam_svmm.lab.lab import PAM_PYTHON, SHIM
+    from pam_svmm.lab.pamclient import build_client, run_client
+
+    if Path("/etc/svmm/svmm.toml").exists():
+        pytest.skip("this machine has a real /etc/svmm/svmm.toml")
+    ctl = _profile_controls()
+    module = f"{PAM_PYTHON} {SHIM} venv={Path(sys.prefix)} daemon=off"
+    # As pam-auth-update writes common-auth: "end" becomes the jump past pam_unix's line
+    # (pam_permit stands in for pam_unix accepting root's password), then deny and permit.
+    auth = ctl["auth"].replace("success=end", "success=2")
+    (lab.pam_dir / "svmm-unedited").write_text(
+        f"auth {auth} {module}\nauth [success=1 default=ignore] pam_permit.so\n"
+        "auth requisite pam_deny.so\nauth required pam_permit.so\n"
+        f"account {ctl['account']} {module}\naccount required pam_permit.so\n"
+    )
+    report = run_client(build_client(lab.folder / "bin"), lab.pam_dir, "svmm-unedited", user,
+                        "", env=lab.insert().env)  # fmt: skip
+    assert report.name == code, report
+    assert any("configuration is broken" in m for m in report.messages), report

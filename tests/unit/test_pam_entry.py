@@ -40,6 +40,7 @@ class FakePamh:
         self.service = "login"
         self.tty = "tty1"
         self.rhost = ""
+        self.env: dict[str, str] = {}
         self.said: list[str] = []
 
     def conversation(self, message: Any) -> Any:
@@ -88,7 +89,7 @@ def service(monkeypatch: pytest.MonkeyPatch) -> FakeService:
         (errors.NoCard("none"), FakePamh.PAM_AUTHINFO_UNAVAIL),
         (errors.CertificateRevoked("revoked"), FakePamh.PAM_AUTH_ERR),
         (errors.PinLocked("locked"), FakePamh.PAM_MAXTRIES),
-        (errors.ConfigError("k", "bad"), FakePamh.PAM_SYSTEM_ERR),
+        (errors.ConfigError("k", "bad"), FakePamh.PAM_AUTH_ERR),  # alice: not a local account
     ],
 )
 def test_failures_map_to_their_code_and_never_raise(
@@ -101,12 +102,39 @@ def test_failures_map_to_their_code_and_never_raise(
     assert entry.pam_sm_acct_mgmt(pamh, 0, ["shim.py"]) == FakePamh.PAM_IGNORE
 
 
-def test_config_load_failure_is_a_system_error(tmp_path: Any) -> None:
+@pytest.mark.parametrize(
+    ("user", "auth", "account", "session"),
+    [
+        ("root", 9, 25, 25),  # root's password still works: "could not decide", ignored
+        (None, 9, 25, 25),  # no user yet: the next module asks for one
+        ("localuser", 9, 25, 25),  # in /etc/passwd: never blocked by this module
+        ("alice", 7, 9, 14),  # a directory user gets no login from a broken config
+    ],
+)
+def test_a_broken_configuration_never_locks_local_accounts_out(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, user: str | None, auth: int, account: int,
+    session: int,
+) -> None:  # fmt: skip
+    """Invariant 15's truth table, with the configuration file missing (an unedited host)."""
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0::/root:/bin/sh\nlocaluser:x:1000:1000::/home/l:/bin/sh\n")
+    monkeypatch.setattr(entry, "LOCAL_PASSWD", str(passwd))
+    logged: list[str] = []
+    monkeypatch.setattr(entry.syslog, "syslog", lambda _prio, text: logged.append(text))
     entry._services.clear()
-    pamh = FakePamh()
-    code = entry.pam_sm_authenticate(pamh, 0, ["shim.py", f"config={tmp_path}/missing.toml"])
-    assert code == FakePamh.PAM_SYSTEM_ERR
-    assert any("file not found" in s for s in pamh.said)
+    argv = ["shim.py", f"config={tmp_path}/missing.toml"]
+    pamh = FakePamh(user=user)
+    pamh.PAM_SESSION_ERR = 14  # type: ignore[attr-defined]
+    assert entry.pam_sm_authenticate(pamh, 0, argv) == auth
+    assert entry.BROKEN in pamh.said  # the person is told
+    assert any("file not found" in t for t in logged)  # syslog names the problem
+    assert entry.pam_sm_acct_mgmt(pamh, 0, argv) == account
+    assert entry.pam_sm_open_session(pamh, 0, argv) == session
+    entry._sessions[user or ""] = ["tty1:1:ab"]
+    try:
+        assert entry.pam_sm_close_session(pamh, 0, argv) == session
+    finally:
+        entry._sessions.clear()
 
 
 def test_success_sets_pam_user_from_the_card(service: FakeService) -> None:
