@@ -147,48 +147,20 @@ def _log_failure(where: str, error: BaseException) -> None:
     syslog.syslog(syslog.LOG_ERR, f"pam_svmm {where}: {text}")
 
 
-# --- a configuration that does not load (invariant 15) -----------------------------------
-#
-# An unedited or broken /etc/svmm/svmm.toml must never lock root out at the console, and
-# must never let a directory user in. The module cannot ask the directory without a
-# configuration, so it decides by the one thing it can read, /etc/passwd:
-#
-#   phase          local account (or no user yet)        any other user
-#   authenticate   PAM_AUTHINFO_UNAVAIL (the profile      PAM_AUTH_ERR (the stack ends)
-#                  ignores it: pam_unix asks root's
-#                  password)
-#   acct_mgmt      PAM_IGNORE                             PAM_AUTHINFO_UNAVAIL (refused)
-#   open/close     PAM_IGNORE                             PAM_SESSION_ERR
-#
-# Always loud: syslog names the problem, and the person is told card login is unavailable.
-LOCAL_PASSWD = "/etc/passwd"  # noqa: S105 - the accounts file, not a password
+# --- a configuration that does not load (invariant 15): shim.broken's truth table ---------
 BROKEN = "Smart-card login is unavailable on this host: its configuration is broken."
 
 
-def _is_local(user: str | None) -> bool:
-    """No user yet, root, or a name in /etc/passwd. Unreadable passwd: only root is local."""
-    if not user or user == "root":
-        return True
-    from ..domain.nss import parse_local
-
-    try:
-        with open(LOCAL_PASSWD, encoding="utf-8", errors="replace") as f:
-            return user in parse_local(f.read()).names
-    except OSError:
-        return False
-
-
 def _config_broken(pamh: Any, where: str, error: BaseException) -> int:
+    """Loud (syslog names the problem; the person is told), then shim.broken's answer:
+    could not decide for local accounts, refused for anyone else."""
+    from . import shim
+
     _log_failure(where, error)
-    user = pamh.user or None
-    local = _is_local(user)
     if where == "authenticate":
         with contextlib.suppress(ConversationFailed):
             PamPrompter(pamh).error(BROKEN)
-        return int(pamh.PAM_AUTHINFO_UNAVAIL if local else pamh.PAM_AUTH_ERR)
-    if local:
-        return int(pamh.PAM_IGNORE)
-    return int(pamh.PAM_AUTHINFO_UNAVAIL if where == "acct_mgmt" else pamh.PAM_SESSION_ERR)
+    return shim.broken(pamh, where.removeprefix("pam_sm_"))
 
 
 def _tell_user(pamh: Any, error: BaseException) -> None:

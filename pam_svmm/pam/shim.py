@@ -281,6 +281,46 @@ def _syslog(text: str) -> None:
     syslog.syslog(syslog.LOG_ERR, text)
 
 
+# A module that cannot run as configured (bad arguments here, a configuration that does not
+# load in pam/entry.py) must never lock root out and never let a directory user in
+# (invariant 15). Without a configuration it cannot ask the directory, so it decides by
+# /etc/passwd:
+#
+#   call           local account (or no user yet)        any other user
+#   authenticate   PAM_AUTHINFO_UNAVAIL (the profile      PAM_AUTH_ERR (the stack ends)
+#                  ignores it: pam_unix asks root's
+#                  password)
+#   acct_mgmt      PAM_IGNORE                             PAM_AUTHINFO_UNAVAIL (refused)
+#   setcred, open_session, close_session: PAM_IGNORE      PAM_SESSION_ERR / PAM_CRED_ERR
+LOCAL_PASSWD = "/etc/passwd"  # noqa: S105 - the accounts file, not a password
+
+
+def is_local(user: str | None) -> bool:
+    """No user yet, root, or a name in /etc/passwd (unreadable: only root)."""
+    if not user or user == "root":
+        return True
+    try:
+        with open(LOCAL_PASSWD, encoding="utf-8", errors="replace") as f:
+            return any(line.split(":", 1)[0].lstrip("+-") == user for line in f)
+    except OSError:
+        return False
+
+
+def broken(pamh: Any, call: str) -> int:
+    """The answer of a module that cannot run as configured, by the table above."""
+    try:
+        user = pamh.user
+    except Exception:  # an application that never set PAM_USER: pam_python raises
+        user = None
+    if call == "authenticate":
+        return int(pamh.PAM_AUTHINFO_UNAVAIL if is_local(user) else pamh.PAM_AUTH_ERR)
+    if is_local(user):
+        return int(pamh.PAM_IGNORE)
+    if call == "acct_mgmt":
+        return int(pamh.PAM_AUTHINFO_UNAVAIL)
+    return int(pamh.PAM_CRED_ERR if call == "setcred" else pamh.PAM_SESSION_ERR)
+
+
 def _call(name: str, pamh: Any, flags: int, argv: list[str]) -> int:
     import os
 
@@ -288,7 +328,7 @@ def _call(name: str, pamh: Any, flags: int, argv: list[str]) -> int:
     options = ModuleOptions(argv)
     if not options.valid:
         _syslog(f"pam_svmm: module arguments: {options.problem}")
-        return int(pamh.PAM_SESSION_ERR if session else pamh.PAM_SYSTEM_ERR)
+        return broken(pamh, name[len("pam_sm_") :])
     if options.daemon != "off" and os.geteuid() == 0:
         try:
             code = call(name[len("pam_sm_") :], pamh, flags, options)

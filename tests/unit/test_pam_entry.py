@@ -10,7 +10,7 @@ import pytest
 
 from pam_svmm import errors
 from pam_svmm.domain.audit_record import CardFacts
-from pam_svmm.pam import entry
+from pam_svmm.pam import entry, shim
 from pam_svmm.services.auth import LoginResult
 
 
@@ -118,7 +118,7 @@ def test_a_broken_configuration_never_locks_local_accounts_out(
     """Invariant 15's truth table, with the configuration file missing (an unedited host)."""
     passwd = tmp_path / "passwd"
     passwd.write_text("root:x:0:0::/root:/bin/sh\nlocaluser:x:1000:1000::/home/l:/bin/sh\n")
-    monkeypatch.setattr(entry, "LOCAL_PASSWD", str(passwd))
+    monkeypatch.setattr(shim, "LOCAL_PASSWD", str(passwd))
     logged: list[str] = []
     monkeypatch.setattr(entry.syslog, "syslog", lambda _prio, text: logged.append(text))
     entry._services.clear()

@@ -269,8 +269,11 @@ def test_an_unknown_or_malformed_module_argument_is_refused_and_named(
     monkeypatch.setattr(thin, "_syslog", said.append)
     argv = ["shim", "daemon=off", *arg.split(" ")]
     assert not thin.ModuleOptions(argv).valid
-    code = thin.pam_sm_authenticate(FakePamh(), 0, argv)
-    assert code != 0 and code == FakePamh.PAM_SYSTEM_ERR
+    pamh = FakePamh()
+    pamh.PAM_AUTHINFO_UNAVAIL = 9  # type: ignore[attr-defined]
+    pamh.user = "root"  # type: ignore[attr-defined]
+    # Could not decide (shim.broken's table): root's password, after us, still works.
+    assert thin.pam_sm_authenticate(pamh, 0, argv) == 9
     assert said and repr(arg.split(" ")[-1]) in said[0], said
 
 
