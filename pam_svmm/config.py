@@ -912,4 +912,36 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(str(p), f"not valid TOML: {e}") from None
-    return parse(data, source=p)
+    cfg = parse(data, source=p)
+    if os.geteuid() == 0:
+        _refuse_untrusted(cfg, p)
+    return cfg
+
+
+def trusted_files(cfg: Config, source: Path) -> list[tuple[str, Path]]:
+    """The files a root login believes, by the key that names them (invariant 10)."""
+    files: list[tuple[str, Path]] = [("configuration", source)]
+    files += [("trust.anchors", a) for a in cfg.trust.anchors]
+    if cfg.trust.intermediates_dir is not None:
+        files.append(("trust.intermediates_dir", cfg.trust.intermediates_dir))
+    if os.path.isabs(cfg.pkcs11.module):
+        files.append(("pkcs11.module", Path(cfg.pkcs11.module)))  # dlopen()ed as root
+    optional = (
+        ("directory.bind_password_file", cfg.directory.bind_password_file),
+        ("directory.ca_file", cfg.directory.ca_file),
+        ("mutual.host_cert", cfg.mutual.host_cert),
+        ("mutual.host_key", cfg.mutual.host_key),
+        ("issue.publish_password_file", cfg.issue.publish_password_file),
+    )
+    files += [(key, path) for key, path in optional if path is not None]
+    files.append(("audit.seal_key", cfg.audit.seal_key))
+    return files
+
+
+def _refuse_untrusted(cfg: Config, source: Path) -> None:
+    from .trusted_path import first_problem
+
+    found = first_problem(trusted_files(cfg, source))
+    if found is not None:
+        key, why = found
+        raise ConfigError(key, f"{why}: root trusts only files and folders no one else can change")

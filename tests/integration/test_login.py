@@ -276,13 +276,28 @@ def test_slow_responder_is_bounded_by_the_fetch_timeout(lab: Lab, tmp_path: Path
 # --- failing closed -------------------------------------------------------------------------
 
 
-def test_broken_configuration_is_a_system_error_not_a_success(lab: Lab) -> None:
+def test_broken_configuration_refuses_a_directory_user(lab: Lab) -> None:
     bad = lab.folder / "broken.toml"
     bad.write_text("[pkcs11\n")
     lab.write_pam_service(name="svmm-broken", config=bad)
     a = login(lab, "alice", user="alice", service="svmm-broken")
-    assert a.report.name == "PAM_SYSTEM_ERR"
+    assert a.report.name == "PAM_AUTH_ERR"  # alice is no local account: refused, not ignored
     assert a.audit == []  # no configuration: no audit path to write to
+
+
+def test_a_writable_trust_anchor_is_a_broken_configuration(lab: Lab) -> None:
+    """StrictModes on the real login: an anchor a group may rewrite decides nothing."""
+    import shutil
+
+    anchor = lab.folder / "writable-root.pem"
+    shutil.copy(lab.ca_dir / "root.pem", anchor)
+    anchor.chmod(0o664)
+    svc = lab.variant("writable-anchor", f'[trust]\nanchors = ["{anchor}"]\n'
+                      f'intermediates_dir = "{lab.folder / "intermediates"}"\n')  # fmt: skip
+    a = login(lab, "alice", user="alice", service=svc)
+    assert a.report.name == "PAM_AUTH_ERR" and a.audit == [], a.report
+    anchor.chmod(0o644)
+    assert login(lab, "alice", user="alice", service=svc).report.ok
 
 
 def test_missing_card_module_is_not_a_success(lab: Lab) -> None:
