@@ -20,6 +20,7 @@ Standard library only (Debian's /usr/bin/python3, as root).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -102,6 +103,12 @@ def chroot_step(root: Path, name: str, argv: Sequence[str], log: Path, timings: 
     return ok
 
 
+def _mounted_under(folder: Path) -> list[str]:
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    points = [line.split()[1] for line in mounts if len(line.split()) > 1]
+    return [p for p in points if p == str(folder) or p.startswith(f"{folder}/")]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache folder")
@@ -130,7 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             run(["git", "clone", "-q", str(REPO), str(root / "root/p")])
             os.chmod(root / "root", 0o700)
         apt_cache = root / "var/cache/apt/archives"
-        with chroot_mounts(root):
+        # The root a mount point of its own, as on a real machine: else a private mount
+        # namespace inside it cannot change "/"'s propagation (the NSS tests use one).
+        run(["mount", "--bind", str(root), str(root)])
+        with contextlib.ExitStack() as undo:
+            undo.callback(subprocess.run, ["umount", "-l", str(root)], check=False)
+            undo.enter_context(chroot_mounts(root))
             run(["mount", "--bind", str(archives), str(apt_cache)])
             try:
                 for name, cmd in COMMANDS:
@@ -143,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if args.keep:
             print(f"[fresh] root kept: {root}")
+        elif _mounted_under(work):
+            # Never rmtree through a bind mount of the host's /dev or /proc.
+            print(f"[fresh] {work} still has mounts ({_mounted_under(work)}); left in place")
         else:
             shutil.rmtree(work, ignore_errors=True)
     timings.add("total", time.monotonic() - t_all)
