@@ -401,3 +401,30 @@ def test_an_unedited_host_still_lets_root_in_and_no_directory_user(
                         "", env=lab.insert().env)  # fmt: skip
     assert report.name == code, report
     assert any("configuration is broken" in m for m in report.messages), report
+
+
+def test_the_embedded_interpreter_ignores_the_callers_python_variables(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """pam_python runs Python inside su and sudo as root: PYTHONPATH, PYTHONSTARTUP or
+    PYTHONHOME from the caller would run the caller's code as root. pam_python sets
+    Py_IgnoreEnvironmentFlag; this holds it to that (invariant 9)."""
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    marker = evil / "ran-as-root"
+    code = f"open({str(marker)!r}, 'w').write('x')\n"
+    for name in ("sitecustomize.py", "usercustomize.py", "startup.py"):
+        (evil / name).write_text(code)
+    hostile = {"PYTHONPATH": str(evil), "PYTHONSTARTUP": str(evil / "startup.py"),
+               "PYTHONUSERBASE": str(evil), "PYTHONINSPECT": "1"}  # fmt: skip
+    import subprocess
+
+    # The probe works: a plain /usr/bin/python3 with that environment runs the caller's code.
+    subprocess.run(["/usr/bin/python3", "-c", "pass"], env=hostile, check=True, timeout=30)
+    assert marker.exists()
+    marker.unlink()
+    reader = lab.insert("alice")
+    reader = type(reader)(reader.folder, {**reader.env, **hostile})
+    report = lab.login(reader, pin=PIN, user="alice")
+    assert report.ok, report
+    assert not marker.exists()
