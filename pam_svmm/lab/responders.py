@@ -23,7 +23,7 @@ LOOPBACK = "127.0.0.1"
 
 
 def free_port() -> int:
-    """A TCP port free on all interfaces right now (the OCSP responder binds them all)."""
+    """A TCP port free on all interfaces right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return int(s.getsockname()[1])
@@ -78,8 +78,109 @@ class _Service:
         self.stop()
 
 
+CLONE_NEWNET = 0x40000000
+
+
+def _enter_netns(path: str) -> None:
+    """Move the calling thread (only it) into the network namespace at ``path``."""
+    import ctypes
+    import os
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+class _LoopbackForwarder:
+    """127.0.0.1:``port`` here, relayed to 127.0.0.1:``port`` in another network namespace.
+
+    OpenSSL 3.0's responder has no bind address: it listens on every interface. So it runs
+    in a network namespace of its own, which has only a loopback, and this relays the host's
+    loopback to it (each connection's thread enters that namespace to connect). The backend
+    connection is opened only once the client sent bytes: the responder spins forever on a
+    connection closed before a request (see OcspResponder)."""
+
+    def __init__(self, port: int, netns: str) -> None:
+        import os
+
+        self.port = port
+        self.netns = netns
+        self._own_netns = os.stat("/proc/self/ns/net").st_ino
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind((LOOPBACK, self.port))
+        ls.listen(64)
+        self._listener = ls
+        self._thread = threading.Thread(target=self._accept, args=(ls,), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        ls, self._listener = self._listener, None
+        if ls is not None:
+            with contextlib.suppress(OSError):
+                ls.shutdown(socket.SHUT_RDWR)
+            ls.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _accept(self, ls: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = ls.accept()
+            except OSError:
+                return  # stopped
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        import select
+
+        with client:
+            client.settimeout(10)
+            try:
+                first = client.recv(65536)
+            except OSError:
+                return
+            if not first:
+                return
+            import os
+
+            with contextlib.suppress(OSError):
+                if os.stat(self.netns).st_ino == self._own_netns:
+                    return  # the responder is not in its namespace yet: never relay to us
+            _enter_netns(self.netns)
+            try:
+                backend = socket.create_connection((LOOPBACK, self.port), timeout=10)
+            except OSError:
+                return
+            with backend:
+                backend.sendall(first)
+                peers = {client: backend, backend: client}
+                while peers:
+                    ready, _, _ = select.select(list(peers), [], [], 30)
+                    if not ready:
+                        return
+                    for s in ready:
+                        data = s.recv(65536)
+                        if not data:
+                            with contextlib.suppress(OSError):
+                                peers[s].shutdown(socket.SHUT_WR)
+                            peers.pop(s)
+                            continue
+                        peers[s].sendall(data)
+
+
 class OcspResponder(_Service):
-    """``openssl ocsp`` answering for the LabCA intermediate from its ``index.txt``.
+    """``openssl ocsp`` answering for the LabCA intermediate from its ``index.txt``, reached
+    on 127.0.0.1 only: it runs in a network namespace of its own (``_LoopbackForwarder``).
 
     openssl (3.0) re-reads index.txt when it changed, but checks only after serving a request,
     before waiting for the next: the first request after a change is still answered from the
@@ -95,6 +196,7 @@ class OcspResponder(_Service):
         self.port = port or free_port()
         self.next_update_minutes = next_update_minutes
         self._proc: subprocess.Popen[bytes] | None = None
+        self._forwarder: _LoopbackForwarder | None = None
         self._log = self.folder / f"ocsp-{self.port}.log"
 
     @property
@@ -128,14 +230,22 @@ class OcspResponder(_Service):
     def start(self) -> None:
         if self.running:
             return
+        import shutil
+
+        ip = shutil.which("ip", path="/usr/sbin:/usr/bin:/sbin:/bin") or "ip"
+        # A network namespace with only "lo", up; "$@" is the responder (no shell splicing).
+        netns = ["unshare", "--net", "--", "/bin/sh", "-c",
+                 'set -e; "$0" link set lo up; exec "$@"', ip]  # fmt: skip
         with open(self._log, "ab") as log:
             self._proc = subprocess.Popen(
-                self.argv(),
+                [*netns, *self.argv()],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
             )
+        self._forwarder = _LoopbackForwarder(self.port, f"/proc/{self._proc.pid}/ns/net")
+        self._forwarder.start()
         try:
             wait_listening(self.port, alive=lambda: self.running, probe=self._probe)
         except RuntimeError as e:
@@ -171,6 +281,9 @@ class OcspResponder(_Service):
             ocsp.load_der_ocsp_response(resp.read())
 
     def stop(self) -> None:
+        forwarder, self._forwarder = self._forwarder, None
+        if forwarder is not None:
+            forwarder.stop()
         proc, self._proc = self._proc, None
         if proc is None:
             return

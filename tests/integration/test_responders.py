@@ -215,3 +215,27 @@ def test_redirects_only_to_http() -> None:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses with a TCP socket listening on ``port`` (this network namespace)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hex_port = fields[1].rsplit(":", 1)
+            if int(hex_port, 16) == port and fields[3] == "0A":  # LISTEN
+                found.append(address)
+    return found
+
+
+LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
+
+
+def test_every_lab_responder_listens_on_loopback_only(lab: Lab) -> None:
+    """The OCSP responder (OpenSSL 3.0 has no bind address) once listened on every interface
+    of the host; it now lives in a network namespace of its own, reached through loopback."""
+    for port in (lab.ocsp.port, lab.crl.port):
+        addresses = _listening(port)
+        assert addresses and set(addresses) <= LOOPBACK_HEX, (port, addresses)
+    test_ocsp_good_and_revoked(lab)  # and it still answers
