@@ -155,9 +155,16 @@ def _connect(path: str) -> Any:
     s.settimeout(CONNECT_TIMEOUT)
     try:
         s.connect(path)
-    except OSError:
+    except OSError as e:
+        import errno
+
         s.close()
-        return None
+        # Only "nothing listens there" means no svmmd. A full listen backlog (a timeout or
+        # EAGAIN), which any local user can cause, is svmmd busy: never a silent fallback
+        # to the in-process path (invariant 14).
+        if e.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR):
+            return None
+        raise ConnectionError(f"svmmd at {path} is busy or unreachable: {e}") from None
     # The socket is in a root-owned folder; it costs nothing to check who answers.
     cred = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)  # pid, uid, gid
     if int.from_bytes(cred[4:8], sys.byteorder) != 0:
@@ -171,7 +178,8 @@ def call(name: str, pamh: Any, flags: int, options: ModuleOptions) -> int | None
     failed = int(pamh.PAM_SESSION_ERR if name in SESSION_CALLS else pamh.PAM_SYSTEM_ERR)
     try:
         s = _connect(options.socket)
-    except PermissionError:
+    except (PermissionError, ConnectionError) as e:
+        _syslog(f"pam_svmm: {e}")
         return failed
     if s is None:
         return None

@@ -281,3 +281,39 @@ def test_every_documented_module_argument_is_accepted() -> None:
     argv = ["shim", "config=/etc/svmm/svmm.toml", "daemon=required", "socket=/run/s", "venv=/v"]
     options = thin.ModuleOptions(argv)
     assert options.valid and (options.daemon, options.socket) == ("required", "/run/s")
+
+
+def test_a_full_listen_backlog_is_busy_never_no_svmmd(tmp_path: Path) -> None:
+    """Any local user can fill svmmd's listen backlog with idle connections. That must read
+    as "svmmd busy" (an error), never as "no svmmd", which with daemon=auto would run the
+    login in the PAM process, silently and unaudited by svmmd."""
+    path = tmp_path / "busy.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(0)  # never accepted
+    fillers = []
+    try:
+        while True:  # fill the backlog the way an attacker would
+            c = socket.socket(socket.AF_UNIX)
+            c.setblocking(False)
+            try:
+                c.connect(str(path))
+            except BlockingIOError:
+                c.close()
+                break
+            fillers.append(c)
+        options = thin.ModuleOptions(["shim", f"socket={path}"])
+        assert thin.call("authenticate", FakePamh(), 0, options) == FakePamh.PAM_SYSTEM_ERR
+    finally:
+        for c in fillers:
+            c.close()
+        server.close()
+
+
+def test_a_socket_nobody_listens_on_is_no_svmmd(tmp_path: Path) -> None:
+    path = tmp_path / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nothing listens: ECONNREFUSED
+    options = thin.ModuleOptions(["shim", f"socket={path}"])
+    assert thin.call("authenticate", FakePamh(), 0, options) is None
