@@ -23,6 +23,7 @@ import struct
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..adapters.private_dir import open_private_dir
 from ..adapters.token import Pkcs11Module
@@ -32,6 +33,12 @@ from .pam_responder import Channel, PamResponder, ProtocolError
 
 SD_LISTEN_FDS_START = 3
 SOCKET_MODE = 0o666
+# What one local user can hold of svmmd (invariant 14): connections, so threads and
+# descriptors. Root's PAM applications have a budget of their own that no user can spend.
+MAX_PER_UID = 16
+MAX_USERS_TOTAL = 256
+MAX_ROOT = 128
+BUSY_AUDIT_EVERY = 60.0  # seconds: at most one "busy" record per uid so often
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 log = logging.getLogger(__name__)
@@ -158,11 +165,61 @@ class LauncherServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
     def __init__(
         self, launcher: Launcher, sock: socket.socket, pam: PamResponder | None = None
     ) -> None:
+        import threading
+
         super().__init__("", _Handler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
         self.launcher = launcher
         self.pam = pam
+        self._limits = threading.Lock()
+        self._by_uid: dict[int, int] = {}
+        self._counted: dict[int, int] = {}  # id(connection) -> uid, for the ones admitted
+        self._busy_audited: dict[int, float] = {}
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit a connection within its uid's budget; else answer "busy" and close."""
+        try:
+            _pid, uid = peer_cred(request)
+        except OSError:
+            return False
+        with self._limits:
+            mine = self._by_uid.get(uid, 0)
+            users = sum(n for u, n in self._by_uid.items() if u != 0)
+            limit = MAX_ROOT if uid == 0 else MAX_PER_UID
+            over = mine >= limit or (uid != 0 and users >= MAX_USERS_TOTAL)
+            if not over:
+                self._by_uid[uid] = mine + 1
+                self._counted[id(request)] = uid
+                return True
+        self._busy(request, uid, mine)
+        return False
+
+    def _busy(self, request: Any, uid: int, held: int) -> None:
+        reply = Reply(False, "busy", f"svmmd is busy: uid {uid} holds {held} connections")
+        with contextlib.suppress(OSError):
+            request.settimeout(0.5)
+            request.sendall(reply.to_json())
+        import time
+
+        now = time.monotonic()
+        with self._limits:
+            last = self._busy_audited.get(uid)
+            if last is not None and now - last < BUSY_AUDIT_EVERY:
+                return
+            self._busy_audited[uid] = now
+        self.launcher.audit_busy(uid, f"{held} connections held; more refused for a while")
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._limits:
+            uid = self._counted.pop(id(request), None)
+            if uid is not None:
+                left = self._by_uid.get(uid, 1) - 1
+                if left > 0:
+                    self._by_uid[uid] = left
+                else:
+                    self._by_uid.pop(uid, None)
+        super().shutdown_request(request)
 
 
 def serve(

@@ -752,6 +752,14 @@ class Launcher:
             self._watched = set()
         return True if watch is None else watch.stop(timeout)
 
+    def audit_busy(self, uid: int, detail: str) -> None:
+        """A connection refused over its uid's budget (server.py rate-limits these)."""
+        d = Decision(False, "busy", detail, user=_user_name(uid))
+        try:
+            self._audited("connection", Outcome.FAILURE, d, uid, "connect")
+        except SvmmError as e:
+            log.error("busy: %s", e.message)
+
     def audit_card_watch_unavailable(self, module: str) -> None:
         """svmmd serves on without a card watch (the PKCS#11 module did not load): card
         removal goes unnoticed until it is fixed; on record, once per start."""

@@ -230,3 +230,53 @@ def test_a_running_vm_gets_the_power_button_before_quit(service: Running) -> Non
     waited = time.monotonic() - t0
     assert stop["ok"] and stop["data"]["how"] == "quit", stop
     assert waited >= service.launcher.config.launcher.powerdown_timeout
+
+
+HOARDER = """
+import json, socket, sys, time
+n, path = int(sys.argv[1]), sys.argv[2]
+held, busy = [], 0
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.settimeout(0.2)
+    try:
+        line = s.recv(4096)  # admitted connections stay silent; refused ones say why
+    except TimeoutError:
+        line = b""
+    if line and json.loads(line)["reason"] == "busy":
+        busy += 1
+    held.append(s)
+print(json.dumps({"busy": busy}))
+sys.stdout.flush()
+sys.stdin.readline()  # hold them until told
+"""
+
+
+def test_one_user_cannot_take_svmmd_down_with_idle_connections(
+    service: Running, base: Path
+) -> None:
+    """Invariant 14: a local user holding connections (once, 1024 took svmmd down: a thread
+    and a descriptor each) gets "busy" past their budget, audited once; other users and
+    root's PAM applications are still served meanwhile."""
+    from pam_svmm.daemon import server as server_mod
+
+    sock = service.launcher.config.launcher.socket
+    n = server_mod.MAX_PER_UID + 5
+    hoarder = subprocess.Popen(
+        userland().argv("-c", HOARDER, str(n), str(sock)), env=userland().env(),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, user=NOBODY, group=NOBODY,
+        extra_groups=[],
+    )  # fmt: skip
+    try:
+        assert hoarder.stdout is not None
+        got = json.loads(hoarder.stdout.readline())
+        assert got["busy"] == n - server_mod.MAX_PER_UID
+        # Another user (and root) still get answers while nobody's connections are held.
+        assert ask(sock, {"op": "list"}, user=10001)[0]["reason"] != "busy"
+        assert ask(sock, {"op": "list"}, user=None)[0]["reason"] != "busy"
+        busy = [r for r in audit_records(base) if r.get("reason") == "busy"]
+        assert len(busy) == 1 and busy[0]["user"] == "nobody", busy
+    finally:
+        hoarder.communicate(b"\n", timeout=30)
+    assert ask(sock, {"op": "list"})[0]["ok"]  # released: nobody is served again
