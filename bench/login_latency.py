@@ -497,7 +497,6 @@ def _plan_svmm(
         run.mkdir(mode=0o755)
         extra["launcher"] = {
             "socket": str(sock),
-            "vm_user": "nobody",
             "run_dir": str(run / "vms"),
             "registry_dir": str(run / "registry"),
         }

@@ -299,7 +299,11 @@ class LauncherConfig:
     """The VM launcher service (svmmd)."""
 
     socket: Path = Path("/run/svmm/launcher.sock")  # in a root-owned 0755 folder; mode 0666
-    vm_user: str = "svmm-vm"  # the unprivileged account QEMU runs as
+    # Every running VM's QEMU gets a uid of its own from this range (invariant 13), never a
+    # shared account: one escaped guest must not read another VM's memory. Reserve it for
+    # svmm (no account may have these uids; they are skipped if one does).
+    vm_uid_min: int = 64600
+    vm_uid_max: int = 64855
     run_dir: Path = Path("/run/svmm/vms")  # per-VM private folders (QMP socket, QEMU log)
     registry_dir: Path = Path("/run/svmm/registry")  # running VMs, root-only
     start_timeout: float = 10.0  # seconds until QEMU answers on QMP
@@ -634,15 +638,24 @@ def _session(t: _Table) -> SessionConfig:
 
 def _launcher(t: _Table) -> LauncherConfig:
     d = LauncherConfig()
-    vm_user = t.text("vm_user", d.vm_user)
-    if not vm_user or vm_user == "root" or not vm_user.isprintable() or ":" in vm_user:
-        raise ConfigError(t.key("vm_user"), f"{vm_user!r} is not an unprivileged account name")
+    if "vm_user" in t.data:
+        raise ConfigError(
+            t.key("vm_user"),
+            "is replaced by vm_uid_min and vm_uid_max: every VM runs as a uid of its own",
+        )
+    uid_min = t.integer("vm_uid_min", d.vm_uid_min, minimum=1000, maximum=(1 << 32) - 3)
+    uid_max = t.integer("vm_uid_max", d.vm_uid_max, minimum=1000, maximum=(1 << 32) - 3)
+    if uid_min > uid_max:
+        raise ConfigError(t.key("vm_uid_min"), f"{uid_min} is above vm_uid_max {uid_max}")
+    if uid_min <= 65534 <= uid_max:
+        raise ConfigError(t.key("vm_uid_max"), "the range must not contain nobody (65534)")
     sock = t.path("socket", d.socket) or d.socket
     if len(os.fsencode(sock)) >= 108:
         raise ConfigError(t.key("socket"), "is too long for a unix socket (107 bytes at most)")
     cfg = LauncherConfig(
         socket=sock,
-        vm_user=vm_user,
+        vm_uid_min=uid_min,
+        vm_uid_max=uid_max,
         run_dir=t.path("run_dir", d.run_dir) or d.run_dir,
         registry_dir=t.path("registry_dir", d.registry_dir) or d.registry_dir,
         start_timeout=t.number("start_timeout", d.start_timeout, minimum=0.5),

@@ -93,8 +93,7 @@ EOF
   # svmmd's unit names these in ReadWritePaths: they must exist before it starts.
   install -d -m 0700 /var/log/svmm /var/lib/svmm
   install -d -m 0755 /var/cache/svmm
-  getent passwd svmm-vm >/dev/null ||
-    useradd --system --no-create-home --shell /usr/sbin/nologin svmm-vm
+  # No VM account: svmmd runs every VM's QEMU as a uid of its own ([launcher] vm_uid_min..max).
   # sudo for one role: the directory's engineering group (a POSIX group through the bridge,
   # and a role of its members), authenticated with the card through PAM.
   install -m 0440 /dev/stdin /etc/sudoers.d/svmm-engineering <<'EOF'

@@ -386,22 +386,64 @@ def build_argv(spec: VmSpec, fds: LaunchFds, *, binary: str = QEMU_BINARY) -> li
 
 @dataclass(frozen=True)
 class RunAs:
-    """The unprivileged account QEMU runs as; supplementary groups are only those named."""
+    """Who one QEMU runs as: numbers, so every VM can have a uid of its own (invariant 13;
+    libvirt's per-VM labels, systemd's DynamicUser). Supplementary groups are only those
+    named. ``isolate``: also a private mount namespace with its own /tmp, /var/tmp and
+    /dev/shm (tmpfs owned by that uid), no new privileges and no capabilities, so nothing
+    writable is shared between VMs."""
 
-    user: str
-    group: str | None = None  # default: the user's primary group
-    extra_groups: tuple[str, ...] = ()
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+    isolate: bool = True
 
-    def ids(self) -> tuple[int, int, tuple[int, ...]]:
+    @classmethod
+    def account(
+        cls, user: str, group: str | None = None, extra_groups: tuple[str, ...] = ()
+    ) -> RunAs:
+        """A named account (its primary group unless ``group``), as tools and tests use."""
         try:
-            pw = pwd.getpwnam(self.user)
-            gid = grp.getgrnam(self.group).gr_gid if self.group else pw.pw_gid
-            extra = tuple(grp.getgrnam(g).gr_gid for g in self.extra_groups)
+            pw = pwd.getpwnam(user)
+            gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
+            extra = tuple(grp.getgrnam(g).gr_gid for g in extra_groups)
         except KeyError as e:
             raise VmError(f"unknown user or group: {e.args[0]}", reason="vm_spec_invalid") from None
-        if pw.pw_uid == 0 or gid == 0:
+        return cls(pw.pw_uid, gid, extra)
+
+    @classmethod
+    def for_vm(cls, uid: int) -> RunAs:
+        """A VM's own uid, its gid the same number, plus the kvm group when there is one."""
+        try:
+            kvm: tuple[int, ...] = (grp.getgrnam("kvm").gr_gid,)
+        except KeyError:
+            kvm = ()
+        return cls(uid, uid, kvm)
+
+    def ids(self) -> tuple[int, int, tuple[int, ...]]:
+        if self.uid <= 0 or self.gid <= 0 or 0 in self.groups:
             raise VmError("QEMU must not run as root (uid or gid 0)", reason="vm_spec_invalid")
-        return pw.pw_uid, gid, extra
+        return self.uid, self.gid, self.groups
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """``argv`` started as root inside a new mount namespace that mounts the private
+        tmpfs folders, then dropped to this uid by setpriv (util-linux), which execs QEMU:
+        one process id throughout, so the pid we get is QEMU's."""
+        uid, gid, groups = self.ids()
+        opts = f"mode=0700,uid={uid},gid={gid},size=16m,nosuid,nodev,noexec"
+        mounts = "; ".join(f'mount -t tmpfs -o "$0" svmm-vm "{d}"' for d in PRIVATE_DIRS)
+        setpriv = [
+            SETPRIV, f"--reuid={uid}", f"--regid={gid}",
+            f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
+            "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--",
+        ]  # fmt: skip
+        script = f'set -e; {mounts}; exec "$@"'
+        return [UNSHARE, "--mount", "--propagation", "private", "--",
+                "/bin/sh", "-c", script, opts, *setpriv, *argv]  # fmt: skip
+
+
+UNSHARE = "/usr/bin/unshare"
+SETPRIV = "/usr/bin/setpriv"
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # noqa: S108 - replaced by private tmpfs
 
 
 def kvm_usable(run_as: RunAs | None = None, device: Path = Path("/dev/kvm")) -> bool:
@@ -622,11 +664,15 @@ class QemuVm:
             )
             argv = build_argv(spec, fds, binary=binary)
             user_kw: dict[str, Any] = {}
-            if ids:
-                user_kw = {"user": ids[0], "group": ids[1], "extra_groups": list(ids[2])}
+            if run_as is not None and run_as.isolate:
+                command = run_as.wrap(argv)  # root only until setpriv drops to the VM's uid
+            else:
+                command = argv
+                if ids:
+                    user_kw = {"user": ids[0], "group": ids[1], "extra_groups": list(ids[2])}
             started = time.monotonic()
             process = subprocess.Popen(
-                argv,
+                command,
                 pass_fds=fds.all(),
                 stdin=subprocess.DEVNULL,
                 stdout=out_fd,

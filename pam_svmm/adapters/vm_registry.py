@@ -168,6 +168,37 @@ def _reap_if_child(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
+def _uids_in_use() -> set[int]:
+    """The real uid of every process on the host (a VM uid must be nobody else's)."""
+    used: set[int] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            used.add(os.stat(entry.path).st_uid)  # /proc/PID is owned by the process's uid
+        except OSError:
+            continue  # it ended meanwhile
+    return used
+
+
+def free_uid(low: int, high: int) -> int:
+    """The lowest uid of [low, high] that no process runs as and no account has. Called
+    under the registry's lock, so two starts never get the same one."""
+    import pwd
+
+    used = _uids_in_use()
+    for uid in range(low, high + 1):
+        if uid in used:
+            continue
+        try:
+            pwd.getpwuid(uid)
+            continue  # an account owns it (a reserved range that is not reserved)
+        except KeyError:
+            return uid
+    raise VmError(f"no free VM uid in {low}-{high}: too many VMs running",
+                  reason="vm_uids_exhausted")  # fmt: skip
+
+
 class VmRegistry:
     """The running VMs (thread-safe), backed by the record folder."""
 
@@ -214,10 +245,14 @@ class VmRegistry:
         token_serial: str = "",
         now: dt.datetime | None = None,
         taps: Mapping[str, int] | None = None,
+        vm_uids: tuple[int, int] | None = None,
     ) -> VmRecord:
+        """``vm_uids``: run QEMU as a uid of its own from this range (``run_as`` ignored)."""
         with self._lock:
             if spec.name in self._vms:
                 raise VmError(f"VM {spec.name} is already running", reason="vm_already_running")
+            if vm_uids is not None:
+                run_as = RunAs.for_vm(free_uid(*vm_uids))
             vm = QemuVm.launch(
                 spec, keys, run_dir=run_dir, run_as=run_as, ready_timeout=ready_timeout,
                 taps=taps,

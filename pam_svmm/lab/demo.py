@@ -308,7 +308,7 @@ def _boot(lab: Lab, say: Any, launcher: Any, socket_dir: Path) -> int:
         return 1
     data = started["data"]
     say(
-        f"    started: pid {data['pid']} (QEMU as nobody), disk: {', '.join(data['volumes'])}"
+        f"    started: pid {data['pid']} (QEMU as its own uid), disk: {', '.join(data['volumes'])}"
         " (QEMU's LUKS driver, key from alice's card through a pipe)"
     )
     handle = launcher.registry.get("vm-web")

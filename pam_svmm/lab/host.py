@@ -122,7 +122,6 @@ state_dir = "/run/svmm/sessions"
 
 [launcher]
 socket = "/run/svmm/launcher.sock"
-vm_user = "svmm-vm"
 run_dir = "/run/svmm/vms"
 registry_dir = "/run/svmm/registry"
 card_poll_interval = 0.5

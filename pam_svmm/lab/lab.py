@@ -402,7 +402,7 @@ card_required_roles = ["vm-admins"]
         run = self.folder / "run"
         poll = "" if card_poll_interval is None else f"card_poll_interval = {card_poll_interval}\n"
         return (
-            f'\n[launcher]\nsocket = "{socket_dir / "launcher.sock"}"\nvm_user = "nobody"\n'
+            f'\n[launcher]\nsocket = "{socket_dir / "launcher.sock"}"\n'
             f'run_dir = "{run / "vms"}"\nregistry_dir = "{run / "registry"}"\n{poll}'
             # The lab's VMs run no guest OS: nobody answers the ACPI power button.
             "powerdown_timeout = 1\n"

@@ -1037,7 +1037,9 @@ class Launcher:
                                 f"{vm} needs the key of volume {e.args[0]}, which the launcher "
                                 "does not hold", vm, d.user, d.roles, d.card)  # fmt: skip
                 return self._audited("vm_deny", Outcome.FAILURE, gone, uid, "start", detail=vols)
-            run_as = RunAs(lc.vm_user)
+            # Any uid of the range answers the KVM question: they share the kvm group. The
+            # registry picks the VM's own uid when it starts it (under its lock).
+            run_as = RunAs.for_vm(lc.vm_uid_min)
             taps: dict[str, int] = {}
             try:
                 nics = self._nics(vm, devices.networks, taps)
@@ -1052,7 +1054,8 @@ class Launcher:
                     uid=uid,
                     user=d.user,
                     run_dir=lc.run_dir / vm,
-                    run_as=run_as,
+                    run_as=None,
+                    vm_uids=(lc.vm_uid_min, lc.vm_uid_max),
                     ready_timeout=lc.start_timeout,
                     card_fingerprint=d.card.fingerprint if d.card else "",
                     card_serial=d.card.serial if d.card else "",

@@ -133,7 +133,8 @@ def test_start_status_wall_stop_through_the_socket(service: Running, base: Path)
     start, status = ask(sock, {"op": "start", "vm": "bank-a"}, {"op": "status", "vm": "bank-a"})
     assert start["ok"], start
     pid = start["data"]["pid"]
-    assert os.stat(f"/proc/{pid}").st_uid == NOBODY  # QEMU runs as the VM account
+    lc = service.launcher.config.launcher
+    assert lc.vm_uid_min <= os.stat(f"/proc/{pid}").st_uid <= lc.vm_uid_max  # the VM's own uid
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         argv = f.read().split(b"\0")
     assert b"guest=bank-a" in argv and b"none" in argv
@@ -280,3 +281,55 @@ def test_one_user_cannot_take_svmmd_down_with_idle_connections(
     finally:
         hoarder.communicate(b"\n", timeout=30)
     assert ask(sock, {"op": "list"})[0]["ok"]  # released: nobody is served again
+
+
+MEM_PROBE = """
+import sys
+try:
+    with open(f"/proc/{sys.argv[1]}/mem", "rb") as f:
+        f.seek(int(sys.argv[2]))
+        f.read(16)
+    print("read")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+def _status(pid: int) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in text.splitlines())}
+
+
+@needs_qemu
+def test_one_vm_cannot_read_another(service: Running) -> None:
+    """Invariant 13. Every VM's QEMU once ran as one account: a process as that account (an
+    escaped guest's QEMU) read another user's QEMU memory and found her LUKS master key. Now
+    each running VM has a uid of its own, no new privileges, no capabilities and private
+    /tmp, /var/tmp and /dev/shm: the other QEMU's memory is out of reach."""
+    sock = service.launcher.config.launcher.socket
+    first, second = ask(sock, {"op": "start", "vm": "plain"}, {"op": "start", "vm": "bank-a"})
+    assert first["ok"] and second["ok"], (first, second)
+    pid_a, pid_b = first["data"]["pid"], second["data"]["pid"]
+    uid_a, uid_b = os.stat(f"/proc/{pid_a}").st_uid, os.stat(f"/proc/{pid_b}").st_uid
+    assert uid_a != uid_b and 0 not in (uid_a, uid_b) and NOBODY not in (uid_a, uid_b)
+    for pid, uid in ((pid_a, uid_a), (pid_b, uid_b)):
+        st = _status(pid)
+        assert st["NoNewPrivs"] == "1" and int(st["CapEff"], 16) == 0 and int(st["CapBnd"], 16) == 0
+        mounts = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+        for folder in ("/tmp", "/var/tmp", "/dev/shm"):
+            top = [m for m in mounts if m.split()[4] == folder][-1]  # the one QEMU sees
+            assert " - tmpfs svmm-vm " in top and f"uid={uid}," in top, top
+    heap = next(line for line in Path(f"/proc/{pid_b}/maps").read_text().splitlines()
+                if "[heap]" in line).split("-")[0]  # fmt: skip
+    # As VM A's uid (what an escaped guest in A would be): B's memory is not readable.
+    probe = subprocess.run(
+        ["/usr/bin/python3", "-I", "-c", MEM_PROBE, str(pid_b), str(int(heap, 16))],
+        capture_output=True, text=True, timeout=30, user=uid_a, group=uid_a, extra_groups=[],
+    )  # fmt: skip
+    assert probe.stdout.strip() == "PermissionError", probe
+    # The probe itself works: as B's own uid the same read succeeds.
+    same = subprocess.run(
+        ["/usr/bin/python3", "-I", "-c", MEM_PROBE, str(pid_b), str(int(heap, 16))],
+        capture_output=True, text=True, timeout=30, user=uid_b, group=uid_b, extra_groups=[],
+    )  # fmt: skip
+    assert same.stdout.strip() == "read", same

@@ -189,7 +189,7 @@ def test_runs_as_nobody_with_only_its_descriptors(
     )
     assert as_nobody.returncode != 0 and b"Permission denied" in as_nobody.stderr
 
-    run_as = RunAs("nobody", "nogroup")
+    run_as = RunAs.account("nobody", "nogroup")
     accel = detect_accel(run_as)
     assert accel is (Accel.KVM if kvm_usable(run_as) else Accel.TCG)
     vm = _launch(tmp_path, _spec(image, accel=accel), key, run_as=run_as)  # fmt: skip
@@ -258,18 +258,24 @@ def test_qemu_img_luks_images_open_in_qemu_and_in_cryptsetup(
     tmp_path: Path, key: bytearray, launched: list[QemuVm]
 ) -> None:
     image = tmp_path / "qi.img"
-    r, w = os.pipe()
-    os.write(w, bytes(key))
-    os.close(w)
-    try:
-        subprocess.run(
-            ["qemu-img", "create", "-f", "luks", "--object",
-             f"secret,id=s0,format=raw,file=/proc/self/fd/{r}", "-o", "key-secret=s0,iter-time=10",
-             str(image), "8M"],
-            pass_fds=[r], check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
-    finally:
-        os.close(r)
+    for _attempt in range(5):
+        r, w = os.pipe()
+        os.write(w, bytes(key))
+        os.close(w)
+        try:
+            made = subprocess.run(
+                ["qemu-img", "create", "-f", "luks", "--object",
+                 f"secret,id=s0,format=raw,file=/proc/self/fd/{r}", "-o",
+                 "key-secret=s0,iter-time=50", str(image), "8M"],
+                pass_fds=[r], capture_output=True, timeout=60, check=False,
+            )  # fmt: skip
+        finally:
+            os.close(r)
+        # QEMU times its PBKDF on CPU usage; on a loaded machine that measurement can fail
+        # ("Unable to get accurate CPU usage"): that is the benchmark, not the volume.
+        if made.returncode == 0 or b"accurate CPU usage" not in made.stderr:
+            break
+    assert made.returncode == 0, made.stderr
     test = subprocess.run(
         [CRYPTSETUP, "luksOpen", "--test-passphrase", "--key-file=-", str(image)],
         input=bytes(key), capture_output=True, timeout=60, check=False,

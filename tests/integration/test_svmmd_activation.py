@@ -43,7 +43,6 @@ allowlist_dir = "{base}/allowlist"
 state_dir = "{base}/sessions"
 [launcher]
 socket = "{base}/sock/launcher.sock"
-vm_user = "nobody"
 run_dir = "{base}/vms"
 registry_dir = "{base}/registry"
 """

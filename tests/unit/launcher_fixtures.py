@@ -106,13 +106,12 @@ def allowlist_bytes(
     ).to_json()
 
 
-def launcher_config(base: Path, *, vm_user: str = "nobody") -> Config:
+def launcher_config(base: Path) -> Config:
     return replace(
         Config(),
         session=SessionConfig(allowlist_dir=base / "allowlist", state_dir=base / "sessions"),
         launcher=LauncherConfig(
             socket=base / "sock" / "launcher.sock",
-            vm_user=vm_user,
             run_dir=base / "vms",
             registry_dir=base / "registry",
             start_timeout=10.0,

@@ -14,7 +14,7 @@ from pam_svmm.errors import ConfigError
 def test_launcher_defaults() -> None:
     lc = config.parse({}).launcher
     assert lc.socket == Path("/run/svmm/launcher.sock")
-    assert lc.vm_user == "svmm-vm"
+    assert (lc.vm_uid_min, lc.vm_uid_max) == (64600, 64855)  # a uid per VM, never shared
     assert lc.run_dir == Path("/run/svmm/vms") and lc.registry_dir == Path("/run/svmm/registry")
     assert lc.card_removal is config.CardRemovalAction.PAUSE
     assert lc.card_poll_interval == 1.0
@@ -24,7 +24,8 @@ def test_launcher_defaults() -> None:
 def test_launcher_values_are_read() -> None:
     text = """[launcher]
 socket = "/run/x/l.sock"
-vm_user = "qemu-vm"
+vm_uid_min = 70000
+vm_uid_max = 70009
 run_dir = "/run/x/vms"
 registry_dir = "/run/x/reg"
 start_timeout = 20
@@ -35,7 +36,7 @@ card_removal = "stop"
 card_poll_interval = 0.25
 """
     lc = config.parse(tomllib.loads(text)).launcher
-    assert lc.socket == Path("/run/x/l.sock") and lc.vm_user == "qemu-vm"
+    assert lc.socket == Path("/run/x/l.sock") and (lc.vm_uid_min, lc.vm_uid_max) == (70000, 70009)
     assert lc.registry_dir == Path("/run/x/reg") and lc.start_timeout == 20.0
     assert lc.card_removal is config.CardRemovalAction.STOP and lc.card_poll_interval == 0.25
 
@@ -45,8 +46,10 @@ card_poll_interval = 0.25
     [
         ('[launcher]\nsocket = "svmm.sock"', "launcher.socket", "absolute"),
         (f'[launcher]\nsocket = "/{"x" * 120}"', "launcher.socket", "too long"),
-        ('[launcher]\nvm_user = "root"', "launcher.vm_user", "unprivileged"),
-        ('[launcher]\nvm_user = ""', "launcher.vm_user", "unprivileged"),
+        ('[launcher]\nvm_user = "nobody"', "launcher.vm_user", "a uid of its own"),
+        ("[launcher]\nvm_uid_min = 0", "launcher.vm_uid_min", "between"),
+        ("[launcher]\nvm_uid_min = 70001\nvm_uid_max = 70000", "launcher.vm_uid_min", "above"),
+        ("[launcher]\nvm_uid_min = 65000\nvm_uid_max = 66000", "launcher.vm_uid_max", "nobody"),
         ('[launcher]\ncard_removal = "shred"', "launcher.card_removal", "'pause'"),
         ("[launcher]\ncard_poll_interval = 0", "launcher.card_poll_interval", "at least"),
         ("[launcher]\nquit_timeout = -1", "launcher.quit_timeout", "at least"),

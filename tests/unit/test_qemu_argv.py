@@ -50,9 +50,11 @@ def test_spec_values_are_checked() -> None:
     with pytest.raises(VmError):
         VmSpec("vm1", disks=(LuksDisk("d", Path("/a")), LuksDisk("d", Path("/b"))))
     with pytest.raises(VmError):
-        RunAs("root").ids()
+        RunAs.account("root").ids()
     with pytest.raises(VmError):
-        RunAs("no-such-user-svmm").ids()
+        RunAs.account("no-such-user-svmm")
+    with pytest.raises(VmError):
+        RunAs(1000, 0).ids()
 
 
 def test_argv_names_descriptors_not_paths() -> None:
@@ -137,3 +139,33 @@ def test_devices_need_a_pci_machine_and_valid_names() -> None:
         Nic("Lab,x=1", NetKind.USER, "52:54:00:00:00:01")
     with pytest.raises(VmError):
         Nic("lab", NetKind.USER, "02:00:00:00:00:01")
+
+
+def test_each_vm_gets_a_free_uid_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lowest uid of the range no process runs as and no account holds."""
+    import pwd
+
+    from pam_svmm.adapters import vm_registry
+
+    monkeypatch.setattr(vm_registry, "_uids_in_use", lambda: {0, 64600, 64602})
+    accounts = {64601}
+
+    def getpwuid(uid: int) -> object:
+        if uid in accounts:
+            return object()
+        raise KeyError(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", getpwuid)
+    assert vm_registry.free_uid(64600, 64605) == 64603
+    with pytest.raises(VmError) as e:
+        vm_registry.free_uid(64600, 64602)
+    assert e.value.reason == "vm_uids_exhausted"
+
+
+def test_the_isolated_start_drops_to_the_vms_uid_after_its_private_mounts() -> None:
+    argv = RunAs(64601, 64601, (993,)).wrap(["/usr/bin/qemu-system-x86_64", "-S"])
+    assert argv[:5] == ["/usr/bin/unshare", "--mount", "--propagation", "private", "--"]
+    setpriv = argv.index("/usr/bin/setpriv")
+    assert argv[setpriv + 1 : setpriv + 4] == ["--reuid=64601", "--regid=64601", "--groups=993"]
+    assert "--no-new-privs" in argv and argv[-2:] == ["/usr/bin/qemu-system-x86_64", "-S"]
+    assert "uid=64601,gid=64601" in argv[setpriv - 1]  # the tmpfs options ($0 of the script)
