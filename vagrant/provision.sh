@@ -37,6 +37,7 @@ PACKAGES=(
   slapd ldap-utils
   cryptsetup-bin cryptsetup qemu-system-x86 qemu-utils
   libpam-runtime sudo login passwd kmod
+  rsyslog rsyslog-gnutls
 )
 
 say() { printf '[provision] %s\n' "$*"; }
@@ -120,11 +121,45 @@ Wants=svmm-demo-org.service
 After=svmm-demo-org.service
 EOF
   systemctl enable svmm-demo-org.service >/dev/null 2>&1 || true
+  demo_audit_collector
   # The Debian slapd service is not configured (the demo runs its own): keep it off.
   systemctl disable slapd.service >/dev/null 2>&1 || true
   install -d /etc/systemd/system/multi-user.target.wants
   ln -sf /etc/systemd/system/svmm-nss-sync.service \
     /etc/systemd/system/multi-user.target.wants/svmm-nss-sync.service
+}
+
+# The audit trail leaves the host: rsyslog forwards every record (config/rsyslog/
+# svmm-audit-forward.conf, as an organisation would install it) over TLS to a collector. The
+# demo's collector is a second rsyslogd on 127.0.0.1:6514; a small CA made here signs its
+# certificate and the host's (x509/name authentication both ways).
+demo_audit_collector() {
+  local ca=/etc/svmm-collector host=/etc/svmm/rsyslog
+  install -d -m 0700 "$ca" "$host" /var/spool/svmm-collector /var/log/svmm-collector
+  if [ ! -e "$ca/ca.pem" ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+      -subj "/CN=svmm demo syslog CA" -keyout "$ca/ca.key" -out "$ca/ca.pem" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" \
+      2>/dev/null
+    local name dir
+    for name in collector host; do
+      dir=$ca
+      [ "$name" = host ] && dir=$host
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=svmm-$name" \
+        -keyout "$dir/$name.key" -out "$dir/$name.csr" 2>/dev/null
+      printf 'subjectAltName=DNS:svmm-%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$name" \
+        > "$dir/$name.ext"
+      openssl x509 -req -in "$dir/$name.csr" -CA "$ca/ca.pem" -CAkey "$ca/ca.key" \
+        -CAcreateserial -days 3650 -extfile "$dir/$name.ext" -out "$dir/$name.pem" 2>/dev/null
+      rm -f "$dir/$name.csr" "$dir/$name.ext"
+    done
+    install -m 0644 "$ca/ca.pem" "$host/ca.pem"
+  fi
+  install -m 0600 "$SRC/config/rsyslog/svmm-collector.conf" "$ca/rsyslog.conf"
+  install -m 0644 "$SRC/config/systemd/svmm-collector.service" /etc/systemd/system/
+  install -m 0644 "$SRC/config/rsyslog/svmm-audit-forward.conf" \
+    /etc/rsyslog.d/60-svmm-audit-forward.conf
+  systemctl enable svmm-collector.service rsyslog.service >/dev/null 2>&1 || true
 }
 
 phase_tests() {
