@@ -39,6 +39,10 @@ MAX_PER_UID = 16
 MAX_USERS_TOTAL = 256
 MAX_ROOT = 128
 BUSY_AUDIT_EVERY = 60.0  # seconds: at most one "busy" record per uid so often
+# Launcher requests of one user (every one is audited, with fsyncs): a burst, then a steady
+# rate; past it the answer is "busy", unaudited but for BUSY_AUDIT_EVERY. Root is not limited.
+REQUEST_BURST = 30
+REQUESTS_PER_SECOND = 2.0
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 log = logging.getLogger(__name__)
@@ -118,6 +122,14 @@ class _Handler(socketserver.StreamRequestHandler):
                 reply = Reply(False, "bad_request", "request line too long or unterminated")
                 self.wfile.write(reply.to_json())
                 return
+            if not self.server.admit_request(uid):
+                reply = Reply(False, "busy", "too many requests: try again in a moment")
+                self.server.note_busy(uid, "request rate limit reached")
+                try:
+                    self.wfile.write(reply.to_json())
+                except OSError:
+                    return
+                continue
             try:
                 reply = self.server.launcher.handle(uid, line.rstrip(b"\r\n"))
             except Exception:  # a bug: logged, and the answer is a refusal, never a success
@@ -176,6 +188,21 @@ class LauncherServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         self._by_uid: dict[int, int] = {}
         self._counted: dict[int, int] = {}  # id(connection) -> uid, for the ones admitted
         self._busy_audited: dict[int, float] = {}
+        self._buckets: dict[int, tuple[float, float]] = {}  # uid -> (tokens, when)
+
+    def admit_request(self, uid: int, now: float | None = None) -> bool:
+        """A token bucket per uid: REQUEST_BURST at once, REQUESTS_PER_SECOND after."""
+        if uid == 0:
+            return True
+        import time
+
+        now = time.monotonic() if now is None else now
+        with self._limits:
+            tokens, when = self._buckets.get(uid, (float(REQUEST_BURST), now))
+            tokens = min(float(REQUEST_BURST), tokens + (now - when) * REQUESTS_PER_SECOND)
+            ok = tokens >= 1.0
+            self._buckets[uid] = (tokens - 1.0 if ok else tokens, now)
+            return ok
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Admit a connection within its uid's budget; else answer "busy" and close."""
@@ -200,6 +227,10 @@ class LauncherServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         with contextlib.suppress(OSError):
             request.settimeout(0.5)
             request.sendall(reply.to_json())
+        self.note_busy(uid, f"{held} connections held; more refused for a while")
+
+    def note_busy(self, uid: int, why: str) -> None:
+        """Audit a "busy" answer, at most once per uid per BUSY_AUDIT_EVERY."""
         import time
 
         now = time.monotonic()
@@ -208,7 +239,7 @@ class LauncherServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
             if last is not None and now - last < BUSY_AUDIT_EVERY:
                 return
             self._busy_audited[uid] = now
-        self.launcher.audit_busy(uid, f"{held} connections held; more refused for a while")
+        self.launcher.audit_busy(uid, why)
 
     def shutdown_request(self, request: Any) -> None:
         with self._limits:

@@ -333,3 +333,18 @@ def test_one_vm_cannot_read_another(service: Running) -> None:
         capture_output=True, text=True, timeout=30, user=uid_b, group=uid_b, extra_groups=[],
     )  # fmt: skip
     assert same.stdout.strip() == "read", same
+
+
+def test_what_one_user_can_make_the_audit_write_is_bounded(service: Running, base: Path) -> None:
+    """Every launcher request is an audit record with fsyncs: one connection once wrote
+    10,697 records in 10 s. Past a burst, requests get "busy" (itself audited once)."""
+    from pam_svmm.daemon import server as server_mod
+
+    before = len(audit_records(base))
+    n = 200
+    replies = ask(sock := service.launcher.config.launcher.socket, *([{"op": "nonsense"}] * n))
+    busy = sum(r["reason"] == "busy" for r in replies)
+    assert len(replies) == n and busy >= n - server_mod.REQUEST_BURST - 10, busy
+    written = len(audit_records(base)) - before
+    assert written <= server_mod.REQUEST_BURST + 10 + 1, written  # the burst, a few refills, busy
+    assert ask(sock, {"op": "list"}, user=None)[0]["reason"] != "busy"  # root is not limited

@@ -317,3 +317,19 @@ def test_a_socket_nobody_listens_on_is_no_svmmd(tmp_path: Path) -> None:
     stale.close()  # the file stays, nothing listens: ECONNREFUSED
     options = thin.ModuleOptions(["shim", f"socket={path}"])
     assert thin.call("authenticate", FakePamh(), 0, options) is None
+
+
+def test_the_request_budget_refills_with_time(tmp_path: Path) -> None:
+    from pam_svmm.daemon import server as server_mod
+
+    sock = socket.socket(socket.AF_UNIX)
+    srv = server_mod.LauncherServer(SimpleNamespace(), sock)  # type: ignore[arg-type]
+    try:
+        burst = server_mod.REQUEST_BURST
+        assert all(srv.admit_request(1000, now=100.0) for _ in range(burst))
+        assert not srv.admit_request(1000, now=100.0)
+        assert srv.admit_request(1001, now=100.0)  # another user has a budget of their own
+        assert srv.admit_request(1000, now=100.0 + 1 / server_mod.REQUESTS_PER_SECOND)
+        assert all(srv.admit_request(0, now=100.0) for _ in range(10 * burst))  # root
+    finally:
+        srv.server_close()
