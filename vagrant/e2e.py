@@ -426,12 +426,14 @@ def scenario(g: Guest, report: Report, mode: str) -> None:
         )
         n.append(out.strip()[-80:])
         check(code == 0 and out.split()[-3] == out.split()[-1], "the copy is not complete")
-        code, out = root.run(f"{SVMM} audit verify --path {copy}")
+        # The hash chain (a copy has no head file; its end is checked by the count above).
+        code, out = root.run(f"{SVMM} audit verify --no-key --path {copy}")
         n.append(out.strip()[-120:])
         check(code == 0, f"verify of the copy: exit {code}")
         # One record dropped on the way (line 5 of a copy of the copy): caught.
         code, out = root.run(
-            f"sed 5d {copy} > /root/gap.jsonl && {SVMM} audit verify --path /root/gap.jsonl"
+            f"sed 5d {copy} > /root/gap.jsonl && "
+            f"{SVMM} audit verify --no-key --path /root/gap.jsonl"
         )
         n.append(out.strip()[-120:])
         check(code != 0 and "broken" in out, "a missing record was not detected")
