@@ -7,9 +7,12 @@ chosen one and turns errors into a message on stderr and an exit code.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
+import tomllib
 from collections.abc import Sequence
+from pathlib import Path
 
 from .. import config as config_mod
 from ..errors import AuditTampered, AuthFailed, ConfigError, PinLocked, SvmmError, Undecided
@@ -26,6 +29,27 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
 )
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug
+# The reader of our output went away (`svmm audit show | head -1`). 141 is 128 + SIGPIPE,
+# what the shell reports for a C tool killed by the signal (`yes | head -1`): the output was
+# cut short, so a `set -o pipefail` script must not take it for a complete answer (0 would
+# claim that), and it is no error of ours to print (nothing goes to stderr).
+EXIT_PIPE = 141
+
+DISTRIBUTION = "pam_svmm"
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def version() -> str:
+    """The installed distribution's version; in a checkout that is not installed, the one
+    pyproject.toml declares."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        return str(tomllib.loads(PYPROJECT.read_text())["project"]["version"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
 
 
 def exit_code(error: BaseException) -> int:
@@ -44,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", help="configuration file (default: $SVMM_CONFIG or /etc/svmm/svmm.toml)"
     )
+    parser.add_argument("--version", action="version", version=f"svmm {version()}")
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
     for module in (cert, certmap, card, doctor, lab, nss, audit, policy, volume, vm):
         module.register(sub)
@@ -57,7 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # module and svmmd never read the environment for it (config.resolve_path).
     args.config = args.config or os.environ.get(config_mod.ENV_VAR) or None
     try:
-        return int(args.func(args) or EXIT_OK)
+        code = int(args.func(args) or EXIT_OK)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_PIPE
     except SvmmError as e:
         print(f"svmm: {e.message}", file=sys.stderr)
         return exit_code(e)
@@ -69,6 +99,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"svmm: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of what is still buffered
+    cannot fail again ("Exception ignored ... BrokenPipeError" on stderr)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (a test's capture): nothing to protect
+        pass
 
 
 if __name__ == "__main__":
