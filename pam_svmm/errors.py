@@ -89,6 +89,13 @@ class CertificateUntrusted(AuthFailed):
     reason = "certificate_untrusted"
 
 
+class NameConstraintsViolated(CertificateUntrusted):
+    """A name the mapper could use (subject, subject e-mail, a SAN, a UPN) lies outside the
+    nameConstraints of a CA in the chain; the message names the name and the constraint."""
+
+    reason = "name_constraints"
+
+
 class CertificateRevoked(AuthFailed):
     """A certificate in the chain is revoked."""
 

@@ -118,6 +118,8 @@ def make_ca(
     not_after: datetime = NOT_AFTER + timedelta(days=365),
     path_length: int | None = None,
     eku: Sequence[ObjectIdentifier] | None = None,
+    name_constraints: x509.NameConstraints | None = None,
+    name_constraints_critical: bool = True,
 ) -> Issued:
     """A CA certificate: self-signed when ``issuer`` is None, else signed by it."""
     k = key(key_kind, slot)
@@ -142,6 +144,8 @@ def make_ca(
         )
     if eku is not None:
         b = b.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
+    if name_constraints is not None:
+        b = b.add_extension(name_constraints, critical=name_constraints_critical)
     return Issued(b.sign(signer, _hash_for(signer)), k)
 
 
@@ -165,13 +169,18 @@ def make_leaf(
     emails: Sequence[str] = (),
     other_names: Sequence[x509.OtherName] = (),
     dns_names: Sequence[str] = (),
+    more_sans: Sequence[x509.GeneralName] = (),
+    subject: x509.Name | None = None,
     basic_constraints: bool = True,
 ) -> Issued:
-    """An end-entity certificate issued by ``issuer``; ``None`` omits KU / EKU."""
+    """An end-entity certificate issued by ``issuer``; ``None`` omits KU / EKU.
+
+    ``subject`` replaces the default subject (O=Example Org, CN=``cn``, ``subject_extra``);
+    ``more_sans`` adds any further subjectAltName entries (URIs, IPs, directory names)."""
     k = key(key_kind, slot)
     b = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn, subject_extra))
+        .subject_name(subject if subject is not None else _name(cn, subject_extra))
         .issuer_name(issuer.name)
         .public_key(k.public_key())
         .serial_number(next(_serial))
@@ -192,6 +201,7 @@ def make_leaf(
     san += list(other_names)
     san += [x509.RFC822Name(e) for e in emails]
     san += [x509.DNSName(d) for d in dns_names]
+    san += list(more_sans)
     if san:
         b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
     return Issued(b.sign(issuer.key, _hash_for(issuer.key)), k)

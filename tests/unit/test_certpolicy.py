@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -14,23 +15,32 @@ from certfactory import (
     NOW,
     SERVER_AUTH,
     SMARTCARD_LOGON,
+    UPN_OID,
     make_ca,
     make_leaf,
     pki,
 )
 from cryptography import x509
+from cryptography.hazmat import asn1
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pam_svmm.config import TrustConfig
 from pam_svmm.domain.certpolicy import (
     CertPolicy,
+    check_name_constraints,
     describe,
     fingerprint,
     parse_certificate,
     validate_chain,
 )
-from pam_svmm.errors import AuthFailed, CertificateInvalid, CertificateUntrusted, ConfigError
+from pam_svmm.errors import (
+    AuthFailed,
+    CertificateInvalid,
+    CertificateUntrusted,
+    ConfigError,
+    NameConstraintsViolated,
+)
 
 POLICY = CertPolicy.from_config(TrustConfig())
 P = pki()
@@ -356,3 +366,247 @@ def test_describe(key_kind: str, key_type: str) -> None:
 
 def test_describe_times_are_utc() -> None:
     assert datetime.fromisoformat(describe(P.leaf().cert)["not_after"]).tzinfo == UTC
+
+
+# --- name constraints: every name the mapper can use lies within every CA's subtrees -------
+
+_EMAIL = x509.oid.NameOID.EMAIL_ADDRESS
+_CORP = x509.Name([x509.NameAttribute(x509.oid.NameOID.ORGANIZATION_NAME, "Corp")])
+_EXAMPLE_ORG = x509.Name([x509.NameAttribute(x509.oid.NameOID.ORGANIZATION_NAME, "Example Org")])
+
+
+def _nc(
+    permitted: list[x509.GeneralName] | None = None,
+    excluded: list[x509.GeneralName] | None = None,
+) -> x509.NameConstraints:
+    return x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=excluded)
+
+
+def _constrained_ca(nc: x509.NameConstraints, *, critical: bool = True, slot: int = 40) -> Any:
+    return make_ca("Constrained CA", issuer=P.root, slot=slot, name_constraints=nc,
+                   name_constraints_critical=critical)  # fmt: skip
+
+
+def test_subject_email_outside_a_permitted_rfc822_subtree_is_refused() -> None:
+    # The reported hole: no SAN, subject emailAddress admin@evil.org under a CA permitted
+    # only rfc822Name corp.example. RFC 5280 4.2.1.10 applies the constraint to it.
+    ca = _constrained_ca(_nc(permitted=[x509.RFC822Name("corp.example")]))
+    leaf = make_leaf(ca, cn=None, subject_extra=[(_EMAIL, "admin@evil.org")]).cert
+    with pytest.raises(CertificateUntrusted) as e:
+        validate_chain(leaf, [ca.cert], ANCHORS, at=NOW, policy=POLICY)
+    assert e.value.reason == "name_constraints"
+    assert "admin@evil.org" in e.value.message and "corp.example" in e.value.message
+
+
+NC_DENY: list[tuple[str, x509.NameConstraints, bool, dict[str, Any]]] = [
+    # (id, the CA's constraints, critical, leaf kwargs): cryptography's verifier passes each.
+    (
+        "subject email in an excluded rfc822 subtree",
+        _nc(excluded=[x509.RFC822Name("evil.org")]),
+        True,
+        {"subject_extra": [(_EMAIL, "admin@evil.org")]},
+    ),
+    (
+        "subject email beside an in-subtree SAN email",
+        _nc(permitted=[x509.RFC822Name("corp.example")]),
+        True,
+        {"emails": ["admin@corp.example"], "subject_extra": [(_EMAIL, "admin@evil.org")]},
+    ),
+    (
+        "subject email in a subdomain-only subtree's parent",
+        _nc(permitted=[x509.RFC822Name(".corp.example")]),
+        True,
+        {"subject_extra": [(_EMAIL, "admin@corp.example")]},
+    ),
+    (
+        "UPN domain outside the permitted rfc822 subtree",
+        _nc(permitted=[x509.RFC822Name("corp.example")]),
+        True,
+        {"upns": ["admin@evil.org"]},
+    ),
+    (
+        "UPN domain in an excluded rfc822 subtree",
+        _nc(excluded=[x509.RFC822Name("evil.org")]),
+        True,
+        {"upns": ["admin@evil.org"]},
+    ),
+    (
+        "UPN under a CA permitted only DNS names",
+        _nc(permitted=[x509.DNSName("corp.example")]),
+        True,
+        {"upns": ["admin@corp.example"]},
+    ),
+    (
+        "subject outside a permitted directoryName (non-critical: the verifier skips it)",
+        _nc(permitted=[x509.DirectoryName(_CORP)]),
+        False,
+        {"cn": "admin"},
+    ),
+    (
+        "subject in an excluded directoryName (non-critical)",
+        _nc(excluded=[x509.DirectoryName(_EXAMPLE_ORG)]),
+        False,
+        {"cn": "admin"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("nc", "critical", "leaf_kw"), [d[1:] for d in NC_DENY], ids=[d[0] for d in NC_DENY]
+)
+def test_names_outside_the_name_constraints_are_refused(
+    nc: x509.NameConstraints, critical: bool, leaf_kw: dict[str, Any]
+) -> None:
+    ca = _constrained_ca(nc, critical=critical)
+    leaf = make_leaf(ca, **leaf_kw).cert
+    with pytest.raises(CertificateUntrusted) as e:
+        validate_chain(leaf, [ca.cert], ANCHORS, at=NOW, policy=POLICY)
+    assert e.value.reason == "name_constraints", e.value.message
+
+
+def test_constraints_of_every_ca_in_the_chain_apply() -> None:
+    # The intermediate is unconstrained; the CA above it permits corp.example only.
+    upper = _constrained_ca(_nc(permitted=[x509.RFC822Name("corp.example")]), slot=41)
+    lower = make_ca("Issuing CA", issuer=upper, slot=42)
+    leaf = make_leaf(lower, upns=["admin@evil.org"]).cert
+    with pytest.raises(CertificateUntrusted) as e:
+        validate_chain(leaf, [upper.cert, lower.cert], ANCHORS, at=NOW, policy=POLICY)
+    assert e.value.reason == "name_constraints"
+    assert "Constrained CA" in e.value.message
+
+
+NC_ALLOW: list[tuple[str, x509.NameConstraints, bool, dict[str, Any]]] = [
+    (
+        "subject email in the permitted domain",
+        _nc(permitted=[x509.RFC822Name("corp.example")]),
+        True,
+        {"subject_extra": [(_EMAIL, "admin@corp.example")]},
+    ),
+    (
+        "subject email domain differs only in case",
+        _nc(permitted=[x509.RFC822Name("corp.example")]),
+        True,
+        {"subject_extra": [(_EMAIL, "admin@CORP.example")]},
+    ),
+    (
+        "subject email in a permitted subdomain subtree",
+        _nc(permitted=[x509.RFC822Name(".corp.example")]),
+        True,
+        {"subject_extra": [(_EMAIL, "admin@mail.corp.example")]},
+    ),
+    (
+        "UPN and email in the permitted domain",
+        _nc(permitted=[x509.RFC822Name("corp.example")]),
+        True,
+        {"upns": ["admin@corp.example"], "emails": ["admin@corp.example"]},
+    ),
+    (
+        "UPN beside an excluded domain",
+        _nc(excluded=[x509.RFC822Name("evil.org")]),
+        True,
+        {"upns": ["admin@corp.example"]},
+    ),
+    (
+        "DNS constraint leaves the subject email alone",
+        _nc(permitted=[x509.DNSName("corp.example")]),
+        True,
+        {"subject_extra": [(_EMAIL, "admin@evil.org")], "dns_names": ["h.corp.example"]},
+    ),
+    (
+        "subject under the permitted directoryName",
+        _nc(permitted=[x509.DirectoryName(_EXAMPLE_ORG)]),
+        False,
+        {"cn": "admin"},
+    ),
+    (
+        "directoryName compared without case",
+        _nc(
+            permitted=[
+                x509.DirectoryName(
+                    x509.Name(
+                        [x509.NameAttribute(x509.oid.NameOID.ORGANIZATION_NAME, "example  ORG")]
+                    )
+                )
+            ]
+        ),
+        False,
+        {"cn": "admin"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("nc", "critical", "leaf_kw"), [a[1:] for a in NC_ALLOW], ids=[a[0] for a in NC_ALLOW]
+)
+def test_names_within_the_name_constraints_are_accepted(
+    nc: x509.NameConstraints, critical: bool, leaf_kw: dict[str, Any]
+) -> None:
+    ca = _constrained_ca(nc, critical=critical)
+    leaf = make_leaf(ca, **leaf_kw).cert
+    assert validate_chain(leaf, [ca.cert], ANCHORS, at=NOW, policy=POLICY)[0] == leaf
+
+
+# The forms cryptography's verifier already refuses or checks: the same rule holds when the
+# check runs on its own (defence in depth if the verifier's coverage ever changes).
+_UPN_SUBTREE = x509.OtherName(UPN_OID, asn1.encode_der("corp.example"))
+NC_DIRECT: list[tuple[str, x509.NameConstraints, dict[str, Any], bool]] = [
+    # (id, constraints, leaf kwargs, accepted)
+    ("URI host in", _nc(permitted=[x509.UniformResourceIdentifier("h.corp.example")]),
+     {"more_sans": [x509.UniformResourceIdentifier("https://h.corp.example/x")]}, True),
+    ("URI host out", _nc(permitted=[x509.UniformResourceIdentifier("h.corp.example")]),
+     {"more_sans": [x509.UniformResourceIdentifier("https://evil.org/x")]}, False),
+    ("URI below a .domain", _nc(permitted=[x509.UniformResourceIdentifier(".corp.example")]),
+     {"more_sans": [x509.UniformResourceIdentifier("ldap://a.corp.example")]}, True),
+    ("URI without a host", _nc(permitted=[x509.UniformResourceIdentifier(".corp.example")]),
+     {"more_sans": [x509.UniformResourceIdentifier("urn:corp.example")]}, False),
+    ("IP in", _nc(permitted=[x509.IPAddress(ipaddress.ip_network("10.0.0.0/8"))]),
+     {"more_sans": [x509.IPAddress(ipaddress.ip_address("10.1.2.3"))]}, True),
+    ("IP out", _nc(permitted=[x509.IPAddress(ipaddress.ip_network("10.0.0.0/8"))]),
+     {"more_sans": [x509.IPAddress(ipaddress.ip_address("192.168.1.1"))]}, False),
+    ("IPv6 against IPv4", _nc(permitted=[x509.IPAddress(ipaddress.ip_network("10.0.0.0/8"))]),
+     {"more_sans": [x509.IPAddress(ipaddress.ip_address("::1"))]}, False),
+    ("DNS excluded", _nc(excluded=[x509.DNSName("evil.org")]), {"dns_names": ["a.EVIL.org"]},
+     False),
+    ("DNS look-alike", _nc(permitted=[x509.DNSName("corp.example")]),
+     {"dns_names": ["evilcorp.example"]}, False),
+    ("SAN email in", _nc(permitted=[x509.RFC822Name("corp.example")]),
+     {"emails": ["a@corp.example"]}, True),
+    ("mailbox subtree", _nc(permitted=[x509.RFC822Name("a@corp.example")]),
+     {"emails": ["b@corp.example"]}, False),
+    ("SAN directoryName out", _nc(permitted=[x509.DirectoryName(_EXAMPLE_ORG)]),
+     {"more_sans": [x509.DirectoryName(_CORP)]}, False),
+    ("UPN subtree in", _nc(permitted=[_UPN_SUBTREE]), {"upns": ["a@corp.example"]}, True),
+    ("UPN subtree out", _nc(permitted=[_UPN_SUBTREE]), {"upns": ["a@evil.org"]}, False),
+    ("UPN subtree excluded", _nc(excluded=[_UPN_SUBTREE]), {"upns": ["a@corp.example"]}, False),
+    ("UPN that does not decode", _nc(excluded=[x509.RFC822Name("evil.org")]),
+     {"other_names": [x509.OtherName(UPN_OID, b"\x04\x01a")]}, False),
+    ("unconstrained forms pass",
+     _nc(permitted=[x509.IPAddress(ipaddress.ip_network("10.0.0.0/8"))]),
+     {"emails": ["a@evil.org"], "dns_names": ["evil.org"]}, True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("nc", "leaf_kw", "ok"), [d[1:] for d in NC_DIRECT], ids=[d[0] for d in NC_DIRECT]
+)
+def test_check_name_constraints_by_form(
+    nc: x509.NameConstraints, leaf_kw: dict[str, Any], ok: bool
+) -> None:
+    ca = _constrained_ca(nc, slot=43)
+    chain = [make_leaf(ca, **leaf_kw).cert, ca.cert, P.root.cert]
+    if ok:
+        check_name_constraints(chain)
+    else:
+        with pytest.raises(NameConstraintsViolated):
+            check_name_constraints(chain)
+
+
+def test_intermediate_subjects_are_checked_and_self_issued_ones_are_not() -> None:
+    top = _constrained_ca(_nc(permitted=[x509.DirectoryName(_CORP)]), slot=45)
+    lower = make_ca("Issuing CA", issuer=top, slot=46)  # O=Example Org: outside O=Corp
+    leaf = make_leaf(lower, subject=_CORP).cert
+    with pytest.raises(NameConstraintsViolated, match="Issuing CA"):
+        check_name_constraints([leaf, lower.cert, top.cert])
+    # A self-issued certificate (a re-keyed CA) is exempt from its own CA's constraints.
+    rekeyed = make_ca("Constrained CA", issuer=top, slot=47)
+    check_name_constraints([make_leaf(rekeyed, subject=_CORP).cert, rekeyed.cert, top.cert])
