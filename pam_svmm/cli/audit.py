@@ -22,6 +22,7 @@ from ..adapters.audit_log import head_path, load_seal_key
 from ..domain import audit_chain
 from ..domain.audit_record import Outcome
 from ..errors import AuditTampered, SvmmError
+from .common import add_json, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="check only the hash chain (seals and the head's MAC are not checked)",
     )
+    add_json(v)
     v.set_defaults(func=verify)
 
     sh = s.add_parser("show", help="print audit records, filtered")
@@ -96,28 +98,55 @@ def verify(args: argparse.Namespace) -> int:
         result = audit_chain.verify([], key, head)
     except OSError as e:
         raise SvmmError(f"cannot read audit log {path}: {e.strerror}") from None
+    doc = verify_json(path, result)
+    if args.json:
+        print_json(doc)
     problem = result.first_problem
     if problem is not None:
         raise AuditTampered(
             f"audit log {path} is broken at seq {problem.seq}, line {problem.line_no}: "
             f"{problem.kind.value}: {problem.detail}"
         )
-    print(summary(path, result))
+    if not args.json:
+        print(summary(doc))
     return 0
 
 
-def summary(path: Path, result: audit_chain.VerifyResult) -> str:
+def verify_json(path: Path, result: audit_chain.VerifyResult) -> dict[str, Any]:
+    """`audit verify --json`: ``records`` and ``seals`` are those read before ``problem``."""
+    p = result.first_problem
+    return {
+        "path": str(path),
+        "intact": p is None,
+        "records": result.records,
+        "seals": result.seals,
+        "last_seq": result.last_seq,
+        "sealed": result.sealed,  # seals and head checked with the key (not --no-key)
+        "legacy": result.legacy,
+        "problem": None
+        if p is None
+        else {"seq": p.seq, "line": p.line_no, "kind": p.kind.value, "detail": p.detail},
+    }
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def summary(doc: dict[str, Any]) -> str:
+    seals = _count(doc["seals"], "seal") if doc["seals"] else "no seals yet"
     text = (
-        f"audit log {path} intact: {result.records} records, {result.seals} seals, "
-        f"last seq {result.last_seq}"
+        f"audit log {doc['path']} intact: {_count(doc['records'], 'record')}, {seals}, "
+        f"last seq {doc['last_seq']}"
     )
-    text += (
-        "; seals and head verified"
-        if result.sealed
-        else "; hash chain only (seals and head NOT checked)"
-    )
-    if result.legacy:
-        text += f"; {result.legacy} legacy lines before the chain are not protected"
+    if not doc["sealed"]:
+        text += "; hash chain only (seals and head NOT checked)"
+    elif doc["seals"]:
+        text += "; seals and head verified"
+    else:  # fewer records than seal_every: the head's MAC is all there is to check
+        text += "; head verified"
+    if doc["legacy"]:
+        text += f"; {doc['legacy']} legacy lines before the chain are not protected"
     return text
 
 

@@ -12,6 +12,7 @@ import pytest
 from pam_svmm.adapters.audit_log import AuditLog, head_path
 from pam_svmm.cli.main import main
 from pam_svmm.domain.audit_record import AuditRecord, CardFacts, Outcome
+from tests.unit import cli_schemas
 
 T = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 
@@ -187,3 +188,48 @@ def test_verify_while_logins_write_sees_a_consistent_moment(
     assert writer.exitcode == 0
     assert len(codes) > 1
     assert all(code == 0 for code, _, _ in codes), [c for c in codes if c[0]][:1]
+
+
+@pytest.mark.parametrize(
+    ("records", "says", "not_says"),
+    [
+        (2, "2 records, no seals yet", "seals and head verified"),
+        (5, "5 records, 1 seal,", "1 seals"),
+        (1, "1 record, no seals yet", "1 records"),
+    ],
+)
+def test_verify_counts_seals_as_they_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], records: int, says: str, not_says: str
+) -> None:
+    path, key = tmp_path / "audit.jsonl", tmp_path / "seal.key"
+    log = AuditLog(path, syslog_mirror=False, seal_key=key, seal_every=4)
+    for i in range(records):
+        log.write(rec(i))
+    code, out, _ = run(capsys, "audit", "verify", "--path", str(path), "--key", str(key))
+    assert code == 0, out
+    assert says in out and not_says not in out and "0 seals" not in out
+    if records < 4:  # nothing sealed yet: only the head's MAC was checked
+        assert "head verified" in out and "seals and head" not in out
+
+
+def test_verify_json_has_its_shape_intact_or_not(
+    written: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, key = written
+    code, out, _ = run(capsys, "audit", "verify", "--path", str(path), "--key", str(key), "--json")
+    doc = cli_schemas.parse(out, cli_schemas.AUDIT_VERIFY)
+    assert code == 0 and doc["intact"] and doc["problem"] is None
+    assert (doc["records"], doc["seals"], doc["last_seq"], doc["sealed"]) == (12, 3, 15, True)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join([*lines[:6], lines[6].replace(b'"user5"', b'"user9"'), *lines[7:]]))
+    code, out, err = run(
+        capsys, "audit", "verify", "--path", str(path), "--key", str(key), "--json"
+    )
+    doc = cli_schemas.parse(out, cli_schemas.AUDIT_VERIFY)
+    assert code == 1 and not doc["intact"] and "edited" in err
+    assert doc["problem"] == {
+        "seq": 7,
+        "line": 7,
+        "kind": "edited",
+        "detail": doc["problem"]["detail"],
+    }

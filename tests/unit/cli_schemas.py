@@ -1,0 +1,64 @@
+"""The JSON shape of each `svmm ... --json` command, and a checker (no jsonschema here).
+
+A schema is a dict of key -> what its value must be: a type, a nested schema dict, ``[item]``
+for a list of such items, or a tuple of alternatives (``OPT_STR`` is a string or null). The keys
+must be exactly those of the schema, so a renamed or dropped key fails a test (keys may be
+added: add them here too).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+NONE = type(None)
+OPT_STR = (str, NONE)
+OPT_INT = (int, NONE)
+
+Schema = dict[str, Any]
+
+
+def check(value: Any, schema: Any, where: str = "$") -> None:
+    """Raise AssertionError naming the first place ``value`` does not fit ``schema``."""
+    if isinstance(schema, dict):
+        assert isinstance(value, dict), f"{where}: {value!r} is not an object"
+        extra, missing = sorted(set(value) - set(schema)), sorted(set(schema) - set(value))
+        assert not extra and not missing, f"{where}: extra keys {extra}, missing {missing}"
+        for k, sub in schema.items():
+            check(value[k], sub, f"{where}.{k}")
+    elif isinstance(schema, list):
+        assert isinstance(value, list), f"{where}: {value!r} is not a list"
+        for i, item in enumerate(value):
+            check(item, schema[0], f"{where}[{i}]")
+    elif isinstance(schema, tuple):  # one of these
+        problems = []
+        for alternative in schema:
+            try:
+                check(value, alternative, where)
+                return
+            except AssertionError as e:
+                problems.append(str(e))
+        raise AssertionError(" / ".join(problems))
+    else:
+        # bool is an int to Python; not to a JSON reader
+        ok = isinstance(value, schema) and (schema is bool or not isinstance(value, bool))
+        assert ok, f"{where}: {value!r} is not {schema.__name__}"
+
+
+def parse(out: str, schema: Schema) -> dict[str, Any]:
+    """The one JSON document a command printed, checked against its schema."""
+    doc = json.loads(out)
+    check(doc, schema)
+    return doc
+
+
+AUDIT_VERIFY: Schema = {
+    "path": str,
+    "intact": bool,
+    "records": int,
+    "seals": int,
+    "last_seq": int,
+    "sealed": bool,
+    "legacy": int,
+    "problem": ({"seq": int, "line": int, "kind": str, "detail": str}, NONE),
+}
