@@ -19,6 +19,7 @@ from ..config import Config
 from ..domain import nss
 from ..domain.identity import Identity
 from ..errors import ConfigError, SvmmError, UnknownUser
+from .common import add_json, print_json
 
 LOCAL_PASSWD = Path("/etc/passwd")
 LOCAL_GROUP = Path("/etc/group")
@@ -27,6 +28,7 @@ LOCAL_GROUP = Path("/etc/group")
 def register(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("id", help="a directory user's uid, groups, roles and entry (like id(1))")
     i.add_argument("user", help="user name")
+    add_json(i)
     i.set_defaults(func=show_id)
 
     p = sub.add_parser("nss", help="the NSS bridge (libnss-extrausers files)")
@@ -41,9 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="write even if the directory returns no account while the files have some",
     )
+    add_json(sy)
     _local_args(sy)
     sy.set_defaults(func=sync)
     st = s.add_parser("status", help="file ages, entry counts, conflicts with local accounts")
+    add_json(st)
     _local_args(st)
     st.set_defaults(func=show_status)
 
@@ -85,30 +89,82 @@ def show_id(args: argparse.Namespace) -> int:
         ident = source.user_by_name(args.user)
     if ident is None:
         raise UnknownUser(f"{args.user}: no such user in the directory")
-    for line in describe(ident, cfg, local_passwd=_read_optional(LOCAL_PASSWD)):
-        print(line)
+    doc = id_json(
+        ident,
+        cfg,
+        local_passwd=_read_optional(LOCAL_PASSWD),
+        synced_passwd=_read_optional(cfg.nss.dir / "passwd"),
+    )
+    if args.json:
+        print_json(doc)
+    else:
+        for line in describe(doc):
+            print(line)
     return 0
 
 
-def describe(ident: Identity, cfg: Config, *, local_passwd: str = "") -> list[str]:
-    """id(1)'s line for this identity, then roles, entry, source, state and NSS eligibility."""
+def id_json(
+    ident: Identity, cfg: Config, *, local_passwd: str = "", synced_passwd: str = ""
+) -> dict[str, Any]:
+    """`svmm id --json`: the account, its groups (the primary first), roles, entry, state,
+    and whether the NSS bridge may write it (``eligible``) and has (``synced``: the account's
+    name and uid are in ``[nss] dir``/passwd now)."""
     acc = ident.account
     names = {g.gid: g.name for g in ident.groups}
-
-    def one(num: int) -> str:
-        return f"{num}({names[num]})" if num in names else str(num)
-
     gids = [acc.gid, *sorted({g.gid for g in ident.groups} - {acc.gid})]
     problem = nss.account_problem(acc, cfg.nss, nss.parse_local(local_passwd))
-    state = ident.state.status.value + (f" ({ident.state.reason})" if ident.state.reason else "")
-    synced = "synced by svmm nss sync" if problem is None else f"not synced: {problem[0].value}"
-    if problem and problem[1]:
-        synced += f" ({problem[1]})"
+    return {
+        "user": acc.name,
+        "uid": acc.uid,
+        "gid": acc.gid,
+        "home": acc.home,
+        "shell": acc.shell,
+        "gecos": acc.gecos,
+        "groups": [{"name": names.get(g, ""), "gid": g} for g in gids],
+        "roles": list(ident.roles),
+        "dn": ident.dn,
+        "source": ident.source,
+        "state": {"status": ident.state.status.value, "reason": ident.state.reason or None},
+        "nss": {
+            "eligible": problem is None,
+            "synced": problem is None and _in_passwd(synced_passwd, acc.name, acc.uid),
+            "problem": problem[0].value if problem else None,
+            "detail": (problem[1] or None) if problem else None,
+        },
+    }
+
+
+def _in_passwd(text: str, name: str, uid: int) -> bool:
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) > 2 and fields[0] == name and fields[2] == str(uid):
+            return True
+    return False
+
+
+def describe(doc: dict[str, Any]) -> list[str]:
+    """id(1)'s line for this identity, then roles, entry, source, state and NSS."""
+
+    def one(g: dict[str, Any]) -> str:
+        return f"{g['gid']}({g['name']})" if g["name"] else str(g["gid"])
+
+    primary = next((g for g in doc["groups"] if g["gid"] == doc["gid"]), {"gid": doc["gid"]})
+    state = doc["state"]["status"] + (
+        f" ({doc['state']['reason']})" if doc["state"]["reason"] else ""
+    )
+    n = doc["nss"]
+    if n["synced"]:
+        synced = "synced by svmm nss sync"
+    elif n["eligible"]:
+        synced = "not synced yet (run svmm nss sync)"
+    else:
+        synced = f"not synced: {n['problem']}" + (f" ({n['detail']})" if n["detail"] else "")
     return [
-        f"uid={acc.uid}({acc.name}) gid={one(acc.gid)} groups={','.join(one(g) for g in gids)}",
-        f"roles: {', '.join(ident.roles) or '-'}",
-        f"dn: {ident.dn}",
-        f"source: {ident.source}",
+        f"uid={doc['uid']}({doc['user']}) gid={one({'name': '', **primary})} "
+        f"groups={','.join(one(g) for g in doc['groups'])}",
+        f"roles: {', '.join(doc['roles']) or '-'}",
+        f"dn: {doc['dn']}",
+        f"source: {doc['source']}",
         f"state: {state}",
         f"nss: {synced}",
     ]
@@ -130,50 +186,131 @@ def sync(args: argparse.Namespace) -> int:
     files = nss.build(
         accounts, groups, local_passwd=local_passwd, local_group=local_group, config=cfg.nss
     )
-    for line in files.summary():
-        print(line)
-    if args.dry_run:
-        if args.show:
-            print("--- passwd\n" + files.passwd + "--- group\n" + files.group, end="")
-        print(f"dry run: nothing written to {cfg.nss.dir}")
-        return 0
-    if not files.accounts and not args.allow_empty:
+    if not args.dry_run and not files.accounts and not args.allow_empty:
         current = {s.name: s for s in nss_files.status(cfg.nss.dir)}
         if current["passwd"].entries:
+            if not args.json:
+                print("\n".join(sync_summary(sync_json(files, cfg.nss.dir, dry_run=False))))
             raise nss_files.NssWriteError(
                 f"the directory returned no usable account but {cfg.nss.dir}/passwd has "
                 f"{current['passwd'].entries}; not emptying it (use --allow-empty)"
             )
-    nss_files.write_files(cfg.nss.dir, {"passwd": files.passwd, "group": files.group})
-    print(f"wrote {cfg.nss.dir}/passwd and {cfg.nss.dir}/group")
+    if not args.dry_run:
+        nss_files.write_files(cfg.nss.dir, {"passwd": files.passwd, "group": files.group})
+    doc = sync_json(files, cfg.nss.dir, dry_run=args.dry_run, show=args.show)
+    if args.json:
+        print_json(doc)
+        return 0
+    for line in sync_summary(doc):
+        print(line)
+    if doc["text"] is not None:
+        print("--- passwd\n" + doc["text"]["passwd"] + "--- group\n" + doc["text"]["group"], end="")
+    if args.dry_run:
+        print(f"dry run: {cfg.nss.dir} left as it is")
+    else:
+        print(f"wrote {cfg.nss.dir}/passwd and {cfg.nss.dir}/group")
     return 0
+
+
+def sync_json(
+    files: nss.NssFiles, folder: Path, *, dry_run: bool, show: bool = False
+) -> dict[str, Any]:
+    """`svmm nss sync --json`: what was written (or, ``dry_run``, would be), and what not.
+    ``text``: the files' text (``--dry-run --show``), else null."""
+    records = [s for s in files.skipped if s.kind != "member"]
+    return {
+        "dir": str(folder),
+        "dry_run": dry_run,
+        "written": not dry_run,
+        "passwd": {
+            "entries": len(files.accounts),
+            "skipped": sum(s.kind == "passwd" for s in records),
+        },
+        "group": {
+            "entries": len(files.groups),
+            "skipped": sum(s.kind == "group" for s in records),
+            "members_dropped": sum(s.kind == "member" for s in files.skipped),
+        },
+        "conflicts": len(files.conflicts),
+        "skipped": [
+            {"kind": s.kind, "name": s.name, "reason": s.reason.value, "detail": s.detail}
+            for s in files.skipped
+        ],
+        "gecos_sanitised": list(files.gecos_changed),
+        "text": {"passwd": files.passwd, "group": files.group} if dry_run and show else None,
+    }
+
+
+def sync_summary(doc: dict[str, Any]) -> list[str]:
+    done = "written" if doc["written"] else "to write"
+    p, g = doc["passwd"], doc["group"]
+    out = [
+        f"passwd: {p['entries']} {done}, {p['skipped']} skipped",
+        f"group: {g['entries']} {done}, {g['skipped']} skipped, {g['members_dropped']} members"
+        " dropped",
+        f"conflicts with local accounts: {doc['conflicts']}",
+    ]
+    for s in doc["skipped"]:
+        verb = "dropped" if s["kind"] == "member" else "skipped"
+        out.append(f"  {verb} {s['kind']} {s['name']}: {s['reason']}"
+                   + (f" ({s['detail']})" if s["detail"] else ""))  # fmt: skip
+    out += [f"  sanitised gecos of {name}" for name in doc["gecos_sanitised"]]
+    return out
 
 
 def show_status(args: argparse.Namespace) -> int:
     from ..adapters import nss_files
 
     cfg = config_mod.load(args.config)
-    files = nss_files.status(cfg.nss.dir)
-    local = {
-        "passwd": nss.parse_local(nss_files.read_text(args.local_passwd)),
-        "group": nss.parse_local(nss_files.read_text(args.local_group)),
-    }
-    conflicts = 0
+    doc = status_json(
+        nss_files.status(cfg.nss.dir),
+        cfg.nss.dir,
+        local_passwd=nss_files.read_text(args.local_passwd),
+        local_group=nss_files.read_text(args.local_group),
+    )
+    if args.json:
+        print_json(doc)
+    else:
+        for f in doc["files"]:
+            if not f["exists"]:
+                print(f"{cfg.nss.dir}/{f['name']}: missing (run svmm nss sync)")
+                continue
+            print(f"{cfg.nss.dir}/{f['name']}: {f['entries']} entries, {_age(f['age'])} old")
+            for c in (c for c in doc["conflicts"] if c["file"] == f["name"]):
+                if c["name"] is not None:
+                    print(f"  conflict: {c['name']} is also a local {f['name']} entry")
+                else:
+                    print(f"  conflict: id {c['id']} is also used by a local {f['name']} entry")
+        print(f"conflicts: {len(doc['conflicts'])}")
+    return 0 if all(f["exists"] for f in doc["files"]) and not doc["conflicts"] else 3
+
+
+def status_json(
+    files: list[Any], folder: Path, *, local_passwd: str, local_group: str
+) -> dict[str, Any]:
+    """`svmm nss status --json`: per file its entries and age (seconds), and the local
+    accounts added since the last sync that now collide with synced ones (by name or id)."""
+    local = {"passwd": nss.parse_local(local_passwd), "group": nss.parse_local(local_group)}
+    conflicts: list[dict[str, Any]] = []
     for f in files:
         if not f.exists:
-            print(f"{cfg.nss.dir}/{f.name}: missing (run svmm nss sync)")
             continue
-        print(f"{cfg.nss.dir}/{f.name}: {f.entries} entries, {_age(f.age or 0.0)} old")
-        # Local accounts added since the last sync now collide with synced ones.
         ours = nss.parse_local(f.text)
-        for name in sorted(ours.names & local[f.name].names):
-            conflicts += 1
-            print(f"  conflict: {name} is also a local {f.name} entry")
-        for num in sorted(ours.ids & local[f.name].ids):
-            conflicts += 1
-            print(f"  conflict: id {num} is also used by a local {f.name} entry")
-    print(f"conflicts: {conflicts}")
-    return 0 if all(f.exists for f in files) and not conflicts else 3
+        conflicts += [
+            {"file": f.name, "name": name, "id": None}
+            for name in sorted(ours.names & local[f.name].names)
+        ]
+        conflicts += [
+            {"file": f.name, "name": None, "id": num}
+            for num in sorted(ours.ids & local[f.name].ids)
+        ]
+    return {
+        "dir": str(folder),
+        "files": [
+            {"name": f.name, "exists": f.exists, "entries": f.entries, "age": f.age} for f in files
+        ],
+        "conflicts": conflicts,
+    }
 
 
 @contextlib.contextmanager

@@ -62,3 +62,36 @@ AUDIT_VERIFY: Schema = {
     "legacy": int,
     "problem": ({"seq": int, "line": int, "kind": str, "detail": str}, NONE),
 }
+
+ID: Schema = {
+    "user": str,
+    "uid": int,
+    "gid": int,
+    "home": str,
+    "shell": str,
+    "gecos": str,
+    "groups": [{"name": str, "gid": int}],
+    "roles": [str],
+    "dn": str,
+    "source": str,
+    "state": {"status": str, "reason": OPT_STR},
+    "nss": {"eligible": bool, "synced": bool, "problem": OPT_STR, "detail": OPT_STR},
+}
+
+NSS_SYNC: Schema = {
+    "dir": str,
+    "dry_run": bool,
+    "written": bool,
+    "passwd": {"entries": int, "skipped": int},
+    "group": {"entries": int, "skipped": int, "members_dropped": int},
+    "conflicts": int,
+    "skipped": [{"kind": str, "name": str, "reason": str, "detail": str}],
+    "gecos_sanitised": [str],
+    "text": ({"passwd": str, "group": str}, NONE),  # --dry-run --show
+}
+
+NSS_STATUS: Schema = {
+    "dir": str,
+    "files": [{"name": str, "exists": bool, "entries": int, "age": (float, int, NONE)}],
+    "conflicts": [{"file": str, "name": OPT_STR, "id": OPT_INT}],
+}
