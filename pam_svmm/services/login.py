@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
@@ -32,6 +33,25 @@ if TYPE_CHECKING:
     from .key_release import KeyRelease
     from .policy import PolicyService
     from .revocation import RevocationChecker
+
+
+def load_intermediates(folder: Path | None) -> list[x509.Certificate]:
+    """The certificates of ``trust.intermediates_dir`` (none when unset or absent). A folder
+    or file that cannot be read (root's alone, and a user asks) or holds no PEM is a
+    configuration error naming it, never an internal one."""
+    from ..errors import ConfigError
+
+    if folder is None or not folder.exists():
+        return []
+    try:
+        return load_pem_bundle([folder])
+    except OSError as e:
+        where = e.filename or folder
+        raise ConfigError("trust.intermediates_dir", f"cannot read {where}: {e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(
+            "trust.intermediates_dir", f"{folder}: not PEM certificates ({e})"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -88,10 +108,7 @@ class LoginService:
 
     @cached_property
     def intermediates(self) -> list[x509.Certificate]:
-        d = self.config.trust.intermediates_dir
-        if d is None or not d.exists():
-            return []
-        return load_pem_bundle([d])
+        return load_intermediates(self.config.trust.intermediates_dir)
 
     @cached_property
     def revocation(self) -> RevocationChecker:
@@ -315,8 +332,15 @@ class LoginService:
         )
 
     def audit_policy_loads(self, service: str = "") -> None:
-        """One record per policy load since the last call (accepted, kept, refused)."""
+        """One record per policy load since the last call that is news: a bundle accepted
+        (its version and digest differ from the state's), a candidate refused, no policy at
+        all. A load that found the accepted bundle again (``unchanged``, what nearly every
+        login's load finds) is not recorded: it changed nothing."""
+        from ..adapters.policy_store import LoadEvent
+
         for load in self.policy.take_loads():
+            if load.event is LoadEvent.UNCHANGED and load.problem is None:
+                continue
             self.audit.write(self.policy.audit_record(load, service=service))
 
     def _check_host_login(self, request: LoginRequest, identity: Identity | None) -> None:

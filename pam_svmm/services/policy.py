@@ -73,10 +73,9 @@ class PolicyService:
     def intermediates(self) -> list[x509.Certificate]:
         if self._intermediates is not None:
             return list(self._intermediates)
-        from .auth import load_pem_bundle
+        from .login import load_intermediates
 
-        d = self.config.trust.intermediates_dir
-        return load_pem_bundle([d]) if d is not None and d.exists() else []
+        return load_intermediates(self.config.trust.intermediates_dir)
 
     @cached_property
     def source(self) -> BundleSource:

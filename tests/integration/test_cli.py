@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pam_svmm.lab.lab import Lab
+from pam_svmm.lab.userland import userland
 
 pytestmark = pytest.mark.integration
+NOBODY = 65534
 
 
 def svmm(lab: Lab, *args: str, cards: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
@@ -97,3 +102,43 @@ def test_doctor_with_a_broken_config(lab: Lab, tmp_path: Path) -> None:
     )
     assert p.returncode == 3
     assert "revocation.end_entity" in p.stdout
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    # Not under pytest's tmp_path: its 0700 parents would keep `nobody` out.
+    d = Path(tempfile.mkdtemp(prefix="svmm-cli-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_an_unreadable_intermediates_dir_is_named_not_an_internal_error(
+    lab: Lab, public_dir: Path
+) -> None:
+    """A user runs `svmm cert verify` where the intermediates folder is root's alone."""
+    inter = public_dir / "intermediates"
+    inter.mkdir(mode=0o700)
+    shutil.copy(lab.ca_dir / "intermediate.pem", inter)
+    for name in ("root.pem",):
+        shutil.copy(lab.ca_dir / name, public_dir / name)
+    shutil.copy(lab.cards_dir / "alice" / "cert.pem", public_dir / "alice.pem")
+    cfg = public_dir / "svmm.toml"
+    cfg.write_text(
+        f'[trust]\nanchors = ["{public_dir / "root.pem"}"]\nintermediates_dir = "{inter}"\n'
+        '[revocation]\nend_entity = "off"\nca = "off"\n'
+    )
+    for p in public_dir.iterdir():
+        if p.is_file():
+            p.chmod(0o644)
+    u = userland()
+    p = subprocess.run(
+        u.argv("-m", "pam_svmm.cli.main", "--config", str(cfg), "cert", "verify",
+               str(public_dir / "alice.pem")),
+        capture_output=True, text=True, env=u.env(), user=NOBODY, group=NOBODY,
+        extra_groups=[], timeout=60, check=False,
+    )  # fmt: skip
+    assert "internal error" not in p.stderr, p.stderr
+    assert p.returncode == 5, p.stdout + p.stderr  # a configuration this user cannot use
+    assert f"trust.intermediates_dir: cannot read {inter}" in p.stderr
+    assert "Permission denied" in p.stderr

@@ -82,3 +82,26 @@ def test_a_tampered_bundle_never_replaces_the_accepted_one(
     assert bob.report.name == "PAM_PERM_DENIED"  # the accepted policy still rules
     loads = [r for r in bob.audit if r["event"] == "policy_load"]
     assert loads and loads[0]["outcome"] == "failure"
+
+
+def test_a_policy_load_is_recorded_when_the_accepted_policy_changes_not_at_every_login(
+    lab: Lab, slapd: Slapd, tmp_path: Path
+) -> None:
+    bundle = lab.write_policy(POLICY, tmp_path / "policy.bundle")
+    svc = _service(lab, slapd, "policy-admins", bundle, tmp_path / "state")
+
+    def loads() -> list[dict[str, object]]:
+        a = login(lab, "carol", user="carol", service=svc)
+        assert a.report.ok, a.report
+        return [r for r in a.audit if r["event"] == "policy_load"]
+
+    first = loads()  # version 3 becomes the accepted policy
+    assert [(r["reason"], r["outcome"]) for r in first] == [("policy_accepted", "success")]
+    assert loads() == [] and loads() == []  # the same bundle: nothing changed, nothing to say
+    lab.write_policy(POLICY.replace(b"version = 3", b"version = 4"), bundle)
+    changed = loads()
+    assert [r["reason"] for r in changed] == ["policy_accepted"]
+    assert "version=4" in str(changed[0]["detail"]) and "previous_version=3" in str(
+        changed[0]["detail"]
+    )
+    assert loads() == []
