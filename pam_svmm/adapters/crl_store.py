@@ -8,6 +8,10 @@ written in ``cache_dir``, named by sha256(issuer subject DER + source)::
     SVMMCRL1 {"issuer_subject_sha256": ..., "this_update": ..., "count": N, ...}\\n
     N records sorted by serial: serial (20 bytes, big-endian) | reason (1 byte) | time (8 bytes)
 
+Only a complete, direct CRL is indexed (``domain.revocation.crl_problem``); the header keeps
+its scope (issuingDistributionPoint: user or CA certificates only, the distribution point),
+and a CRL answers only for a certificate inside that scope: otherwise it is no evidence.
+
 A lookup maps the file and binary-searches the records: O(log n) page touches, whatever
 the CRL's size. Local files also get a small stamp (stat fields, sha256, issuer name hash)
 so an unchanged file is neither read nor parsed again, even when it belongs to another CA.
@@ -21,7 +25,6 @@ replaces an older one for the same source; an older one never replaces a newer o
 from __future__ import annotations
 
 import bisect
-import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -37,13 +40,24 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from ..domain.revocation import CrlEntry, RevocationResult, RevocationStatus, evaluate_crl
+from ..domain.revocation import (
+    CrlEntry,
+    CrlScope,
+    RevocationResult,
+    RevocationStatus,
+    crl_problem,
+    crl_scope,
+    entry_problem,
+    evaluate_crl,
+    scope_problem,
+)
 from ..errors import FetchError, RevocationUnknown
 from .fetch import CRL_MAX_BYTES, Fetcher
 from .private_dir import open_private_dir, replace_file
 
 MAGIC = b"SVMMCRL1 "
-FORMAT_VERSION = 1
+# 2: the header carries the CRL's scope; a version-1 index (no scope) is rebuilt.
+FORMAT_VERSION = 2
 RECORD = struct.Struct(">20sBq")
 SERIAL_BYTES = 20
 NO_REASON = 0xFF
@@ -133,6 +147,7 @@ class CrlIndex:
                 or st.st_size != end + 1 + count * RECORD.size
             ):
                 raise ValueError("bad header")
+            CrlScope.from_json(header.get("scope"))
         except (ValueError, KeyError, TypeError):
             mm.close()
             return None
@@ -150,6 +165,10 @@ class CrlIndex:
     @property
     def source(self) -> str:
         return str(self.header["source"])
+
+    @property
+    def scope(self) -> CrlScope:
+        return CrlScope.from_json(self.header["scope"])  # checked in from_fd
 
     @property
     def newness(self) -> tuple[int, int]:
@@ -187,6 +206,9 @@ def build_index(
     """The header and sorted records of a CRL already checked against ``issuer``."""
     records = []
     for entry in crl:
+        problem = entry_problem(entry)
+        if problem is not None:
+            raise RevocationUnknown(f"CRL from {source} {problem}", reason="crl_invalid")
         serial = entry.serial_number
         if not 0 <= serial < 1 << (8 * SERIAL_BYTES):
             raise RevocationUnknown(
@@ -218,12 +240,14 @@ def build_index(
         "source": source,
         "count": len(records),
         "record_size": RECORD.size,
+        "scope": crl_scope(crl).to_json(),
     }
     return header, b"".join(records)
 
 
 def check_crl(crl: x509.CertificateRevocationList, issuer: x509.Certificate, source: str) -> None:
-    """Refuse a CRL that is not a complete, direct CRL correctly signed by ``issuer``."""
+    """Refuse a CRL that is not a complete, direct CRL correctly signed by ``issuer``
+    (its entries are checked while indexing)."""
 
     def refuse(why: str) -> RevocationUnknown:
         return RevocationUnknown(f"CRL from {source} {why}", reason="crl_invalid")
@@ -243,14 +267,9 @@ def check_crl(crl: x509.CertificateRevocationList, issuer: x509.Certificate, sou
             f"has a signature that does not verify with the key of "
             f"{issuer.subject.rfc4514_string()}"
         )
-    exts = crl.extensions
-    with contextlib.suppress(x509.ExtensionNotFound):
-        exts.get_extension_for_class(x509.DeltaCRLIndicator)
-        raise refuse("is a delta CRL (not supported)")
-    with contextlib.suppress(x509.ExtensionNotFound):
-        idp = exts.get_extension_for_class(x509.IssuingDistributionPoint).value
-        if idp.indirect_crl or idp.only_some_reasons:
-            raise refuse("is an indirect or partial-reasons CRL (not supported)")
+    problem = crl_problem(crl)
+    if problem is not None:
+        raise refuse(problem)
 
 
 class CrlStore:
@@ -302,7 +321,10 @@ class CrlStore:
                 found.append(idx)
         for url in urls:
             idx = self._open(issuer, url)
-            fresh_at_hand = any(self._fresh(i, at) for i in found)
+            # Only a CRL that covers this certificate makes fetching its own CRL needless.
+            fresh_at_hand = any(
+                self._fresh(i, at) and scope_problem(i.scope, cert) is None for i in found
+            )
             left = deadline - time.monotonic()
             if (idx is None or not self._fresh(idx, at)) and not fresh_at_hand and self._fetcher:
                 try:
@@ -324,18 +346,25 @@ class CrlStore:
         problems: list[str],
         at: dt.datetime,
     ) -> RevocationResult:
-        results = [
-            evaluate_crl(
-                idx.lookup(cert.serial_number),
-                this_update=idx.this_update,
-                next_update=idx.next_update,
-                at=at,
-                skew=self._skew,
-                grace=self._grace,
-                source=idx.source,
+        results = []
+        for idx in sorted(found, key=lambda i: i.newness, reverse=True):
+            out_of_scope = scope_problem(idx.scope, cert)
+            if out_of_scope is not None:
+                # Not evidence either way (RFC 5280 6.3.3), not even a listed serial.
+                detail = f"CRL from {idx.source} does not cover this certificate: {out_of_scope}"
+                results.append(RevocationResult.unknown("crl", detail))
+                continue
+            results.append(
+                evaluate_crl(
+                    idx.lookup(cert.serial_number),
+                    this_update=idx.this_update,
+                    next_update=idx.next_update,
+                    at=at,
+                    skew=self._skew,
+                    grace=self._grace,
+                    source=idx.source,
+                )
             )
-            for idx in sorted(found, key=lambda i: i.newness, reverse=True)
-        ]
         # A permanent revocation seen in any CRL stands; otherwise the newest fresh CRL speaks.
         for r in results:
             if r.status is RevocationStatus.REVOKED and r.reason != "certificateHold":

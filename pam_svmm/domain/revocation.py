@@ -167,6 +167,160 @@ def evaluate_crl(
     )
 
 
+# --- what a CRL is evidence for (RFC 5280 5.2, 5.3, 6.3.3) ------------------------------
+#
+# A CRL is used only as a complete, direct CRL of the certificate's issuer. Anything we do
+# not process makes it no evidence at all (the answer stays UNKNOWN, never GOOD): an
+# unknown critical extension (5.2: MUST NOT be used), a delta CRL, an indirect or
+# partial-reasons CRL, one for attribute certificates, one without a non-critical CRLNumber
+# (5.2.3: conforming issuers MUST include it; it orders the CRLs we keep), an entry with an
+# unknown critical extension. What depends on the certificate (CA or end entity, the
+# distribution point) is its scope, kept with the index and checked per certificate.
+
+# Critical CRL extensions we process: only the issuingDistributionPoint.
+_CRITICAL_PROCESSED = {x509.IssuingDistributionPoint.oid}
+# Entry extensions we process or may ignore (reason code, invalidity date).
+_ENTRY_KNOWN = {x509.CRLReason.oid, x509.InvalidityDate.oid}
+
+
+@dataclass(frozen=True)
+class CrlScope:
+    """Which certificates a CRL's issuingDistributionPoint says it covers."""
+
+    only_user: bool = False  # onlyContainsUserCerts
+    only_ca: bool = False  # onlyContainsCACerts
+    dp_names: tuple[str, ...] = ()  # its distribution point's names (name_key); (): any
+
+    def to_json(self) -> dict[str, object]:
+        return {"only_user": self.only_user, "only_ca": self.only_ca, "dp_names": self.dp_names}
+
+    @classmethod
+    def from_json(cls, value: object) -> CrlScope:
+        """ValueError unless ``value`` is what ``to_json`` wrote."""
+        if not isinstance(value, dict):
+            raise ValueError("CRL scope is not an object")
+        only_user, only_ca, names = (value.get(k) for k in ("only_user", "only_ca", "dp_names"))
+        if not isinstance(only_user, bool) or not isinstance(only_ca, bool):
+            raise ValueError("CRL scope flags are not booleans")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError("CRL scope names are not strings")
+        return cls(only_user, only_ca, tuple(names))
+
+
+def name_key(name: x509.GeneralName) -> str:
+    """A stable text form of a distribution point name, for comparing and storing."""
+    if isinstance(name, x509.DirectoryName):
+        return "dn:" + name.value.public_bytes().hex()
+    if isinstance(name, x509.UniformResourceIdentifier):
+        return "uri:" + name.value
+    return repr(name)
+
+
+def _dp_names(
+    full_name: Sequence[x509.GeneralName] | None,
+    relative_name: x509.RelativeDistinguishedName | None,
+    issuer: x509.Name,
+) -> list[str]:
+    if full_name is not None:
+        return [name_key(n) for n in full_name]
+    if relative_name is not None:  # relative to the issuer's name (RFC 5280 4.2.1.13)
+        return [name_key(x509.DirectoryName(x509.Name([*issuer.rdns, relative_name])))]
+    return []
+
+
+def crl_problem(crl: x509.CertificateRevocationList) -> str | None:
+    """Why a (signature-checked) CRL is no evidence for any certificate; None if it may be."""
+    try:
+        exts = crl.extensions
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as e:
+        return f"has extensions that do not parse ({e})"
+    try:
+        number = exts.get_extension_for_class(x509.CRLNumber)
+    except x509.ExtensionNotFound:
+        return "has no CRLNumber (RFC 5280 5.2.3 requires one)"
+    if number.critical:
+        return "marks its CRLNumber critical (RFC 5280 5.2.3: never critical)"
+    for ext in exts:
+        if isinstance(ext.value, x509.DeltaCRLIndicator):
+            return "is a delta CRL (deltaCRLIndicator; delta CRLs are not processed)"
+        if ext.critical and ext.oid not in _CRITICAL_PROCESSED:
+            return f"has an unknown critical extension {ext.oid.dotted_string}"
+    try:
+        idp = exts.get_extension_for_class(x509.IssuingDistributionPoint).value
+    except x509.ExtensionNotFound:
+        return None
+    if idp.indirect_crl:
+        return "is an indirect CRL (indirectCRL; not processed)"
+    if idp.only_some_reasons:
+        reasons = ", ".join(sorted(r.value for r in idp.only_some_reasons))
+        return f"covers only some revocation reasons ({reasons}; onlySomeReasons)"
+    if idp.only_contains_attribute_certs:
+        return "covers only attribute certificates (onlyContainsAttributeCerts)"
+    return None
+
+
+def entry_problem(entry: x509.RevokedCertificate) -> str | None:
+    """Why one entry makes its CRL unusable (an indirect entry, an unknown critical one)."""
+    try:
+        exts = entry.extensions
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as e:
+        return f"has an entry whose extensions do not parse ({e})"
+    for ext in exts:
+        if isinstance(ext.value, x509.CertificateIssuer):
+            return "is indirect: an entry names a certificateIssuer (not processed)"
+        if ext.critical and ext.oid not in _ENTRY_KNOWN:
+            return (
+                f"has an entry (serial {entry.serial_number:X}) with an unknown critical "
+                f"extension {ext.oid.dotted_string}"
+            )
+    return None
+
+
+def crl_scope(crl: x509.CertificateRevocationList) -> CrlScope:
+    """The scope of a CRL that ``crl_problem`` accepted."""
+    try:
+        idp = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+    except x509.ExtensionNotFound:
+        return CrlScope()
+    return CrlScope(
+        only_user=idp.only_contains_user_certs,
+        only_ca=idp.only_contains_ca_certs,
+        dp_names=tuple(_dp_names(idp.full_name, idp.relative_name, crl.issuer)),
+    )
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def scope_problem(scope: CrlScope, cert: x509.Certificate) -> str | None:
+    """Why a CRL of ``cert``'s issuer with this scope does not cover ``cert`` (None: it does)."""
+    is_ca = _is_ca(cert)
+    if scope.only_user and is_ca:
+        return "it covers only end-entity certificates (onlyContainsUserCerts), not a CA"
+    if scope.only_ca and not is_ca:
+        return "it covers only CA certificates (onlyContainsCACerts), not an end entity"
+    if not scope.dp_names:
+        return None
+    # RFC 5280 6.3.3 (b)(2)(i): one of the CRL's distribution point names must be one of
+    # the names of a distribution point in the certificate. Points with a cRLIssuer are
+    # for indirect CRLs, which are never used.
+    try:
+        dps = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except x509.ExtensionNotFound:
+        dps = x509.CRLDistributionPoints([])
+    ours: set[str] = set()
+    for dp in dps:
+        if dp.crl_issuer is None:
+            ours.update(_dp_names(dp.full_name, dp.relative_name, cert.issuer))
+    if ours.intersection(scope.dp_names):
+        return None
+    return "it is for a distribution point the certificate does not name"
+
+
 # --- OCSP --------------------------------------------------------------------------------
 
 

@@ -244,6 +244,7 @@ def test_stale_crl_is_undecided(lab: Lab, tmp_path: Path) -> None:
         .issuer_name(inter.cert.subject)
         .last_update(now - dt.timedelta(days=2))
         .next_update(now - dt.timedelta(days=1))
+        .add_extension(x509.CRLNumber(1), critical=False)  # else refused before staleness
         .sign(inter.key, hashes.SHA256())
     )
     path = tmp_path / "stale.crl"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import stat
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,7 +34,12 @@ def make_crl(
     next_update=NOW + timedelta(hours=1),  # type: ignore[no-untyped-def]
     signer: Issued | None = None,
     pem: bool = False,
+    number_critical: bool = False,
+    extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
+    entry_extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
 ) -> bytes:
+    """A CRL; ``extensions`` / ``entry_extensions``: more (value, critical) pairs for the
+    CRL and for every entry."""
     entries = []
     for i, (serial, reason) in enumerate(revoked.items()):
         b = (
@@ -42,10 +49,13 @@ def make_crl(
         )
         if reason is not None:
             b = b.add_extension(x509.CRLReason(reason), critical=False)
+        for value, critical in entry_extensions:
+            b = b.add_extension(value, critical=critical)
         entries.append(b.build())
     exts = []
     if number is not None:
-        exts.append(x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(number)))
+        exts.append(x509.Extension(x509.CRLNumber.oid, number_critical, x509.CRLNumber(number)))
+    exts += [x509.Extension(v.oid, c, v) for v, c in extensions]
     # The constructor takes the entries at once (add_revoked_certificate copies: quadratic).
     builder = x509.CertificateRevocationListBuilder(
         issuer_name=issuer.cert.subject,
@@ -385,3 +395,175 @@ def test_rekeyed_ca_does_not_use_the_old_index(cache: Path) -> None:
     assert rekeyed.cert.subject == ISSUER.cert.subject
     r = store(cache).check(leaf_with_serial(5), rekeyed.cert, urls=["src"], at=NOW)
     assert r.status is RevocationStatus.UNKNOWN
+
+
+# --- a CRL that does not cover the certificate is no evidence (RFC 5280 6.3.3) -------------
+
+DP_URL = "http://crl.example/issuing.crl"
+SUB_CA = make_ca("Sub CA", issuer=ISSUER, slot=64)  # a CA certificate ISSUER's CRLs cover
+
+
+def leaf_with_dp(serial: int, *names: x509.GeneralName) -> x509.Certificate:
+    """A certificate of ISSUER whose CRL distribution point names ``names``."""
+    base = leaf_with_serial(serial)
+    dp = x509.DistributionPoint(list(names), None, None, None)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(base.subject)
+        .issuer_name(base.issuer)
+        .public_key(base.public_key())  # type: ignore[arg-type]
+        .serial_number(serial)
+        .not_valid_before(base.not_valid_before_utc)
+        .not_valid_after(base.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.CRLDistributionPoints([dp]), critical=False)
+        .sign(ISSUER.key, hashes.SHA256())
+    )
+
+
+def idp(
+    *,
+    full_name: list[x509.GeneralName] | None = None,
+    relative_name: x509.RelativeDistinguishedName | None = None,
+    user: bool = False,
+    ca: bool = False,
+    attr: bool = False,
+    reasons: frozenset[x509.ReasonFlags] | None = None,
+    indirect: bool = False,
+) -> tuple[x509.ExtensionType, bool]:
+    value = x509.IssuingDistributionPoint(
+        full_name=full_name,
+        relative_name=relative_name,
+        only_contains_user_certs=user,
+        only_contains_ca_certs=ca,
+        only_some_reasons=reasons,
+        indirect_crl=indirect,
+        only_contains_attribute_certs=attr,
+    )
+    return value, True
+
+
+UNKNOWN_CRITICAL = x509.UnrecognizedExtension(
+    x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\x05\x00"
+)
+_URI = x509.UniformResourceIdentifier
+_LEAF = leaf_with_serial(6)
+_LEAF_DP = leaf_with_dp(6, _URI(DP_URL))
+
+NOT_EVIDENCE: list[tuple[str, dict[str, object], x509.Certificate, str]] = [
+    # (id, make_crl kwargs, the certificate asked about, a word of the detail). The CRL does
+    # not list the certificate, so a store that took it as evidence would answer GOOD.
+    ("unknown critical CRL extension", {"extensions": [(UNKNOWN_CRITICAL, True)]}, _LEAF,
+     "critical extension"),
+    ("unknown critical entry extension", {"entry_extensions": [(UNKNOWN_CRITICAL, True)]},
+     _LEAF, "critical"),
+    ("certificateIssuer entry (indirect)", {"entry_extensions": [(x509.CertificateIssuer(
+        [x509.DirectoryName(ISSUER.cert.subject)]), True)]}, _LEAF, "indirect"),
+    ("only CA certificates, asked about an end entity", {"extensions": [idp(ca=True)]}, _LEAF,
+     "CA certificates"),
+    ("only user certificates, asked about a CA", {"extensions": [idp(user=True)]}, SUB_CA.cert,
+     "end-entity"),
+    ("only attribute certificates", {"extensions": [idp(attr=True)]}, _LEAF, "attribute"),
+    ("only some reasons", {"extensions": [idp(
+        reasons=frozenset({x509.ReasonFlags.key_compromise}))]}, _LEAF, "reasons"),
+    ("indirect CRL", {"extensions": [idp(indirect=True)]}, _LEAF, "indirect"),
+    ("distribution point the certificate does not name", {"extensions": [idp(
+        full_name=[_URI("http://crl.example/other.crl")])]}, _LEAF_DP, "distribution point"),
+    ("distribution point, certificate without CRLDP", {"extensions": [idp(
+        full_name=[_URI(DP_URL)])]}, _LEAF, "distribution point"),
+    ("delta CRL", {"extensions": [(x509.DeltaCRLIndicator(1), True)]}, _LEAF, "delta"),
+    ("no CRLNumber", {"number": None}, _LEAF, "CRLNumber"),
+    ("critical CRLNumber", {"number_critical": True}, _LEAF, "CRLNumber"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("crl_kw", "cert", "word"), [n[1:] for n in NOT_EVIDENCE], ids=[n[0] for n in NOT_EVIDENCE]
+)
+def test_a_crl_that_does_not_cover_the_certificate_is_undetermined(
+    cache: Path, tmp_path: Path, crl_kw: dict[str, object], cert: x509.Certificate, word: str
+) -> None:
+    path = tmp_path / "issuing.crl"
+    path.write_bytes(make_crl(ISSUER, {5: None}, **crl_kw))  # type: ignore[arg-type]
+    for s in (store(cache), store(cache)):  # cold, then warm from the index (a new process)
+        r = s.check(cert, ISSUER.cert, files=[path], at=NOW)
+        assert r.status is RevocationStatus.UNKNOWN, r
+        assert word.lower() in r.detail.lower(), r.detail
+    # A fetched CRL is judged the same way.
+    fetcher = StubFetcher({DP_URL: make_crl(ISSUER, {5: None}, **crl_kw)})  # type: ignore[arg-type]
+    r = store(tmp_path / "c2", fetcher=fetcher).check(cert, ISSUER.cert, urls=[DP_URL], at=NOW)
+    assert r.status is RevocationStatus.UNKNOWN, r
+
+
+def test_an_out_of_scope_crl_listing_the_serial_is_no_evidence_either(
+    cache: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "ca-only.crl"
+    path.write_bytes(make_crl(ISSUER, {6: None}, extensions=[idp(ca=True)]))
+    r = store(cache).check(_LEAF, ISSUER.cert, files=[path], at=NOW)
+    assert r.status is RevocationStatus.UNKNOWN and "CA certificates" in r.detail
+
+
+COVERED: list[tuple[str, list[tuple[x509.ExtensionType, bool]], x509.Certificate]] = [
+    ("only user certificates, an end entity", [idp(user=True)], _LEAF),
+    ("only CA certificates, a CA", [idp(ca=True)], SUB_CA.cert),
+    ("the certificate's own distribution point", [idp(full_name=[_URI(DP_URL)])], _LEAF_DP),
+    ("one of its distribution points", [idp(full_name=[_URI("http://x/a"), _URI(DP_URL)])],
+     leaf_with_dp(6, _URI("ldap://x/b"), _URI(DP_URL))),
+    ("a relative distribution point name", [idp(relative_name=x509.RelativeDistinguishedName(
+        [x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "CRL1")]))], leaf_with_dp(6,
+        x509.DirectoryName(x509.Name([*ISSUER.cert.subject.rdns, x509.RelativeDistinguishedName(
+            [x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "CRL1")])])))),
+    ("a non-critical known extension", [(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+        ISSUER.key.public_key()), False)], _LEAF),  # type: ignore[arg-type]
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extensions", "cert"), [c[1:] for c in COVERED], ids=[c[0] for c in COVERED]
+)
+def test_a_crl_that_covers_the_certificate_still_answers(
+    cache: Path,
+    tmp_path: Path,
+    extensions: list[tuple[x509.ExtensionType, bool]],
+    cert: x509.Certificate,
+) -> None:
+    path = tmp_path / "issuing.crl"
+    path.write_bytes(make_crl(ISSUER, {5: None}, extensions=extensions))
+    for s in (store(cache), store(cache)):
+        assert s.check(cert, ISSUER.cert, files=[path], at=NOW).status is RevocationStatus.GOOD
+    listed = tmp_path / "listed.crl"
+    listed.write_bytes(make_crl(ISSUER, {cert.serial_number: None}, extensions=extensions))
+    r = store(tmp_path / "c3").check(cert, ISSUER.cert, files=[listed], at=NOW)
+    assert r.status is RevocationStatus.REVOKED
+
+
+def test_a_fresh_crl_that_does_not_cover_the_certificate_does_not_stop_the_fetch(
+    cache: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "ca-only.crl"
+    path.write_bytes(make_crl(ISSUER, {}, extensions=[idp(ca=True)]))
+    fetcher = StubFetcher({DP_URL: make_crl(ISSUER, {6: None})})
+    r = store(cache, fetcher=fetcher).check(
+        _LEAF_DP, ISSUER.cert, files=[path], urls=[DP_URL], at=NOW
+    )
+    assert r.status is RevocationStatus.REVOKED and fetcher.calls == [DP_URL]
+
+
+def test_an_index_of_the_previous_format_is_rebuilt(cache: Path) -> None:
+    s = store(cache)
+    s.load(make_crl(ISSUER, {5: None}), ISSUER.cert, source="src")
+    path = cache / index_name(ISSUER.cert, "src")
+    magic, rest = path.read_bytes().split(b" ", 1)
+    head, records = rest.split(b"\n", 1)
+    old = json.loads(head)
+    old.pop("scope")
+    old["version"] = 1
+    path.write_bytes(magic + b" " + json.dumps(old).encode() + b"\n" + records)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert crl_store.CrlIndex.from_fd(fd) is None
+    finally:
+        os.close(fd)
+    idx = store(cache).load(make_crl(ISSUER, {5: None}), ISSUER.cert, source="src")
+    assert idx.header["version"] == crl_store.FORMAT_VERSION and "scope" in idx.header

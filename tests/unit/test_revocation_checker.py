@@ -273,3 +273,32 @@ def test_urls_from_extensions() -> None:
     )
     assert crl_urls(cert) == ["http://127.0.0.1:1/x.crl"]
     assert ocsp_urls(cert) == ["http://127.0.0.1:2/"]
+
+
+# A CA-only CRL (an ARL) says nothing about end entities, a user-only CRL nothing about CAs.
+_CA_ONLY = x509.IssuingDistributionPoint(None, None, False, True, None, False, False)
+_USER_ONLY = x509.IssuingDistributionPoint(None, None, True, False, None, False, False)
+
+
+@pytest.mark.parametrize(
+    ("inter_scope", "root_scope", "who"),
+    [(_CA_ONLY, None, "alice"), (None, _USER_ONLY, "Issuing CA")],
+    ids=["CA-only CRL for the leaf", "user-only CRL for the intermediate"],
+)
+def test_a_crl_that_does_not_cover_the_certificate_could_not_decide_under_require(
+    tmp_path: Path,
+    crl_files: dict[str, Path],
+    inter_scope: x509.IssuingDistributionPoint | None,
+    root_scope: x509.IssuingDistributionPoint | None,
+    who: str,
+) -> None:
+    for name, ca, scope in (("inter", P.intermediate, inter_scope), ("root", P.root, root_scope)):
+        exts = [(scope, True)] if scope else []
+        crl_files[name].write_bytes(make_crl(ca, {}, extensions=exts))
+    c = checker(tmp_path, ee=REQUIRE, ca=REQUIRE, files=list(crl_files.values()))
+    with pytest.raises(RevocationUnknown) as info:
+        c.check(CHAIN)
+    assert who in info.value.message and "does not cover" in info.value.message
+    # Under soft-fail it is accepted, and the audit note says why.
+    soft = checker(tmp_path, ee=SOFT, ca=SOFT, files=list(crl_files.values())).check(CHAIN)
+    assert any(d.outcome is Outcome.SOFT_FAILED and "does not cover" in d.note for _, d in soft)
