@@ -9,7 +9,6 @@ raw mode until Ctrl-] (or until the VM closes it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import select
 import socket
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LauncherRefused
+from .common import JSON_HELP, print_json
 
 TIMEOUT = 60.0  # a start waits for QEMU to answer QMP
 ESCAPE = b"\x1d"  # Ctrl-]
@@ -26,7 +26,7 @@ ESCAPE = b"\x1d"  # Ctrl-]
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("vm", help="list, start, stop VMs through the launcher service")
     p.add_argument("--socket", type=Path, help="launcher socket (default: [launcher] socket)")
-    p.add_argument("--json", action="store_true", help="print the service's reply as JSON")
+    p.add_argument("--json", action="store_true", help=f"{JSON_HELP} (the service's reply)")
     s = p.add_subparsers(dest="cmd", required=True, metavar="SUBCOMMAND")
     s.add_parser("list", help="the VMs you may use and those you run").set_defaults(func=run)
     for name, text in (
@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
         request["vm"] = args.vm
     if args.cmd == "console":
         return _console(sock_path, request)
-    reply = call(sock_path, request)
+    reply = vm_json(request, sock_path, call(sock_path, request))
     if args.json:
-        print(json.dumps(reply, indent=1, sort_keys=True))
+        print_json(reply)
     if not reply["ok"]:
         raise LauncherRefused(
             f"{args.cmd}: {reply.get('message') or reply.get('reason')} [{reply.get('reason')}]",
@@ -72,14 +72,48 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def vm_json(request: dict[str, Any], sock_path: Path, reply: dict[str, Any]) -> dict[str, Any]:
+    """`svmm vm --json`: svmmd's reply (svmm-launcher/1, services/launcher.py), with QMP's
+    run state added where svmmd's reply has none, asked of svmmd (its ``status`` op is QMP's
+    query-status): ``start`` gets ``data.status`` (``prelaunch``: QEMU holds the guest with
+    -S until ``svmm vm resume``), ``list`` gets ``data.states`` (vm -> state) for the VMs
+    in ``running``. A ``status`` of a VM svmmd does not run is the answer ``stopped``, not
+    an error (``reason`` keeps svmmd's ``vm_not_running``)."""
+    cmd = request["op"]
+    out = dict(reply)
+    data = dict(reply.get("data") or {})
+    if cmd == "status" and not reply["ok"] and reply.get("reason") == "vm_not_running":
+        out["ok"] = True
+        data = {"vm": request["vm"], "status": "stopped", "running": False}
+    elif cmd == "start" and reply["ok"]:
+        data["status"] = _qmp_state(sock_path, str(data.get("vm", "")))
+    elif cmd == "list" and reply["ok"]:
+        data["states"] = {vm: _qmp_state(sock_path, vm) for vm in data.get("running", [])}
+    out["data"] = data
+    return out
+
+
+def _qmp_state(sock_path: Path, vm: str) -> str:
+    """QMP's run state of ``vm`` as svmmd reports it; ``stopped`` if it ended meanwhile,
+    ``unknown`` if svmmd would not say (the reason in brackets)."""
+    reply = call(sock_path, {"op": "status", "vm": vm})
+    if reply["ok"]:
+        return str((reply.get("data") or {}).get("status") or "unknown")
+    if reply.get("reason") == "vm_not_running":
+        return "stopped"
+    return f"unknown [{reply.get('reason')}]"
+
+
 def _print(cmd: str, data: dict[str, Any]) -> None:
     if cmd == "list":
-        running = set(data.get("running", []))
+        running = data.get("running", [])
+        states = data.get("states", {})
         for vm in data.get("allowed", []):
-            state = "running" if vm.get("vm") in running else "-"
-            print(f"{vm.get('vm'):<32} {state:<8} {','.join(vm.get('permissions', []))}")
-        for vm in sorted(running - {v.get("vm") for v in data.get("allowed", [])}):
-            print(f"{vm:<32} running  (not in your allowlist)")
+            name = vm.get("vm")
+            state = states.get(name, "running") if name in running else "-"
+            print(f"{name:<32} {state:<9} {','.join(vm.get('permissions', []))}")
+        for name in sorted(set(running) - {v.get("vm") for v in data.get("allowed", [])}):
+            print(f"{name:<32} {states.get(name, 'running'):<9} (not in your allowlist)")
         if data.get("allowlist") not in (None, "ok"):
             print(f"(no usable allowlist: {data.get('allowlist')})")
         if data.get("keys_held"):
@@ -87,9 +121,17 @@ def _print(cmd: str, data: dict[str, Any]) -> None:
         if data.get("volumes_open"):
             print(f"volumes open (dm-crypt): {', '.join(data['volumes_open'])}")
     elif cmd == "start":
-        print(f"{data.get('vm')}: started (pid {data.get('pid')})")
+        vm, state = data.get("vm"), data.get("status")
+        line = f"{vm}: started (pid {data.get('pid')}), {state}"
+        if state == "prelaunch":
+            line += f": held before its first instruction; `svmm vm resume {vm}` lets it run"
+        print(line)
     elif cmd == "stop":
         print(f"{data.get('vm')}: stopped ({data.get('how')})")
+    elif cmd == "resume":
+        print(f"{data.get('vm')}: resumed, {data.get('status')}")
+    elif data.get("status") == "stopped":
+        print(f"{data.get('vm')}: stopped")
     else:
         print(f"{data.get('vm')}: {data.get('status')} (owner {data.get('owner')}, "
               f"pid {data.get('pid')}, since {data.get('started_at')})")  # fmt: skip

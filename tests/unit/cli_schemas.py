@@ -2,8 +2,8 @@
 
 A schema is a dict of key -> what its value must be: a type, a nested schema dict, ``[item]``
 for a list of such items, or a tuple of alternatives (``OPT_STR`` is a string or null). The keys
-must be exactly those of the schema, so a renamed or dropped key fails a test (keys may be
-added: add them here too).
+must be exactly those of the schema (a key ending in "?" may be absent), so a renamed or
+dropped key fails a test (keys may be added: add them here too).
 """
 
 from __future__ import annotations
@@ -22,10 +22,13 @@ def check(value: Any, schema: Any, where: str = "$") -> None:
     """Raise AssertionError naming the first place ``value`` does not fit ``schema``."""
     if isinstance(schema, dict):
         assert isinstance(value, dict), f"{where}: {value!r} is not an object"
-        extra, missing = sorted(set(value) - set(schema)), sorted(set(schema) - set(value))
+        keys = {k.rstrip("?") for k in schema}
+        required = {k for k in schema if not k.endswith("?")}
+        extra, missing = sorted(set(value) - keys), sorted(required - set(value))
         assert not extra and not missing, f"{where}: extra keys {extra}, missing {missing}"
         for k, sub in schema.items():
-            check(value[k], sub, f"{where}.{k}")
+            if k.rstrip("?") in value:
+                check(value[k.rstrip("?")], sub, f"{where}.{k.rstrip('?')}")
     elif isinstance(schema, list):
         assert isinstance(value, list), f"{where}: {value!r} is not a list"
         for i, item in enumerate(value):
@@ -94,4 +97,16 @@ NSS_STATUS: Schema = {
     "dir": str,
     "files": [{"name": str, "exists": bool, "entries": int, "age": (float, int, NONE)}],
     "conflicts": [{"file": str, "name": OPT_STR, "id": OPT_INT}],
+}
+
+# `svmm vm --json`: svmmd's reply (the svmm-launcher/1 protocol, services/launcher.py), with
+# what the client learned added to ``data`` (QMP's state: ``status``, list's ``states``).
+VM_REPLY: Schema = {"version": str, "ok": bool, "reason": str, "message": str, "data": dict}
+VM_LIST_DATA: Schema = {
+    "allowed": [{"vm": str, "permissions": [str], "running": bool}],
+    "running": [str],
+    "allowlist": str,
+    "keys_held": [str],
+    "volumes_open?": [str],  # dm-crypt mode only
+    "states": dict,  # vm -> QMP run state (query-status), of the VMs in "running"
 }
