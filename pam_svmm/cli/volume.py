@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConversationFailed, NoCard, VolumeError
+from .common import add_json, load_module, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     st = s.add_parser("status", help="keyslots, cards, escrow and owner (no PIN needed)")
     st.add_argument("path", type=Path)
+    add_json(st)
     st.set_defaults(func=status)
 
     r = s.add_parser("rekey", help="replace a card's keyslot by a new card's")
@@ -150,25 +152,58 @@ def recover(args: argparse.Namespace) -> int:
 def status(args: argparse.Namespace) -> int:
     from ..services.volumes import Volumes
 
-    _print_status(Volumes().status(args.path))
+    doc = status_json(Volumes().status(args.path))
+    if args.json:
+        print_json(doc)
+    else:
+        _print_status_doc(doc)
     return 0
 
 
+def status_json(st: Any) -> dict[str, Any]:
+    """`svmm volume status --json`: the volume and each keyslot (no PIN needed, no secret)."""
+    return {
+        "path": str(st.path),
+        "luks_version": st.luks_version,
+        "uuid": st.uuid,
+        "owner": {"kind": st.owner.kind, "name": st.owner.name} if st.owner else None,
+        "custody": st.custody.value if st.custody else None,
+        "slots": [
+            {
+                "slot": s.slot,
+                "kind": s.kind,
+                "custody": s.custody,
+                "recipient": s.recipient,
+                "card": dict(s.card) if s.card is not None else None,
+            }
+            for s in st.slots
+        ],
+    }
+
+
 def _print_status(st: Any) -> None:
-    owner = f"{st.owner.kind} {st.owner.name}" if st.owner else "unknown"
-    custody = st.custody.value if st.custody else "unknown"
-    print(f"volume {st.path}: LUKS{st.luks_version} {st.uuid}, owner {owner}, custody {custody}")
-    for s in st.slots:
-        if s.kind == "card":
-            card = s.card or {}
+    _print_status_doc(status_json(st))
+
+
+def _print_status_doc(doc: dict[str, Any]) -> None:
+    owner = f"{doc['owner']['kind']} {doc['owner']['name']}" if doc["owner"] else "unknown"
+    print(
+        f"volume {doc['path']}: LUKS{doc['luks_version']} {doc['uuid']}, owner {owner}, "
+        f"custody {doc['custody'] or 'unknown'}"
+    )
+    for s in doc["slots"]:
+        if s["kind"] == "card":
+            card = s["card"] or {}
             print(
-                f"  keyslot {s.slot}: card {card.get('subject', '?')} ({s.custody}),"
-                f" key {(s.recipient or '?')[:16]}, token {card.get('token-label', '?')!r}"
+                f"  keyslot {s['slot']}: card {card.get('subject', '?')} ({s['custody']}),"
+                f" key {(s['recipient'] or '?')[:16]}, token {card.get('token-label', '?')!r}"
             )
-        elif s.kind == "escrow":
-            print(f"  keyslot {s.slot}: recovery, escrowed to key {(s.recipient or '?')[:16]}")
+        elif s["kind"] == "escrow":
+            print(
+                f"  keyslot {s['slot']}: recovery, escrowed to key {(s['recipient'] or '?')[:16]}"
+            )
         else:
-            print(f"  keyslot {s.slot}: not managed by svmm")
+            print(f"  keyslot {s['slot']}: not managed by svmm")
 
 
 # --- plumbing -----------------------------------------------------------------------------
@@ -200,12 +235,11 @@ def _module_path(args: argparse.Namespace) -> str:
 @contextlib.contextmanager
 def _card(args: argparse.Namespace, name: str, pin_file: Path | None) -> Iterator[tuple[Any, Any]]:
     """The card ``name`` (label or URI), logged in, as (volumes.Card, RW session)."""
-    from ..adapters.token import Pkcs11Module
     from ..domain import pkcs11_uri
     from ..services.volumes import Card
 
     uri = pkcs11_uri.parse(name if name.startswith("pkcs11:") else _label_uri(name))
-    with Pkcs11Module(_module_path(args)) as module:
+    with load_module(_module_path(args)) as module:
         tokens = module.tokens(uri)
         if len(tokens) != 1:
             raise NoCard(f"{len(tokens)} cards match {name!r}; insert exactly one")

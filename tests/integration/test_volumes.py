@@ -28,6 +28,7 @@ from tests.integration.softhsm import (  # noqa: F401
     softhsm,
 )
 from tests.integration.test_luks import _spy
+from tests.unit import cli_schemas
 
 pytestmark = [
     pytest.mark.integration,
@@ -340,6 +341,13 @@ def test_cli_create_status_enroll_recover(
     out = capsys.readouterr().out
     assert "card CN=a (card-object)" in out and "card CN=b (card-object)" in out
     assert "recovery, escrowed" in out
+    assert main(["volume", "status", str(img), "--json"]) == 0
+    doc = cli_schemas.parse(capsys.readouterr().out, cli_schemas.VOLUME_STATUS)
+    assert doc["path"] == str(img) and doc["luks_version"] == 2
+    assert doc["owner"] == {"kind": "user", "name": "alice"} and doc["custody"] == "card-object"
+    kinds = sorted(slot["kind"] for slot in doc["slots"])
+    assert kinds == ["card", "card", "escrow"]
+    assert {str((slot["card"] or {}).get("subject")) for slot in doc["slots"]} >= {"CN=a", "CN=b"}
     rc = main(["volume", "recover", str(img), "--escrow-key", str(key_pem), "--card", "c",
                *mod, *fast])  # fmt: skip
     assert rc == 0, capsys.readouterr().err

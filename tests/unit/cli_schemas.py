@@ -110,3 +110,20 @@ VM_LIST_DATA: Schema = {
     "volumes_open?": [str],  # dm-crypt mode only
     "states": dict,  # vm -> QMP run state (query-status), of the VMs in "running"
 }
+
+VOLUME_STATUS: Schema = {
+    "path": str,
+    "luks_version": int,
+    "uuid": str,
+    "owner": ({"kind": str, "name": str}, NONE),
+    "custody": OPT_STR,
+    "slots": [
+        {
+            "slot": int,
+            "kind": str,  # card, escrow, other (not svmm's)
+            "custody": OPT_STR,
+            "recipient": OPT_STR,  # sha256 of the key the slot's secret is wrapped to
+            "card": (dict, NONE),  # subject, cert-sha256, token-label, token-serial
+        }
+    ],
+}
