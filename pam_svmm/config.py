@@ -316,6 +316,9 @@ class LauncherConfig:
     card_removal: CardRemovalAction = CardRemovalAction.PAUSE
     card_poll_interval: float = 1.0  # seconds between slot polls
     on_last_logout: LastLogoutAction = LastLogoutAction.KEEP
+    # A VM whose owner's last session died without closing (its PAM application crashed or
+    # was killed, svmmd restarted): its grant is gone, so by default it is paused.
+    on_session_lost: LastLogoutAction = LastLogoutAction.PAUSE
     # Only networks defined here can be given to a VM (by name; the policy grants them).
     networks: tuple[NetworkBackend, ...] = ()
 
@@ -666,6 +669,7 @@ def _launcher(t: _Table) -> LauncherConfig:
         card_removal=t.enum("card_removal", d.card_removal),
         card_poll_interval=t.number("card_poll_interval", d.card_poll_interval, minimum=0.05),
         on_last_logout=t.enum("on_last_logout", d.on_last_logout),
+        on_session_lost=t.enum("on_session_lost", d.on_session_lost),
         networks=_networks(t.sub("networks")),
     )
     t.done()

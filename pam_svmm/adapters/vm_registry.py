@@ -25,6 +25,7 @@ from typing import Any
 
 from ..errors import SvmmError, VmError
 from .private_dir import open_private_dir, replace_file
+from .processes import start_time
 from .qemu import CONSOLE_SOCKET, NAME_PATTERN, QemuVm, QmpSync, RunAs, VmSpec
 
 FORMAT = "svmm-vm/1"
@@ -66,15 +67,7 @@ class VmRecord:
 
 def proc_start_time(pid: int) -> int | None:
     """The start time of ``pid`` (None when it is gone or a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()  # the name may hold spaces and ')'
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
+    return start_time(pid)
 
 
 class VmHandle:

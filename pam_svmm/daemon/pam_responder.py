@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..adapters.processes import start_time
 from ..pam.shim import ENV_NAMES, ITEMS, encode, read_frame
 
 PROTOCOL = "svmm-pam/1"
@@ -240,13 +241,8 @@ class _Held:
 
 def process_start(pid: int) -> str | None:
     """The start time of ``pid`` in clock ticks since boot; None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return fields[19] if len(fields) > 19 else None
+    t = start_time(pid)
+    return None if t is None else str(t)
 
 
 class PamResponder:

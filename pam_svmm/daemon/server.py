@@ -293,6 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     found = launcher.registry.reattach()
     if found:
         log.info("reattached to running VMs: %s", ", ".join(found))
+    # Reconcile with the sessions that are alive, now and every few seconds after: a grant
+    # whose login process died goes, with its keys (invariant 12).
+    sweeper = _start_sweeper(launcher)
     module = _card_module(config.pkcs11.module)
     if module is None:
         launcher.audit_card_watch_unavailable(config.pkcs11.module)
@@ -316,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server.serve_forever()
     finally:
+        sweeper.set()
         server.server_close()
         pam.close()
         launcher.stop_card_watch()
@@ -324,6 +328,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         if module is not None:
             module.close()
     return 0
+
+
+SWEEP_EVERY = 5.0  # seconds between looks for sessions whose process died
+
+
+def _start_sweeper(launcher: Launcher, every: float = SWEEP_EVERY) -> Any:
+    """Sweep now, then every ``every`` seconds in a thread; set the returned event to stop."""
+    import threading
+
+    stop = threading.Event()
+
+    def sweep() -> None:
+        while True:
+            try:
+                gone = launcher.sweep_sessions()
+            except Exception:  # a bug: logged; the start path checks liveness itself too
+                log.exception("session sweep failed")
+            else:
+                if gone:
+                    log.info("sessions lost (process gone) for uid %s", ", ".join(map(str, gone)))
+            if stop.wait(every):
+                return
+
+    threading.Thread(target=sweep, name="svmmd-sweep", daemon=True).start()
+    return stop
 
 
 def _card_module(path: str) -> Pkcs11Module | None:

@@ -369,8 +369,11 @@ def pam_sm_open_session(pamh: Any, flags: int, argv: list[str]) -> int:
             return int(pamh.PAM_IGNORE)
         manager = _session_manager(svc)
         sid = _new_session_id(pamh)
+        from ..adapters.processes import start_time
+
         facts = {
             "pid": tx.app_pid(),
+            "pid_start": start_time(tx.app_pid()),  # a pid alone gets reused
             "service": request.service,
             "tty": request.tty,
             "rhost": request.rhost,

@@ -553,18 +553,9 @@ def live_sessions(state_dir: Path, uid: int) -> int:
             raise ValueError("wrong uid or shape")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise SessionFailed(f"{state_dir / f'{uid}.json'} is damaged: {e}") from None
-    alive = 0
-    for record in sessions.values():
-        pid = record.get("pid") if isinstance(record, dict) else None
-        if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                continue  # it died without closing: session.py prunes it at the next step
-            except PermissionError:
-                pass
-        alive += 1
-    return alive
+    from .session import session_alive
+
+    return sum(1 for record in sessions.values() if session_alive(record))
 
 
 def decide_control(uid: int, vm: str, running: Mapping[str, VmRecord]) -> Decision:
@@ -682,7 +673,9 @@ class Launcher:
         self.store = store or AllowlistStore(config.session.allowlist_dir)
         self.keys = keys or KeyStore()
         self.now = now
-        self._lock = threading.Lock()  # a decision and its action are one step
+        # A decision and its action are one step; reentrant: a start that finds its grant dead
+        # forgets it (forget_dead_sessions applies on_session_lost under the same lock).
+        self._lock = threading.RLock()
         self.card_policy = CardRemovalPolicy.from_config(
             config, CardVms(self), self.audit.write, host=policy.host, service=SERVICE
         )
@@ -878,13 +871,16 @@ class Launcher:
             data["last_logout"] = self._after_session_close(r.uid, r.session or "")
         return Reply(True, "ok", f"dropped {len(dropped)} key(s) of {which}", data)
 
-    def _after_session_close(self, uid: int, session: str) -> dict[str, Any]:
-        """A session of ``uid`` closed: if it was their last one (the session records, not
-        the request, say so), their VMs get ``launcher.on_last_logout``; audited per VM
-        (``last_logout``: stopped, paused, kept, or why nothing was done)."""
-        action = self.config.launcher.on_last_logout
+    def _after_session_close(self, uid: int, session: str, *, lost: bool = False) -> dict[str, Any]:
+        """A session of ``uid`` closed (``lost``: its process died without closing it): if
+        it was their last one (the session records, not the request, say so), their VMs get
+        ``launcher.on_last_logout`` (``on_session_lost``); audited per VM (``last_logout``:
+        stopped, paused, kept, or why nothing was done)."""
+        lc = self.config.launcher
+        action = lc.on_session_lost if lost else lc.on_last_logout
+        setting = "on_session_lost" if lost else "on_last_logout"
         user = _user_name(uid)
-        why = f"for uid={uid}; session={session}; on_last_logout={action.value}"
+        why = f"for uid={uid}; session={session}; {setting}={action.value}"
         try:
             remaining = live_sessions(self.config.session.state_dir, uid)
         except (SessionFailed, ConfigError) as e:
@@ -969,7 +965,71 @@ class Launcher:
             raise _refuse(reason, e.message) from None
         except ConfigError as e:
             raise _refuse("allowlist_unreadable", e.message) from None
-        return check_allowlist(data, uid, now=now, host=self.policy.host)
+        allowlist = check_allowlist(data, uid, now=now, host=self.policy.host)
+        # A grant lives only as long as its session (invariant 12): the PAM application
+        # that opened it must still run. Its death (a crash, SIGKILL, svmmd killed during
+        # open_session) leaves the allowlist behind; it is no grant.
+        if not self._has_live_session(uid):
+            self.forget_dead_sessions(uid)
+            raise _refuse(
+                "no_live_session",
+                f"no live login of uid {uid} stands behind its allowlist: log in again",
+            )
+        return allowlist
+
+    def _has_live_session(self, uid: int) -> bool:
+        try:
+            return live_sessions(self.config.session.state_dir, uid) > 0
+        except (SessionFailed, ConfigError):
+            return False  # cannot tell: no grant
+
+    def forget_dead_sessions(self, uid: int) -> bool:
+        """If no live session of ``uid`` remains: remove its allowlist and the records of
+        its dead sessions, drop every key they held, audited ``session_lost``. Under the
+        user's session lock, so a login opening a session meanwhile is never undone.
+        True when something was forgotten."""
+        from ..adapters.allowlist_store import SessionRecords
+        from .session import session_alive
+
+        records = SessionRecords(self.config.session.state_dir)
+        try:
+            with records.locked(uid) as held:
+                state = held.load()
+                if any(session_alive(r) for r in state.sessions.values()):
+                    return False
+                gone = sorted(state.sessions)
+                user = state.user or _user_name(uid)
+                had_allowlist = self.store.read_bytes(uid) is not None
+                if not gone and not had_allowlist:
+                    return False
+                self.store.remove(uid)
+                state.sessions.clear()
+                held.save(state)
+        except (SessionFailed, ConfigError) as e:
+            log.error("forgetting the dead sessions of uid %d: %s", uid, e.message)
+            return False
+        dropped = self.keys.drop(uid)
+        detail = (f"sessions {', '.join(gone) or '(none recorded)'} gone with their process; "
+                  f"allowlist removed; {len(dropped)} key(s) dropped")  # fmt: skip
+        d = Decision(False, "session_lost", detail, user=user)
+        try:
+            self._audited("session_lost", Outcome.SUCCESS, d, 0, "sweep")
+        except SvmmError as e:
+            log.error("session_lost: %s", e.message)
+        self._after_session_close(uid, ",".join(gone) or "none", lost=True)
+        return True
+
+    def sweep_sessions(self) -> list[int]:
+        """Every uid with an allowlist or session records but no live session: forgotten
+        (svmmd runs this at start and then every few seconds). The uids forgotten."""
+        found: set[int] = set()
+        for folder in (self.config.session.allowlist_dir, self.config.session.state_dir):
+            try:
+                names = os.listdir(folder)
+            except OSError:
+                continue
+            found |= {int(n.split(".")[0]) for n in names if n.split(".")[0].isdigit()}
+        return [uid for uid in sorted(found) if self.forget_dead_sessions(uid)]
 
     def _list(self, uid: int) -> Reply:
         now = self.now()

@@ -15,7 +15,6 @@ taken (it may be slow); only the list of sessions is filled in under it.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,19 +200,20 @@ class SessionManager:
         return self.records.find(user, session_id)
 
 
+def session_alive(record: object) -> bool:
+    """A session lives as long as the PAM application that opened it (its pid and start
+    time, invariant 12); a record that names no process proves nothing."""
+    from ..adapters.processes import alive
+
+    if not isinstance(record, dict):
+        return False
+    return alive(record.get("pid"), record.get("pid_start"))
+
+
 def _prune_dead(state: UserSessions) -> tuple[str, ...]:
     """Drop sessions whose opening process is gone: it crashed or was killed before it could
     close them, and would otherwise keep the allowlist alive until it expires."""
-    dead = []
-    for sid, record in state.sessions.items():
-        pid = record.get("pid")
-        if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                dead.append(sid)
-            except PermissionError:
-                pass  # alive, someone else's
+    dead = [sid for sid, record in state.sessions.items() if not session_alive(record)]
     for sid in dead:
         del state.sessions[sid]
     return tuple(dead)

@@ -31,7 +31,13 @@ from pam_svmm.lab.userland import userland
 from pam_svmm.services.launcher import Launcher
 from tests.integration.test_launcher_keys import KEY, luks_template  # noqa: F401
 from tests.integration.test_launcher_service import NOBODY, Running, ask
-from tests.unit.launcher_fixtures import CARD, LocalPolicy, allowlist_bytes, audit_records
+from tests.unit.launcher_fixtures import (
+    CARD,
+    LocalPolicy,
+    allowlist_bytes,
+    audit_records,
+    live_session,
+)
 from tests.unit.launcher_fixtures import make_launcher as _make_launcher
 from tests.unit.launcher_fixtures import request as _request
 
@@ -145,6 +151,7 @@ def make_service(
     AllowlistStore(config.session.allowlist_dir).write_bytes(
         NOBODY, allowlist_bytes(policy, user="nobody", uid=NOBODY)
     )
+    live_session(config.session.state_dir, NOBODY, "nobody")
     return Running(launcher, bind_socket(config.launcher.socket))
 
 
@@ -271,6 +278,7 @@ def test_console_goes_to_its_owner_with_the_grant(service: Running, base: Path) 
     AllowlistStore(service.launcher.config.session.allowlist_dir).write_bytes(
         10001, allowlist_bytes(LocalPolicy(POLICY), user="mallory", uid=10001)
     )
+    live_session(service.launcher.config.session.state_dir, 10001, "mallory")
     theirs = ask(sock, {"op": "console", "vm": "devbox"}, user=10001)[0]
     assert not theirs["ok"] and theirs["reason"] == "not_owner"
     events = [(r["event"], r["vm"], r["reason"]) for r in audit_records(base)

@@ -30,6 +30,7 @@ from tests.unit.launcher_fixtures import (
     CARD,
     LocalPolicy,
     allowlist_bytes,
+    live_session,
     make_launcher,
 )
 
@@ -90,6 +91,7 @@ def service(base: Path, luks_template: Path) -> Iterator[Running]:
     config = replace(made.config, volumes=VolumesConfig(enabled=True, dir=volumes))
     launcher = Launcher(config, policy=policy, audit=made.audit, store=made.store, now=made.now)
     AllowlistStore(config.session.allowlist_dir).write_bytes(ALICE_UID, allowlist_bytes(policy))
+    live_session(config.session.state_dir, ALICE_UID, "alice")
     running = Running(launcher, bind_socket(config.launcher.socket))
     yield running
     running.close()

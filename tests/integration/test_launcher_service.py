@@ -28,6 +28,7 @@ from tests.unit.launcher_fixtures import (
     LocalPolicy,
     allowlist_bytes,
     audit_records,
+    live_session,
     make_launcher,
 )
 
@@ -81,6 +82,7 @@ def service(base: Path) -> Iterator[Running]:
     AllowlistStore(launcher.config.session.allowlist_dir).write_bytes(
         NOBODY, allowlist_bytes(policy, user="nobody", uid=NOBODY)
     )
+    live_session(launcher.config.session.state_dir, NOBODY, "nobody")
     running = Running(launcher, bind_socket(launcher.config.launcher.socket))
     yield running
     running.close()

@@ -144,3 +144,52 @@ def test_a_revoked_card_releases_nothing(
     assert report.name == "PAM_AUTH_ERR"
     assert records(lab, before, "key_release") == []
     assert records(lab, before, "session_open") == []
+
+
+def test_a_dead_login_is_no_grant(
+    lab: Lab, service: tuple[str, Launcher], socket_dir: Path
+) -> None:
+    """Invariant 12. The PAM application that opened alice's session is SIGKILLed (as is a
+    login whose process crashed, or svmmd killed during open_session): it never closes its
+    session, and its allowlist and the keys it handed over stayed behind, so VMs started
+    with no live login at all. Now the next request finds no live session, forgets the grant
+    (allowlist removed, keys dropped, audited session_lost) and refuses."""
+    import signal
+
+    service_name, launcher = service
+    session = lab.login(lab.insert("alice"), pin=PIN, user="alice", service=service_name,
+                        session=True)  # fmt: skip
+    assert session.opened == 0
+    assert lab.allowlist(ALICE_UID) is not None and launcher.keys.held(ALICE_UID)
+    before = len(lab.audit_records())
+    session.proc.send_signal(signal.SIGKILL)
+    session.proc.wait(10)
+    code, started = vm(socket_dir, "start", "vm-web")
+    assert code != 0 and started.get("reason") == "no_live_session", started
+    assert lab.allowlist(ALICE_UID) is None and not launcher.keys.held(ALICE_UID)
+    lost = records(lab, before, "session_lost")
+    assert len(lost) == 1 and lost[0]["user"] == "alice", lost
+    # svmmd's sweeper finds nothing more to do; a new login grants again.
+    assert launcher.sweep_sessions() == []
+    with lab.login(lab.insert("alice"), pin=PIN, user="alice", service=service_name,
+                   session=True) as again:  # fmt: skip
+        assert again.opened == 0
+        code, started = vm(socket_dir, "start", "vm-web")
+        assert code == 0 and started["ok"], started
+        assert vm(socket_dir, "stop", "vm-web")[0] == 0
+
+
+def test_the_sweeper_forgets_a_dead_login_without_a_request(
+    lab: Lab, service: tuple[str, Launcher], socket_dir: Path
+) -> None:
+    import signal
+
+    service_name, launcher = service
+    session = lab.login(lab.insert("alice"), pin=PIN, user="alice", service=service_name,
+                        session=True)  # fmt: skip
+    assert session.opened == 0 and launcher.keys.held(ALICE_UID)
+    assert launcher.sweep_sessions() == []  # alive: nothing to forget
+    session.proc.send_signal(signal.SIGKILL)
+    session.proc.wait(10)
+    assert launcher.sweep_sessions() == [ALICE_UID]
+    assert lab.allowlist(ALICE_UID) is None and not launcher.keys.held(ALICE_UID)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pam_svmm.adapters.allowlist_store import AllowlistStore
+from pam_svmm.adapters.allowlist_store import AllowlistStore, SessionRecords
 from pam_svmm.adapters.audit_log import AuditLog
+from pam_svmm.adapters.processes import start_time
 from pam_svmm.config import Config, LauncherConfig, SessionConfig
 from pam_svmm.domain import policy as pdp
 from pam_svmm.domain.allowlist import build_allowlist
@@ -148,3 +150,13 @@ def request(op: str, vm: str = "", **extra: Any) -> bytes:
     if vm:
         doc["vm"] = vm
     return json.dumps(doc).encode()
+
+
+def live_session(state_dir: Path, uid: int, user: str, session: str = "tty9:1:test") -> None:
+    """A session record of ``uid`` opened by this (live) process, as pam_sm_open_session
+    writes one: without it an allowlist is no grant (invariant 12)."""
+    with SessionRecords(state_dir).locked(uid) as held:
+        state = held.load()
+        state.user = user
+        state.sessions[session] = {"pid": os.getpid(), "pid_start": start_time(os.getpid())}
+        held.save(state)

@@ -22,6 +22,7 @@ from tests.unit.launcher_fixtures import (
     LocalPolicy,
     allowlist_bytes,
     audit_records,
+    live_session,
     make_launcher,
     request,
 )
@@ -169,6 +170,7 @@ def test_hold_list_drop_through_the_launcher(tmp_path: Path) -> None:
     AllowlistStore(launcher.config.session.allowlist_dir).write_bytes(
         ALICE_UID, allowlist_bytes(policy)
     )
+    live_session(launcher.config.session.state_dir, ALICE_UID, "alice")
     assert launcher.handle(ALICE_UID, _hold()).reason == "not_permitted"
     held = launcher.handle(0, _hold())
     assert held.ok and held.data == {"uid": ALICE_UID, "session": "s1", "held": ["secret-data"]}

@@ -29,6 +29,7 @@ from tests.unit.launcher_fixtures import (
     LocalPolicy,
     allowlist_bytes,
     audit_records,
+    live_session,
     make_launcher,
     request,
 )
@@ -245,6 +246,7 @@ def test_refusals_through_the_service_are_audited_with_card_and_vm(
     AllowlistStore(launcher.config.session.allowlist_dir).write_bytes(
         ALICE_UID, allowlist_bytes(policy)
     )
+    live_session(launcher.config.session.state_dir, ALICE_UID, "alice")
     reply = launcher.handle(ALICE_UID, request("start", "secret"))
     assert not reply.ok and reply.reason == "volume_key_unavailable"
     assert launcher.handle(ALICE_UID, request("stop", "plain")).reason == "vm_not_running"

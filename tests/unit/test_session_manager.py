@@ -221,7 +221,8 @@ def _session_worker(args: tuple[str, str, int]) -> None:
 
 def _open_worker(args: tuple[str, str]) -> None:
     root, sid = args
-    _manager(Path(root)).open(ALICE, sid, now=NOW)
+    # The pool worker that opens it stays alive meanwhile: the session is live.
+    _manager(Path(root)).open(ALICE, sid, now=NOW, facts={"pid": os.getpid()})
 
 
 def _close_worker(args: tuple[str, str]) -> bool:
