@@ -14,7 +14,7 @@ import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -29,8 +29,10 @@ from ..errors import (
     PolicyBundleInvalid,
     PolicyError,
     PolicyUnavailable,
+    SvmmError,
     UnknownUser,
 )
+from .common import add_json, print_json
 
 if TYPE_CHECKING:
     from ..services.policy import PolicyService
@@ -45,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = s.add_parser("check", help="validate a policy document (TOML) and list warnings")
     c.add_argument("file", type=Path)
     c.add_argument("--strict", action="store_true", help="warnings fail the check too")
+    add_json(c)
     c.set_defaults(func=check)
 
     g = s.add_parser("sign", help="sign a policy document into a bundle")
@@ -65,14 +68,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--action", default="boot", help="boot, console, usb:VID:PID, network:NAME")
     e.add_argument("--running", default="", help="VMs the user runs now, comma-separated")
     _subject_args(e)
+    add_json(e)
     e.set_defaults(func=explain)
 
     r = s.add_parser("grants", help="the VMs and permissions a user's grants give")
     r.add_argument("user")
     _subject_args(r)
+    add_json(r)
     r.set_defaults(func=grants)
 
     sh = s.add_parser("show", help="the accepted policy bundle: version, signer, when")
+    add_json(sh)
     sh.set_defaults(func=show)
 
     ld = s.add_parser("load", help="fetch, verify and accept the bundle from the source now")
@@ -93,18 +99,51 @@ def _csv(text: str | None) -> list[str]:
 
 def check(args: argparse.Namespace) -> int:
     data = _read(args.file)
+    policy: pdp.Policy | None = None
+    error: PolicyError | None = None
     try:
         policy = pdp.parse_policy(data)
         pdp.compile_policy(policy)
     except PolicyError as e:
-        print(f"{args.file}: {e.message}", file=sys.stderr)
+        error = e
+    doc = check_json(args.file, policy, error, strict=args.strict)
+    if args.json:
+        print_json(doc)
+    elif error is not None:
+        print(f"{args.file}: {error.message}", file=sys.stderr)
+    else:
+        assert policy is not None
+        print(f"{args.file}: {pdp.summary(policy)}")
+        for w in doc["warnings"]:
+            print(f"warning: {w}")
+        print(f"{len(doc['warnings'])} warning(s)")
+    if error is not None:
         return 1
-    print(f"{args.file}: {pdp.summary(policy)}")
-    warnings = pdp.lint(policy)
-    for w in warnings:
-        print(f"warning: {w}")
-    print(f"{len(warnings)} warning(s)")
-    return 1 if warnings and args.strict else 0
+    return 1 if doc["warnings"] and args.strict else 0
+
+
+def check_json(
+    path: Path, policy: pdp.Policy | None, error: PolicyError | None, *, strict: bool
+) -> dict[str, Any]:
+    """`svmm policy check --json`: valid or the error, the counts and the warnings."""
+    valid = error is None and policy is not None
+    return {
+        "file": str(path),
+        "valid": valid,
+        "error": error.message if error is not None else None,
+        "version": policy.version if valid and policy else None,
+        "counts": {
+            "hosts": len(policy.hosts),
+            "vms": len(policy.vms),
+            "networks": len(policy.networks),
+            "grants": len(policy.grants),
+            "conflicts": len(policy.conflicts),
+        }
+        if valid and policy
+        else None,
+        "warnings": pdp.lint(policy) if valid and policy else [],
+        "strict": strict,
+    }
 
 
 def _read(path: Path) -> bytes:
@@ -241,14 +280,41 @@ def explain(args: argparse.Namespace) -> int:
     roles, roles_from = _roles(args, cfg)
     running = _csv(args.running)
     d = pdp.decide(compiled, pdp.Subject(args.user, roles), args.vm, args.action, running)
-    verdict = "ALLOWED" if d.allowed else "DENIED"
-    print(f"{args.user}: {args.action} {args.vm}: {verdict}")
-    print(f"  rule:    {d.rule}")
-    print(f"  reason:  {d.reason}")
-    print(f"  roles:   {', '.join(roles) or '-'} ({roles_from})")
-    print(f"  running: {', '.join(running) or '-'}")
-    print(f"  policy:  version {compiled.version}, {origin}")
+    doc = explain_json(args, d, roles, roles_from, running, compiled.version, origin)
+    if args.json:
+        print_json(doc)
+    else:
+        print(f"{args.user}: {args.action} {args.vm}: {'ALLOWED' if d.allowed else 'DENIED'}")
+        print(f"  rule:    {d.rule}")
+        print(f"  reason:  {d.reason}")
+        print(f"  roles:   {', '.join(roles) or '-'} ({roles_from})")
+        print(f"  running: {', '.join(running) or '-'}")
+        print(f"  policy:  version {compiled.version}, {origin}")
     return 0 if d.allowed else EXIT_DENIED
+
+
+def explain_json(
+    args: argparse.Namespace,
+    d: pdp.Decision,
+    roles: list[str],
+    roles_from: str,
+    running: list[str],
+    version: int,
+    origin: str,
+) -> dict[str, Any]:
+    """`svmm policy explain --json`: the decision, the rule that made it, and its inputs."""
+    return {
+        "user": args.user,
+        "vm": args.vm,
+        "action": args.action,
+        "allowed": d.allowed,
+        "rule": d.rule,
+        "reason": d.reason,
+        "roles": roles,
+        "roles_from": roles_from,
+        "running": running,
+        "policy": {"version": version, "origin": origin},
+    }
 
 
 def grants(args: argparse.Namespace) -> int:
@@ -256,15 +322,41 @@ def grants(args: argparse.Namespace) -> int:
     compiled, origin = _compiled(args, cfg)
     roles, roles_from = _roles(args, cfg)
     found = pdp.grants_for(compiled, pdp.Subject(args.user, roles))
+    doc = grants_json(args.user, compiled, found, roles, roles_from, origin)
+    if args.json:
+        print_json(doc)
+        return 0
     print(f"{args.user}: roles {', '.join(roles) or '-'} ({roles_from})")
     print(f"policy: version {compiled.version}, {origin}")
-    if not found:
+    if not doc["vms"]:
         print("no VM (default deny)")
+    for vm in doc["vms"]:
+        perms = ", ".join(vm["permissions"])
+        print(f"  {vm['vm']:<16} {perms}   (class {vm['class'] or '-'}, type {vm['type'] or '-'})")
+    return 0
+
+
+def grants_json(
+    user: str,
+    compiled: pdp.CompiledPolicy,
+    found: dict[str, frozenset[str]],
+    roles: list[str],
+    roles_from: str,
+    origin: str,
+) -> dict[str, Any]:
+    """`svmm policy grants --json`: the VMs the user's grants give, with their permissions."""
+    vms = []
     for vm_id in sorted(found):
         vm = compiled.policy.vms[vm_id]
-        perms = ", ".join(sorted(found[vm_id]))
-        print(f"  {vm_id:<16} {perms}   (class {vm.vm_class or '-'}, type {vm.type or '-'})")
-    return 0
+        vms.append({"vm": vm_id, "permissions": sorted(found[vm_id]),
+                    "class": vm.vm_class or None, "type": vm.type or None})  # fmt: skip
+    return {
+        "user": user,
+        "roles": roles,
+        "roles_from": roles_from,
+        "policy": {"version": compiled.version, "origin": origin},
+        "vms": vms,
+    }
 
 
 # --- show / load ---------------------------------------------------------------------------
@@ -273,20 +365,47 @@ def grants(args: argparse.Namespace) -> int:
 def show(args: argparse.Namespace) -> int:
     cfg = _config(args)
     accepted, floor, problem = _service(cfg).store.accepted_state()
+    doc = show_json(cfg, accepted, floor, problem)
+    if args.json:
+        print_json(doc)
+        return 0 if accepted is not None else 3
     if problem is not None:
         print(f"state problem: {problem.message}")
-    if accepted is None:
+    p = doc["policy"]
+    if p is None:
         print(
             f"no accepted policy in {cfg.policy.state_dir}" + (f" (floor {floor})" if floor else "")
         )
         return 3
-    print(f"version:      {accepted.version}")
-    print(f"sha256:       {accepted.sha256}")
-    print(f"signer:       {accepted.signer_subject}")
-    print(f"signer sha256 {accepted.signer_fingerprint}")
-    print(f"accepted at:  {accepted.accepted_at.isoformat()}")
-    print(f"summary:      {pdp.summary(accepted.compiled.policy)}")
+    print(f"version:      {p['version']}")
+    print(f"sha256:       {p['sha256']}")
+    print(f"signer:       {p['signer']}")
+    print(f"signer sha256 {p['signer_sha256']}")
+    print(f"accepted at:  {p['accepted_at']}")
+    print(f"summary:      {p['summary']}")
     return 0
+
+
+def show_json(
+    cfg: Config, accepted: Any, floor: int | None, problem: SvmmError | None
+) -> dict[str, Any]:
+    """`svmm policy show --json`: the accepted bundle (null when none), the state's floor
+    (the lowest version the host still accepts) and any problem with the state."""
+    return {
+        "state_dir": str(cfg.policy.state_dir),
+        "floor": floor or None,
+        "state_problem": problem.message if problem is not None else None,
+        "policy": None
+        if accepted is None
+        else {
+            "version": accepted.version,
+            "sha256": accepted.sha256,
+            "signer": accepted.signer_subject,
+            "signer_sha256": accepted.signer_fingerprint,
+            "accepted_at": accepted.accepted_at.isoformat(),
+            "summary": pdp.summary(accepted.compiled.policy),
+        },
+    }
 
 
 def load(args: argparse.Namespace) -> int:

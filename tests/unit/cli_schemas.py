@@ -127,3 +127,49 @@ VOLUME_STATUS: Schema = {
         }
     ],
 }
+
+POLICY_CHECK: Schema = {
+    "file": str,
+    "valid": bool,
+    "error": OPT_STR,
+    "version": OPT_INT,
+    "counts": ({"hosts": int, "vms": int, "networks": int, "grants": int, "conflicts": int}, NONE),
+    "warnings": [str],
+    "strict": bool,
+}
+POLICY_SOURCE: Schema = {"version": int, "origin": str}  # origin: signed by whom, or a file
+POLICY_EXPLAIN: Schema = {
+    "user": str,
+    "vm": str,
+    "action": str,
+    "allowed": bool,
+    "rule": str,
+    "reason": str,
+    "roles": [str],
+    "roles_from": str,
+    "running": [str],
+    "policy": POLICY_SOURCE,
+}
+POLICY_GRANTS: Schema = {
+    "user": str,
+    "roles": [str],
+    "roles_from": str,
+    "policy": POLICY_SOURCE,
+    "vms": [{"vm": str, "permissions": [str], "class": OPT_STR, "type": OPT_STR}],
+}
+POLICY_SHOW: Schema = {
+    "state_dir": str,
+    "floor": OPT_INT,
+    "state_problem": OPT_STR,
+    "policy": (
+        {
+            "version": int,
+            "sha256": str,
+            "signer": str,
+            "signer_sha256": str,
+            "accepted_at": str,
+            "summary": str,
+        },
+        NONE,
+    ),
+}

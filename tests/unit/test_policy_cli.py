@@ -9,6 +9,7 @@ import pytest
 
 from pam_svmm.cli.main import main
 from pam_svmm.lab.pki import LabCA, key_pem, new_key
+from tests.unit import cli_schemas
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "policy.example.toml"
 LEADS = "vm-users,vm-admins,engineering-leads"
@@ -144,3 +145,50 @@ def test_sign_refuses_an_invalid_policy(site: Site, tmp_path: Path) -> None:
     bad.write_text("version = 0\n")
     assert site.sign(bad) != 0
     assert not site.bundle.exists()
+
+
+# --- --json ----------------------------------------------------------------------------------
+
+
+def test_check_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["policy", "check", str(EXAMPLE), "--json"]) == 0
+    doc = cli_schemas.parse(capsys.readouterr().out, cli_schemas.POLICY_CHECK)
+    assert doc["valid"] and doc["error"] is None and doc["version"] == 1
+    assert doc["counts"] == {"hosts": 1, "vms": 4, "networks": doc["counts"]["networks"],
+                             "grants": doc["counts"]["grants"], "conflicts": 1}  # fmt: skip
+    assert len(doc["warnings"]) == 1
+    bad = tmp_path / "bad.toml"
+    bad.write_text(EXAMPLE.read_text().replace('vm = "vm-db"', 'vm = "vm-x"'))
+    assert main(["policy", "check", str(bad), "--json"]) == 1
+    doc = cli_schemas.parse(capsys.readouterr().out, cli_schemas.POLICY_CHECK)
+    assert not doc["valid"] and "unknown VM 'vm-x'" in doc["error"] and doc["counts"] is None
+
+
+def test_show_explain_grants_json(site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    assert site.sign() == 0
+    capsys.readouterr()
+    assert site.svmm("policy", "show", "--json") == 3
+    doc = cli_schemas.parse(capsys.readouterr().out, cli_schemas.POLICY_SHOW)
+    assert doc["policy"] is None and doc["state_problem"] is None
+    assert site.svmm("policy", "load") == 0
+    capsys.readouterr()
+    assert site.svmm("policy", "show", "--json") == 0
+    doc = cli_schemas.parse(capsys.readouterr().out, cli_schemas.POLICY_SHOW)
+    assert doc["policy"]["version"] == 1 and doc["policy"]["signer"].startswith(
+        "CN=Demo Policy Signer"
+    )
+
+    args = ("policy", "explain", "dave", "bank-b", "--roles", LEADS, "--json")
+    assert site.svmm(*args, "--running", "bank-a") == 1
+    doc = cli_schemas.parse(capsys.readouterr().out, cli_schemas.POLICY_EXPLAIN)
+    assert not doc["allowed"] and doc["reason"] == "conflict_of_interest"
+    assert doc["running"] == ["bank-a"] and doc["roles_from"] == "--roles"
+    assert doc["policy"]["version"] == 1
+    assert site.svmm(*args) == 0
+    assert cli_schemas.parse(capsys.readouterr().out, cli_schemas.POLICY_EXPLAIN)["allowed"]
+
+    assert site.svmm("policy", "grants", "alice", "--roles", "vm-users", "--json") == 0
+    doc = cli_schemas.parse(capsys.readouterr().out, cli_schemas.POLICY_GRANTS)
+    vms = {v["vm"]: v for v in doc["vms"]}
+    assert "bank-a" in vms and "vm-web" in vms and "vm-db" not in vms
+    assert "boot" in vms["vm-web"]["permissions"]
