@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
 from .. import config as config_mod
-from ..errors import CertificateInvalid
+from ..errors import CertificateInvalid, SvmmError
+from .common import add_json, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="extra intermediate CA certificate (PEM), as a card would carry",
     )
     v.add_argument("--at", help="validation time, ISO 8601 (default: now)")
+    add_json(v)
     v.set_defaults(func=verify)
 
 
@@ -45,6 +48,39 @@ def load_cert_file(path: Path) -> x509.Certificate:
     return parse_certificate(data)
 
 
+def certificate_json(cert: x509.Certificate) -> dict[str, str]:
+    """A certificate as the commands name it: subject, issuer, serial (hex), SHA-256."""
+    from ..domain.certpolicy import fingerprint
+
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "serial": f"{cert.serial_number:x}",
+        "sha256": fingerprint(cert),
+    }
+
+
+def verify_json(
+    cert: x509.Certificate | None,
+    steps: list[dict[str, str]],
+    *,
+    user: str | None = None,
+    rule: str | None = None,
+    error: BaseException | None = None,
+) -> dict[str, Any]:
+    """`svmm cert verify --json`: the checks that passed, then whom a login would be, or the
+    first failure's reason token and message."""
+    return {
+        "certificate": certificate_json(cert) if cert is not None else None,
+        "ok": error is None,
+        "steps": steps,
+        "user": user,
+        "rule": rule,
+        "reason": None if error is None else str(getattr(error, "reason", type(error).__name__)),
+        "message": None if error is None else str(getattr(error, "message", error)),
+    }
+
+
 def verify(args: argparse.Namespace) -> int:
     from ..services.login import LoginService
 
@@ -52,7 +88,10 @@ def verify(args: argparse.Namespace) -> int:
     try:
         cert = load_cert_file(args.cert)
     except CertificateInvalid as e:
-        print(f"  FAIL {e.reason}: {e.message}")
+        if args.json:
+            print_json(verify_json(None, [], error=e))
+        else:
+            print(f"  FAIL {e.reason}: {e.message}")
         raise
     extra: list[x509.Certificate] = []
     for p in args.intermediate:
@@ -60,17 +99,26 @@ def verify(args: argparse.Namespace) -> int:
     at = dt.datetime.fromisoformat(args.at) if args.at else None
     if at is not None and at.tzinfo is None:
         at = at.replace(tzinfo=dt.UTC)
-    print(f"certificate: {cert.subject.rfc4514_string()}")
+    steps: list[dict[str, str]] = []
+
+    def step(name: str, detail: str) -> None:
+        steps.append({"check": name, "detail": detail})
+        if not args.json:
+            print(f"  ok   {name}: {detail}")
+
+    if not args.json:
+        print(f"certificate: {cert.subject.rfc4514_string()}")
     try:
-        verdict = svc.verify_certificate(
-            cert,
-            extra_intermediates=extra,
-            at=at,
-            step=lambda name, detail: print(f"  ok   {name}: {detail}"),
-        )
-    except Exception as e:
-        reason = getattr(e, "reason", type(e).__name__)
-        print(f"  FAIL {reason}: {getattr(e, 'message', e)}")
+        verdict = svc.verify_certificate(cert, extra_intermediates=extra, at=at, step=step)
+    except SvmmError as e:
+        # The answer about this certificate (a ConfigError too: it names what to fix).
+        if args.json:
+            print_json(verify_json(cert, steps, error=e))
+        else:
+            print(f"  FAIL {e.reason}: {e.message}")
         raise
-    print(f"result: would log in as {verdict.user}")
+    if args.json:
+        print_json(verify_json(cert, steps, user=verdict.user, rule=verdict.rule))
+    else:
+        print(f"result: would log in as {verdict.user}")
     return 0

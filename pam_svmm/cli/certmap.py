@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from .. import config as config_mod
-from ..errors import AmbiguousUser, ConfigError, UnknownUser
+from ..errors import AmbiguousUser, ConfigError, SvmmError, UnknownUser
+from .common import add_json, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     subs = next(a for a in cert._actions if isinstance(a, argparse._SubParsersAction))
     m = subs.add_parser("map", help="show how a certificate maps to a directory entry")
     m.add_argument("cert", type=Path, help="certificate file (PEM or DER)")
+    add_json(m)
     m.set_defaults(func=show_map)
 
 
@@ -30,45 +33,57 @@ def show_map(args: argparse.Namespace) -> int:
     from ..adapters.directory import DirectoryClient
     from ..adapters.identity_cache import IdentityCache
     from ..domain import certmap
-    from ..domain.certpolicy import fingerprint
     from ..services.identity import DirectoryMapper
-    from .cert import load_cert_file
+    from .cert import certificate_json, load_cert_file
 
     cfg = config_mod.load(args.config)
     if not cfg.directory.enabled:
         raise ConfigError("directory.enabled", "the directory is not enabled")
     cert = load_cert_file(args.cert)
-    print(f"certificate: {cert.subject.rfc4514_string()}")
-    print(f"  issuer:      {cert.issuer.rfc4514_string()}")
-    print(f"  serial:      {cert.serial_number:x}")
-    print(f"  sha256:      {fingerprint(cert)}")
-
+    doc: dict[str, Any] = {
+        "certificate": certificate_json(cert),
+        "rules": [],
+        "directory": [],
+        "identity": None,
+        "ok": False,
+        "reason": None,
+        "message": None,
+    }
     # The pure part first: it needs no directory.
-    evaluations = [certmap.evaluate(rule, cert) for rule in certmap.ordered(cfg.certmap.rules)]
-    for ev in evaluations:
-        verdict = "matches" if ev.matched else f"no match: {ev.detail}"
-        print(f"rule {ev.rule.name} (priority {ev.rule.priority}): {verdict}")
-        if ev.matched:
-            print(f"  filter:  {ev.ldap_filter}")
-
-    client = DirectoryClient.from_config(cfg.directory)
+    for ev in (certmap.evaluate(rule, cert) for rule in certmap.ordered(cfg.certmap.rules)):
+        doc["rules"].append({"name": ev.rule.name, "priority": ev.rule.priority,
+                             "matched": ev.matched, "detail": ev.detail,
+                             "filter": ev.ldap_filter or None})  # fmt: skip
     try:
-        cache = IdentityCache(cfg.directory.cache_dir, 0)  # disabled: read-only tool
-        mapper = DirectoryMapper(cfg, client, cache)
-        traces, identity = mapper.explain(cert)
-    finally:
-        client.close()
-    print("directory:")
-    decider = None
-    for trace in traces:
-        if not trace.ldap_filter:
-            continue
-        decider = decider or trace
-        mark = "  (decides)" if trace is decider else ""
-        print(f"  rule {trace.rule}: {len(trace.entries)} entries{mark}")
-        print(f"    search:  {client.user_filter_for(trace.ldap_filter)}")
-        for dn in trace.entries:
-            print(f"    entry:   {dn}")
+        client = DirectoryClient.from_config(cfg.directory)
+        try:
+            cache = IdentityCache(cfg.directory.cache_dir, 0)  # disabled: read-only tool
+            traces, identity = DirectoryMapper(cfg, client, cache).explain(cert)
+        finally:
+            client.close()
+        decider = None
+        for trace in traces:
+            if not trace.ldap_filter:
+                continue
+            decider = decider or trace
+            doc["directory"].append({"rule": trace.rule,
+                                     "search": client.user_filter_for(trace.ldap_filter),
+                                     "entries": list(trace.entries),
+                                     "decides": trace is decider})  # fmt: skip
+        _verdict(decider, identity)
+        assert identity is not None
+        doc["identity"] = identity_json(identity)
+        doc["ok"] = True
+    except SvmmError as e:
+        doc["reason"], doc["message"] = e.reason, e.message
+        _print(doc, args.json)
+        raise
+    _print(doc, args.json)
+    return 0
+
+
+def _verdict(decider: Any, identity: Any) -> None:
+    """The deciding rule's outcome as the login sees it: one entry holding the certificate."""
     if decider is None:
         raise UnknownUser("no rule matches this certificate", reason="no_matching_rule")
     if not decider.entries:
@@ -80,11 +95,55 @@ def show_map(args: argparse.Namespace) -> int:
             f"rule {decider.rule}: {decider.entries[0]} does not hold this certificate",
             reason="certificate_not_in_entry",
         )
+
+
+def identity_json(identity: Any) -> dict[str, Any]:
     a = identity.account
-    print(f"identity: {identity.dn}")
-    print(f"  user:    {a.name} uid={a.uid} gid={a.gid} home={a.home} shell={a.shell}")
-    print(f"  groups:  {', '.join(f'{g.name}({g.gid})' for g in identity.groups) or '-'}")
-    print(f"  roles:   {', '.join(identity.roles) or '-'}")
-    state = identity.state
-    print(f"  state:   {state.status.value}{f' ({state.reason})' if state.reason else ''}")
-    return 0
+    return {
+        "dn": identity.dn,
+        "user": a.name,
+        "uid": a.uid,
+        "gid": a.gid,
+        "home": a.home,
+        "shell": a.shell,
+        "groups": [{"name": g.name, "gid": g.gid} for g in identity.groups],
+        "roles": list(identity.roles),
+        "state": {"status": identity.state.status.value, "reason": identity.state.reason or None},
+    }
+
+
+def _print(doc: dict[str, Any], as_json: bool) -> None:
+    """`svmm cert map --json` prints ``doc``; the text says the same."""
+    if as_json:
+        print_json(doc)
+        return
+    c = doc["certificate"]
+    print(f"certificate: {c['subject']}")
+    print(f"  issuer:      {c['issuer']}")
+    print(f"  serial:      {c['serial']}")
+    print(f"  sha256:      {c['sha256']}")
+    for r in doc["rules"]:
+        verdict = "matches" if r["matched"] else f"no match: {r['detail']}"
+        print(f"rule {r['name']} (priority {r['priority']}): {verdict}")
+        if r["matched"]:
+            print(f"  filter:  {r['filter']}")
+    if doc["directory"] or doc["identity"]:
+        print("directory:")
+    for d in doc["directory"]:
+        mark = "  (decides)" if d["decides"] else ""
+        print(f"  rule {d['rule']}: {len(d['entries'])} entries{mark}")
+        print(f"    search:  {d['search']}")
+        for dn in d["entries"]:
+            print(f"    entry:   {dn}")
+    i = doc["identity"]
+    if i is None:
+        return
+    print(f"identity: {i['dn']}")
+    print(
+        f"  user:    {i['user']} uid={i['uid']} gid={i['gid']} home={i['home']} shell={i['shell']}"
+    )
+    groups = ", ".join(f"{g['name']}({g['gid']})" for g in i["groups"])
+    print(f"  groups:  {groups or '-'}")
+    print(f"  roles:   {', '.join(i['roles']) or '-'}")
+    reason = i["state"]["reason"]
+    print(f"  state:   {i['state']['status']}{f' ({reason})' if reason else ''}")

@@ -12,11 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from pam_svmm.lab.directory import Slapd
 from pam_svmm.lab.lab import Lab
 from pam_svmm.lab.userland import userland
+from tests.integration import ldap_fixtures
+from tests.unit import cli_schemas
 
 pytestmark = pytest.mark.integration
 NOBODY = 65534
+slapd = ldap_fixtures.slapd
 
 
 def svmm(lab: Lab, *args: str, cards: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
@@ -142,3 +146,37 @@ def test_an_unreadable_intermediates_dir_is_named_not_an_internal_error(
     assert p.returncode == 5, p.stdout + p.stderr  # a configuration this user cannot use
     assert f"trust.intermediates_dir: cannot read {inter}" in p.stderr
     assert "Permission denied" in p.stderr
+
+
+# --- --json ----------------------------------------------------------------------------------
+
+
+def test_cert_verify_json(lab: Lab) -> None:
+    p = svmm(lab, "cert", "verify", str(lab.cards_dir / "alice" / "cert.pem"), "--json")
+    assert p.returncode == 0, p.stderr
+    doc = cli_schemas.parse(p.stdout, cli_schemas.CERT_VERIFY)
+    assert doc["ok"] and doc["user"] == "alice" and doc["reason"] is None
+    assert [s["check"] for s in doc["steps"]][:2] == ["chain", "revocation"]
+    assert doc["certificate"]["subject"].startswith("CN=alice")
+    p = svmm(lab, "cert", "verify", str(lab.cards_dir / "mallory" / "cert.pem"), "--json")
+    doc = cli_schemas.parse(p.stdout, cli_schemas.CERT_VERIFY)
+    assert p.returncode == 1 and not doc["ok"] and doc["reason"] == "certificate_revoked"
+    assert doc["user"] is None and doc["message"]
+
+
+def test_cert_map_and_id_json(lab: Lab, slapd: Slapd, tmp_path: Path) -> None:
+    cfg = lab.write_config(lab.directory_overrides(slapd), tmp_path / "svmm.toml")
+    p = svmm(lab, "--config", str(cfg), "cert", "map", str(lab.cards_dir / "alice" / "cert.pem"),
+             "--json")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    doc = cli_schemas.parse(p.stdout, cli_schemas.CERT_MAP)
+    assert doc["ok"] and doc["identity"]["user"] == "alice"
+    assert [r["name"] for r in doc["rules"]] == ["upn", "email"] and doc["rules"][0]["matched"]
+    assert doc["directory"][0]["decides"] and doc["directory"][0]["rule"] == "upn"
+    p = svmm(lab, "--config", str(cfg), "cert", "map", str(lab.cards_dir / "twin" / "cert.pem"),
+             "--json")  # fmt: skip
+    doc = cli_schemas.parse(p.stdout, cli_schemas.CERT_MAP)
+    assert p.returncode == 1 and doc["reason"] == "mapping_ambiguous" and doc["identity"] is None
+    p = svmm(lab, "--config", str(cfg), "id", "alice", "--json")
+    doc = cli_schemas.parse(p.stdout, cli_schemas.ID)
+    assert p.returncode == 0 and doc["user"] == "alice" and doc["dn"].startswith("uid=alice")

@@ -173,3 +173,36 @@ POLICY_SHOW: Schema = {
         NONE,
     ),
 }
+
+CERTIFICATE: Schema = {"subject": str, "issuer": str, "serial": str, "sha256": str}
+CERT_VERIFY: Schema = {
+    "certificate": (CERTIFICATE, NONE),  # null: the file is no certificate
+    "ok": bool,
+    "steps": [{"check": str, "detail": str}],  # the checks that passed, in order
+    "user": OPT_STR,  # whom a login with it would be
+    "rule": OPT_STR,
+    "reason": OPT_STR,  # why not (the error's reason token), with its message
+    "message": OPT_STR,
+}
+CERT_MAP: Schema = {
+    "certificate": CERTIFICATE,
+    "rules": [{"name": str, "priority": int, "matched": bool, "detail": str, "filter": OPT_STR}],
+    "directory": [{"rule": str, "search": str, "entries": [str], "decides": bool}],
+    "identity": (
+        {
+            "dn": str,
+            "user": str,
+            "uid": int,
+            "gid": int,
+            "home": str,
+            "shell": str,
+            "groups": [{"name": str, "gid": int}],
+            "roles": [str],
+            "state": {"status": str, "reason": OPT_STR},
+        },
+        NONE,
+    ),
+    "ok": bool,
+    "reason": OPT_STR,
+    "message": OPT_STR,
+}
