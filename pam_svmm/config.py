@@ -319,6 +319,9 @@ class LauncherConfig:
     # A VM whose owner's last session died without closing (its PAM application crashed or
     # was killed, svmmd restarted): its grant is gone, so by default it is paused.
     on_session_lost: LastLogoutAction = LastLogoutAction.PAUSE
+    # A running VM that a newly accepted policy no longer lets its owner boot: stopped by
+    # default (the grant was taken away), or paused, or kept.
+    on_grant_revoked: LastLogoutAction = LastLogoutAction.STOP
     # Only networks defined here can be given to a VM (by name; the policy grants them).
     networks: tuple[NetworkBackend, ...] = ()
 
@@ -670,6 +673,7 @@ def _launcher(t: _Table) -> LauncherConfig:
         card_poll_interval=t.number("card_poll_interval", d.card_poll_interval, minimum=0.05),
         on_last_logout=t.enum("on_last_logout", d.on_last_logout),
         on_session_lost=t.enum("on_session_lost", d.on_session_lost),
+        on_grant_revoked=t.enum("on_grant_revoked", d.on_grant_revoked),
         networks=_networks(t.sub("networks")),
     )
     t.done()

@@ -84,6 +84,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ld = s.add_parser("load", help="fetch, verify and accept the bundle from the source now")
     ld.set_defaults(func=load)
 
+    rl = s.add_parser(
+        "reload", help="have svmmd load the bundle now and apply it to running VMs (root)"
+    )
+    rl.add_argument("--socket", type=Path, help="svmmd's socket (default: launcher.socket)")
+    rl.set_defaults(func=reload)
+
 
 def _subject_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--roles", help="comma-separated roles (default: from the directory)")
@@ -426,3 +432,20 @@ def load(args: argparse.Namespace) -> int:
     if result.event is LoadEvent.NONE:
         return 3
     return 1 if result.refused else 0
+
+
+def reload(args: argparse.Namespace) -> int:
+    """svmmd loads the bundle now (it also notices a changed file by itself within seconds):
+    a grant taken away applies [launcher] on_grant_revoked to the VMs it no longer allows."""
+    from ..adapters.launcher_client import call
+    from ..errors import LauncherRefused
+
+    sock = args.socket or _config(args).launcher.socket
+    reply = call(sock, {"op": "policy_reload"})
+    if not reply.get("ok"):
+        raise LauncherRefused(
+            f"reload: {reply.get('message') or reply.get('reason')}",
+            reason=str(reply.get("reason") or "launcher_refused"),
+        )
+    print(reply.get("message", "policy reloaded"))
+    return 0

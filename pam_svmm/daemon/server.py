@@ -314,8 +314,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         threading.Thread(target=server.shutdown, daemon=True).start()
 
+    def _reload(_sig: int, _frame: object) -> None:
+        import threading
+
+        threading.Thread(target=launcher.check_policy, kwargs={"force": True},
+                         daemon=True).start()  # fmt: skip
+
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGHUP, _reload)  # ask the policy source again now
     try:
         server.serve_forever()
     finally:
@@ -330,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-SWEEP_EVERY = 5.0  # seconds between looks for sessions whose process died
+SWEEP_EVERY = 5.0  # seconds between looks for dead sessions and a changed policy bundle
 
 
 def _start_sweeper(launcher: Launcher, every: float = SWEEP_EVERY) -> Any:
@@ -348,6 +355,10 @@ def _start_sweeper(launcher: Launcher, every: float = SWEEP_EVERY) -> Any:
             else:
                 if gone:
                     log.info("sessions lost (process gone) for uid %s", ", ".join(map(str, gone)))
+            try:
+                launcher.check_policy()  # a new signed bundle takes effect within `every`
+            except Exception:
+                log.exception("policy check failed")
             if stop.wait(every):
                 return
 

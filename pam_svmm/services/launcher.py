@@ -176,7 +176,8 @@ from .key_store import KeyStore, wipe
 PROTOCOL = "svmm-launcher/1"
 VM_OPS = ("list", "start", "stop", "status", "resume", "console")
 KEY_OPS = ("hold_keys", "drop_keys")  # root's only (the PAM module)
-OPS = VM_OPS + KEY_OPS
+ADMIN_OPS = ("policy_reload",)  # root's only (`svmm policy reload`)
+OPS = VM_OPS + KEY_OPS + ADMIN_OPS
 MAX_REQUEST_BYTES = 65536  # 16 passphrases of 512 bytes, however JSON escapes them
 MAX_VOLUMES = 16
 MAX_PASSPHRASE_BYTES = 512
@@ -265,6 +266,8 @@ def parse_request(line: bytes, peer_uid: int | None = None) -> Request:
         if peer_uid != 0:
             raise _refuse("not_permitted", f"{op} is root's (the PAM module's) only")
         return _parse_key_request(op, doc)
+    if op in ADMIN_OPS and peer_uid != 0:
+        raise _refuse("not_permitted", f"{op} is root's only")
     extra = sorted(set(doc) - {"version", "op", "vm"})
     if extra:
         # Above all "uid"/"user": who asks is the kernel's answer, never the request's.
@@ -274,7 +277,7 @@ def parse_request(line: bytes, peer_uid: int | None = None) -> Request:
     vm = doc.get("vm", "")
     if not isinstance(vm, str):
         raise _refuse("vm_name_invalid", "vm must be a string")
-    if op != "list" and not vm:
+    if op not in ("list", *ADMIN_OPS) and not vm:
         raise _refuse("bad_request", f"{op} needs a vm")
     if vm:
         check_vm_name(vm)
@@ -815,6 +818,10 @@ class Launcher:
                 return self._drop(uid, request)
             if request.op == "list":
                 return self._list(uid)
+            if request.op == "policy_reload":
+                load = self.check_policy(force=True)
+                event = load.event.value if load is not None else "none"
+                return Reply(True, "ok", f"policy reloaded: {event}", {"event": event})
             if request.op == "start":
                 return self._start(uid, request.vm)
             if request.op == "resume":
@@ -1018,6 +1025,62 @@ class Launcher:
             log.error("session_lost: %s", e.message)
         self._after_session_close(uid, ",".join(gone) or "none", lost=True)
         return True
+
+    def check_policy(self, *, force: bool = False) -> Any:
+        """A new signed policy takes effect here at once: when the bundle file changed (svmmd
+        looks every few seconds), or on request (``force``: SIGHUP, `svmm policy reload`),
+        load it, audit the load, and if a new version was accepted apply
+        ``launcher.on_grant_revoked`` to running VMs it no longer lets their owner boot.
+        The PolicyLoad, or None when nothing was asked."""
+        from ..adapters.policy_store import LoadEvent
+
+        changed = getattr(self.policy, "changed", None)
+        if changed is None or not (force or changed()):
+            return None
+        with self._lock:
+            load = self.policy.load()  # type: ignore[attr-defined]
+            try:
+                self.audit.write(self.policy.audit_record(load, service=SERVICE))  # type: ignore[attr-defined]
+            except SvmmError as e:
+                log.error("policy_load: %s", e.message)
+            if load.event is LoadEvent.ACCEPTED:
+                self._enforce_policy()
+        return load
+
+    def _enforce_policy(self) -> None:
+        """Running VMs the policy in force no longer lets their owner boot (under _lock)."""
+        from ..domain.allowlist import parse_allowlist
+
+        action = self.config.launcher.on_grant_revoked
+        running = self.registry.running()
+        for record in sorted(running.values(), key=lambda r: r.vm):
+            try:
+                data = self.store.read_bytes(record.uid)
+                allowlist = parse_allowlist(data) if data is not None else None
+            except SvmmError:
+                allowlist = None
+            if allowlist is None:
+                continue  # no live grant to judge by: the session rules apply
+            others = [v for v, r in running.items() if r.uid == record.uid and v != record.vm]
+            try:
+                d = self.policy.decide(allowlist.user, allowlist.roles, record.vm, pdp.BOOT,
+                                       others)  # fmt: skip
+            except PolicyUnavailable:
+                continue
+            if d.allowed:
+                continue
+            reason, note, outcome = "kept", "", Outcome.SUCCESS
+            try:
+                if action is LastLogoutAction.STOP:
+                    reason, note = "stopped", f"how={self._stop(record.vm)}"
+                elif action is LastLogoutAction.PAUSE:
+                    reason, note = "paused", self._pause(record, "grant_revoked")
+            except SvmmError as e:
+                outcome, reason, note = Outcome.ERROR, e.reason, e.message
+            why = f"the policy now says {d.reason} ({d.rule}); on_grant_revoked={action.value}"
+            dec = Decision(outcome is Outcome.SUCCESS, reason, f"{why}; {note}", record.vm,
+                           record.user, card=_card_of(record))  # fmt: skip
+            self._audited("grant_revoked", outcome, dec, 0, "policy_reload")
 
     def sweep_sessions(self) -> list[int]:
         """Every uid with an allowlist or session records but no live session: forgotten

@@ -53,6 +53,7 @@ class PolicyService:
         self.now = now
         self.loads: list[PolicyLoad] = []  # every load since construction (for audit)
         self._current: AcceptedPolicy | None = None
+        self._loaded_stamp: tuple[int, int, int] | None = None
 
     # -- collaborators ---------------------------------------------------------------------
 
@@ -108,8 +109,24 @@ class PolicyService:
 
     # -- the policy ------------------------------------------------------------------------
 
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.config.policy.file)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def changed(self) -> bool:
+        """The bundle file is not the one this service last loaded (a file source only; a
+        directory source is asked again on request: SIGHUP, `svmm policy reload`)."""
+        if self.config.policy.source is not PolicySource.FILE:
+            return False
+        return self._current is not None and self._stamp() != self._loaded_stamp
+
     def load(self) -> PolicyLoad:
         """Ask the source now; the result is also appended to ``loads``."""
+        if self.config.policy.source is PolicySource.FILE:
+            self._loaded_stamp = self._stamp()  # before: a change during the load is news
         result = self.store.load()
         self.loads.append(result)
         self._current = result.policy

@@ -193,3 +193,54 @@ def test_the_sweeper_forgets_a_dead_login_without_a_request(
     session.proc.wait(10)
     assert launcher.sweep_sessions() == [ALICE_UID]
     assert lab.allowlist(ALICE_UID) is None and not launcher.keys.held(ALICE_UID)
+
+
+def test_a_new_policy_takes_effect_in_svmmd_at_once(
+    lab: Lab, slapd: Slapd, socket_dir: Path
+) -> None:
+    """svmmd once kept deciding with the policy it loaded at start: after a new signed
+    bundle took a grant away, it still booted the VM until restarted. Now a changed bundle
+    is loaded at the next check (svmmd looks every few seconds), audited, and a running VM
+    it no longer allows is stopped (launcher.on_grant_revoked = "stop", the default)."""
+    text = (ROOT / "config" / "policy.example.toml").read_text()
+    text = text.replace('"svmm-login"]', '"svmm-login", "svmm-reload"]')
+    bundle = lab.write_policy(text.encode(), lab.folder / "policy-reload.bundle")
+    for volume in ("web-disk", "bank-a-data"):
+        make_volume(lab, volume, "alice")
+    name = lab.variant(
+        "reload",
+        lab.directory_overrides(slapd)
+        + lab.policy_overrides(bundle, state=lab.folder / "policy-state-reload")
+        + lab.launcher_overrides(socket_dir),
+    )
+    launcher = Launcher.from_config(load(lab.folder / f"{name}.toml"), syslog_mirror=False)
+    try:
+        with (
+            serving(launcher, bind_socket(launcher.config.launcher.socket)),
+            lab.login(
+                lab.insert("alice"), pin=PIN, user="alice", service=name, session=True
+            ) as session,
+        ):
+            assert session.opened == 0
+            assert launcher.check_policy() is None  # nothing changed: nothing asked
+            code, started = vm(socket_dir, "start", "vm-web")
+            assert code == 0 and started["ok"], started
+            before = len(lab.audit_records())
+            # Version 2 takes boot on vm-web away from every role alice has.
+            revoked = text.replace("version = 1", "version = 2").replace(
+                'vm = "vm-web"\npermissions = ["boot", ', 'vm = "vm-web"\npermissions = ['
+            )
+            assert revoked.count('vm = "vm-web"\npermissions = ["console"') == 2
+            lab.write_policy(revoked.encode(), bundle)
+            load_result = launcher.check_policy()
+            assert load_result is not None and load_result.event.value == "accepted"
+            assert launcher.registry.get("vm-web") is None  # stopped
+            revoked_records = records(lab, before, "grant_revoked")
+            assert [(r["vm"], r["reason"]) for r in revoked_records] == [("vm-web", "stopped")]
+            assert records(lab, before, "policy_load")[0]["outcome"] == "success"
+            code, again = vm(socket_dir, "start", "vm-web")
+            assert code != 0 and again.get("reason") in ("no_grant", "not_in_allowlist"), again
+    finally:
+        for running in list(launcher.registry.running()):
+            launcher.registry.stop(running, quit_timeout=2, term_timeout=2, kill_timeout=2)
+        launcher.close()

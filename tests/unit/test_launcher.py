@@ -266,3 +266,11 @@ def test_refusals_through_the_service_are_audited_with_card_and_vm(
     assert recs[0]["card"]["fingerprint"] == CARD.fingerprint and recs[0]["user"] == "alice"
     assert recs[2]["card"]["fingerprint"] == CARD.fingerprint
     assert all(r["service"] == "svmmd" and r["host"] == HOST for r in recs)
+
+
+def test_policy_reload_is_roots_only(tmp_path: Path, policy: LocalPolicy) -> None:
+    launcher = make_launcher(tmp_path, policy)
+    refused = launcher.handle(ALICE_UID, request("policy_reload"))
+    assert not refused.ok and refused.reason == "not_permitted"
+    done = launcher.handle(0, request("policy_reload"))
+    assert done.ok and done.data["event"] == "none"  # a policy source that is not a file
