@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from tests.unit import cli_schemas
 
 pytestmark = pytest.mark.integration
 NOBODY = 65534
+ROOT = Path(__file__).resolve().parents[2]
 slapd = ldap_fixtures.slapd
 
 
@@ -94,9 +98,13 @@ def test_doctor_on_the_lab(lab: Lab) -> None:
     assert "intermediate.crl: answers" in p.stdout
 
 
-def test_doctor_with_a_broken_config(lab: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", ['[revocation]\nend_entity = "sometimes"\n', None])
+def test_doctor_that_cannot_read_its_configuration_exits_2(
+    tmp_path: Path, text: str | None
+) -> None:
     cfg = tmp_path / "svmm.toml"
-    cfg.write_text('[revocation]\nend_entity = "sometimes"\n')
+    if text is not None:
+        cfg.write_text(text)
     p = subprocess.run(
         [sys.executable, "-m", "pam_svmm.cli.main", "--config", str(cfg), "doctor"],
         capture_output=True,
@@ -104,8 +112,237 @@ def test_doctor_with_a_broken_config(lab: Lab, tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert p.returncode == 3
-    assert "revocation.end_entity" in p.stdout
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stdout.startswith("FAIL configuration: ")
+    assert ("revocation.end_entity" if text else "file not found") in p.stdout
+
+
+class Host:
+    """A host as doctor sees it, all in a tmp folder: the lab's configuration with the
+    directory, an accepted policy, a seal key, an svmmd answering on its socket, and a
+    system root (--root) with the shim, common-auth and nsswitch.conf."""
+
+    def __init__(self, lab: Lab, slapd: Slapd, tmp: Path) -> None:
+        self.lab, self.tmp = lab, tmp
+        self.seal_key = tmp / "audit-seal.key"
+        self.seal_key.write_bytes(os.urandom(32))
+        self.seal_key.chmod(0o600)
+        self.socket = tmp / "launcher.sock"
+        self.root = tmp / "root"
+        (self.root / "etc" / "pam.d").mkdir(parents=True)
+        (self.root / "usr" / "lib" / "svmm").mkdir(parents=True)
+        (self.root / "usr" / "share" / "pam-configs").mkdir(parents=True)
+        shim = self.root / "usr" / "lib" / "svmm" / "pam_svmm.py"
+        shutil.copy(ROOT / "pam_svmm" / "pam" / "shim.py", shim)
+        shim.chmod(0o644)
+        shutil.copy(ROOT / "config" / "pam-configs" / "svmm", self.root / "usr/share/pam-configs")
+        (self.root / "etc" / "pam.d" / "common-auth").write_text(
+            "auth [success=end authinfo_unavail=ignore default=die] pam_python.so "
+            "/usr/lib/svmm/pam_svmm.py\nauth [success=1 default=ignore] pam_unix.so\n"
+        )
+        (self.root / "etc" / "nsswitch.conf").write_text(
+            "passwd: files systemd extrausers\ngroup:  files systemd extrausers\n"
+        )
+        bundle = lab.write_policy(POLICY, tmp / "policy.bundle")
+        self.config = lab.write_config(
+            lab.directory_overrides(slapd)
+            + lab.policy_overrides(bundle, state=tmp / "policy-state")
+            + f'\n[audit]\npath = "{tmp / "audit.jsonl"}"\nsyslog = false\n'
+            f'seal_key = "{self.seal_key}"\n'
+            f'\n[launcher]\nsocket = "{self.socket}"\n',
+            tmp / "svmm.toml",
+        )
+        p = self.svmm("policy", "load")
+        assert p.returncode == 0, p.stdout + p.stderr
+
+    def svmm(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pam_svmm.cli.main", "--config", str(self.config), *args],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**os.environ, **self.lab.insert().env, **(env or {})},
+        )  # fmt: skip
+
+    def doctor(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return self.svmm("doctor", "--root", str(self.root), *args, env=env)
+
+
+POLICY = b"""
+version = 1
+[hosts.lab-host]
+login_roles = ["vm-users"]
+services = ["svmm-login"]
+
+[vms.vm-web]
+label = "web"
+
+[[grants]]
+role = "vm-users"
+vm = "vm-web"
+permissions = ["boot"]
+"""
+
+LAUNCHER_REPLY = (
+    b'{"version": "svmm-launcher/1", "ok": true, "reason": "ok", "message": "ok", "data": {}}\n'
+)
+
+
+@contextlib.contextmanager
+def svmmd_stand_in(path: Path, *, answer: bool = True) -> Iterator[None]:
+    """A root-owned socket at ``path``: answering svmm-launcher/1 (or never listening)."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.makefile("rb").readline()
+                conn.sendall(LAUNCHER_REPLY)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    if answer:
+        sock.listen(4)
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sock.close()
+        path.unlink(missing_ok=True)
+
+
+def lines(out: str) -> dict[str, tuple[str, str]]:
+    """name -> (status, detail) of doctor's lines."""
+    found = {}
+    for line in out.splitlines():
+        status, _, rest = line.partition(" ")
+        name, _, detail = rest.strip().partition(": ")
+        found[name] = (status, detail)
+    return found
+
+
+CHECKS = ("configuration", "card module", "trust anchors", "intermediates", "audit log",
+          "audit seal key", "directory bind secret", "directory", "policy", "policy source",
+          "svmmd socket", "PAM module", "PAM profile", "nsswitch")  # fmt: skip
+
+
+def test_doctor_on_a_host_set_up_as_readme_says_is_all_ok_and_exits_0(
+    lab: Lab, slapd: Slapd, tmp_path: Path
+) -> None:
+    host = Host(lab, slapd, tmp_path)
+    with svmmd_stand_in(host.socket):
+        p = host.doctor()
+    assert p.returncode == 0, p.stdout + p.stderr
+    found = lines(p.stdout)
+    assert all(name in found for name in CHECKS), p.stdout
+    assert {n: s for n, (s, _) in found.items() if s != "ok"} == {}, p.stdout
+    assert "answers svmm-launcher/1" in found["svmmd socket"][1]
+    assert "version 1 signed by" in found["policy"][1] and "verifies now" in found["policy"][1]
+    assert "holds the accepted bundle" in found["policy source"][1]
+    assert "(root's, this version's)" in found["PAM module"][1]
+    assert "uses pam_svmm" in found["PAM profile"][1]
+    assert "extrausers" in found["nsswitch"][1]
+    assert "answers" in found["directory"][1]
+    with svmmd_stand_in(host.socket):
+        p = host.doctor("--json")
+    doc = cli_schemas.parse(p.stdout, cli_schemas.DOCTOR)
+    assert p.returncode == 0 and doc["exit"] == 0 and doc["failed"] == 0
+    assert [c["name"] for c in doc["checks"]][: len(CHECKS)] == list(CHECKS)
+
+
+def test_doctor_warns_about_what_is_not_set_up_yet_and_still_exits_0(
+    lab: Lab, slapd: Slapd, tmp_path: Path
+) -> None:
+    host = Host(lab, slapd, tmp_path)
+    shutil.rmtree(host.root)
+    host.root.mkdir()
+    host.seal_key.unlink()
+    p = host.doctor()  # and no svmmd
+    assert p.returncode == 0, p.stdout + p.stderr
+    found = lines(p.stdout)
+    assert {n for n, (s, _) in found.items() if s != "ok"} == {
+        "audit seal key", "svmmd socket", "PAM module", "PAM profile", "nsswitch"}  # fmt: skip
+    assert all(found[n][0] == "WARN" for n in ("svmmd socket", "PAM module", "nsswitch"))
+    assert "systemctl enable --now svmmd.socket" in found["svmmd socket"][1]
+
+
+def _world_readable(host: Host) -> None:
+    host.seal_key.chmod(0o644)
+
+
+def _secret_readable(host: Host) -> None:
+    text = host.config.read_text()
+    secret = host.lab.folder / "ldap-service.secret"
+    copy = host.tmp / "ldap.secret"
+    shutil.copy(secret, copy)
+    copy.chmod(0o644)
+    host.config.write_text(text.replace(str(secret), str(copy)))
+
+
+def _foreign_shim(host: Host) -> None:
+    (host.root / "usr/lib/svmm/pam_svmm.py").chmod(0o666)
+
+
+def _missing_shim(host: Host) -> None:
+    (host.root / "usr/lib/svmm/pam_svmm.py").unlink()
+
+
+def _tampered_bundle(host: Host) -> None:
+    import base64
+    import json
+
+    bundle = host.tmp / "policy.bundle"
+    doc = json.loads(bundle.read_text())
+    doc["policy"] = base64.b64encode(POLICY.replace(b"version = 1", b"version = 2")).decode()
+    bundle.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    ("spoil", "check", "says"),
+    [
+        (_world_readable, "audit seal key", "0644"),
+        (_secret_readable, "directory bind secret", "readable by root only"),
+        (_foreign_shim, "PAM module", "writable by others"),
+        (_missing_shim, "PAM module", "does not exist"),
+        (_tampered_bundle, "policy source", "signature"),
+        (None, "svmmd socket", "launcher"),  # a socket nobody listens on
+    ],
+)
+def test_doctor_that_finds_a_problem_says_which_and_exits_1(
+    lab: Lab, slapd: Slapd, tmp_path: Path, spoil: Callable[[Host], None] | None, check: str,
+    says: str,
+) -> None:  # fmt: skip
+    host = Host(lab, slapd, tmp_path)
+    if spoil is not None:
+        spoil(host)
+    with svmmd_stand_in(host.socket, answer=spoil is not None):
+        p = host.doctor()
+    assert p.returncode == 1, p.stdout + p.stderr
+    failed = {n: d for n, (s, d) in lines(p.stdout).items() if s == "FAIL"}
+    also = ["directory"] if check == "directory bind secret" else []  # it cannot bind
+    assert list(failed) == [check, *also], p.stdout
+    assert says in failed[check], failed
+
+
+def test_doctor_keeps_a_card_modules_own_messages_off_the_terminal(
+    lab: Lab, slapd: Slapd, tmp_path: Path
+) -> None:
+    host = Host(lab, slapd, tmp_path)
+    with svmmd_stand_in(host.socket):
+        p = host.doctor(env={"SVMM_PINGUARD_MODULE": str(tmp_path / "no-such-module.so")})
+    assert p.returncode == 1
+    assert "pinguard" not in p.stderr and p.stderr == "", p.stderr
+    status, detail = lines(p.stdout)["card module"]
+    assert status == "FAIL" and "cannot load PKCS#11 module" in detail
+    assert "the module said: pinguard: cannot load" in detail  # its words, in our message
 
 
 @pytest.fixture

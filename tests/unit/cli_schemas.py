@@ -206,3 +206,11 @@ CERT_MAP: Schema = {
     "reason": OPT_STR,
     "message": OPT_STR,
 }
+
+DOCTOR: Schema = {
+    "configuration": str,
+    "checks": [{"status": str, "name": str, "detail": str}],  # status: ok, WARN, FAIL
+    "failed": int,
+    "warnings": int,
+    "exit": int,  # 0 nothing failed, 1 a check failed, 2 could not run
+}

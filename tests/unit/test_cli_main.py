@@ -60,3 +60,13 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path: Path) -> N
     _, err = p.communicate(timeout=60)
     assert err == b"", err.decode()
     assert p.returncode == 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1`
+
+
+def test_doctor_help_documents_its_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["doctor", "--help"])
+    out = capsys.readouterr().out
+    assert "exit status:" in out
+    for code, meaning in (("0", "no check failed"), ("1", "FAIL"), ("2", "could not run")):
+        assert any(line.split()[:1] == [code] and meaning in line for line in out.splitlines())
+    assert "--json" in out and "--root" not in out  # --root is for tests
