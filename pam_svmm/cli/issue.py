@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from .. import config as config_mod
 from ..errors import ConfigError, ConversationFailed, IssueFailed, NoCard
+from .common import service_module
 
 if TYPE_CHECKING:
     from ..adapters.token import Pkcs11Module, TokenInfo
@@ -113,7 +114,7 @@ def issue_card(args: argparse.Namespace) -> int:
     if not args.no_publish:
         publisher = directory_publisher(cfg, args.user, args.dn)
     svc = LoginService(cfg)
-    module = svc.module
+    module = service_module(svc)  # the library's own stderr lines kept off the terminal
     if args.init:
         so_pin = _secret(args.so_pin_file, f"SO PIN for the blank card {args.init!r}: ")
         pin = _new_pin(args.pin_file, args.init)
