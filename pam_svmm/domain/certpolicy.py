@@ -92,6 +92,11 @@ class CertPolicy:
 # --- parsing and description --------------------------------------------------------------
 
 
+# What cryptography raises for a certificate it will not read: some are not ValueErrors
+# (two extensions of one type, a SAN name form it does not know).
+_PARSE_ERRORS = (ValueError, TypeError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
 def parse_certificate(der: bytes) -> x509.Certificate:
     """Parse DER; a certificate that does not parse is ``certificate_malformed``.
 
@@ -102,7 +107,7 @@ def parse_certificate(der: bytes) -> x509.Certificate:
         cert = x509.load_der_x509_certificate(der)
         _ = cert.extensions, cert.subject, cert.issuer
         _ = cert.not_valid_before_utc, cert.not_valid_after_utc
-    except (ValueError, TypeError) as e:
+    except _PARSE_ERRORS as e:
         raise CertificateInvalid(
             f"certificate does not parse: {e}", reason="certificate_malformed"
         ) from None
@@ -150,7 +155,7 @@ def describe(cert: x509.Certificate) -> dict[str, Any]:
 def _check_parsed(cert: x509.Certificate) -> None:
     try:
         _ = cert.extensions
-    except ValueError as e:
+    except _PARSE_ERRORS as e:
         raise CertificateInvalid(
             f"certificate extensions do not parse: {e}", reason="certificate_malformed"
         ) from None

@@ -22,6 +22,7 @@ from certfactory import (
 )
 from cryptography import x509
 from cryptography.hazmat import asn1
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -610,3 +611,30 @@ def test_intermediate_subjects_are_checked_and_self_issued_ones_are_not() -> Non
     # A self-issued certificate (a re-keyed CA) is exempt from its own CA's constraints.
     rekeyed = make_ca("Constrained CA", issuer=top, slot=47)
     check_name_constraints([make_leaf(rekeyed, subject=_CORP).cert, rekeyed.cert, top.cert])
+
+
+def _duplicate_extension_der() -> bytes:
+    """A leaf whose basicConstraints appears twice (cryptography's builder refuses to make
+    one, so a placeholder OID of the same DER length is renamed afterwards)."""
+    base = P.leaf().cert
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(base.subject)
+        .issuer_name(base.issuer)
+        .public_key(base.public_key())  # type: ignore[arg-type]
+        .serial_number(base.serial_number)
+        .not_valid_before(base.not_valid_before_utc)
+        .not_valid_after(base.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    )
+    bc = x509.BasicConstraints(ca=False, path_length=None).public_bytes()
+    b = b.add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.99"), bc), True)
+    der = b.sign(P.intermediate.key, hashes.SHA256()).public_bytes(Encoding.DER)
+    return der.replace(b"\x06\x03\x55\x1d\x63", b"\x06\x03\x55\x1d\x13")
+
+
+def test_a_duplicate_extension_is_a_malformed_certificate() -> None:
+    # cryptography raises DuplicateExtension (not a ValueError) when the extensions are read.
+    with pytest.raises(CertificateInvalid) as e:
+        parse_certificate(_duplicate_extension_der())
+    assert e.value.reason == "certificate_malformed" and "Duplicate" in e.value.message
