@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+from typing import TYPE_CHECKING
 
 from .. import config as config_mod
 from ..errors import SvmmError
+
+if TYPE_CHECKING:
+    from ..services.auth import Verdict
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def list_cards(args: argparse.Namespace) -> int:
+    """Every certificate with the verdict a login would give it (revocation included), and
+    the one a login would use: the first that passes, never a refused one."""
     from ..domain import certpolicy, pkcs11_uri
     from ..services.auth import LoginRequest
     from ..services.login import LoginService
@@ -30,12 +36,15 @@ def list_cards(args: argparse.Namespace) -> int:
     uri = pkcs11_uri.parse(cfg.pkcs11.uri)
     module = svc.module
     now = dt.datetime.now(dt.UTC)
-    policy = certpolicy.CertPolicy.from_config(cfg.trust)
     tokens = module.tokens(uri)
     print(f"module: {cfg.pkcs11.module}")
     if not tokens:
         print("no card found")
         return 3
+    auth = svc.authenticator()
+    request = LoginRequest("svmm", "", args.user)
+    chosen: Verdict | None = None
+    refused: list[Verdict] = []
     for token in tokens:
         if not token.login_required:
             print(f"token {token.label!r}: needs no PIN, holds no login key (not a card), skipped")
@@ -45,43 +54,58 @@ def list_cards(args: argparse.Namespace) -> int:
             f"token {token.label!r} serial {token.serial} slot {token.slot_id}"
             f" ({token.manufacturer} {token.model}); PIN: {token.pin_tries.describe()}{pad}"
         )
-        card_certs = module.certificates(token, uri)
-        parsed = []
-        for cc in card_certs:
-            try:
-                parsed.append((cc, certpolicy.parse_certificate(cc.der)))
-            except SvmmError as e:
-                print(f"  certificate {cc.label!r} id {cc.id.hex()}: unreadable ({e.message})")
-        cas = [c for _, c in parsed if _is_ca(c)]
-        for cc, cert in parsed:
-            kind = "CA certificate" if _is_ca(cert) else "certificate"
-            print(f"  {kind} {cc.label!r} id {cc.id.hex() or '-'}: {cert.subject.rfc4514_string()}")
-            print(
-                f"    key {certpolicy.key_description(cert)}, valid"
-                f" {cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d},"
-                f" sha256 {certpolicy.fingerprint(cert)[:16]}"
-            )
-            if _is_ca(cert):
-                continue
-            try:
-                certpolicy.validate_chain(
-                    cert, [*svc.intermediates, *cas], svc.anchors, at=now, policy=policy
+        try:
+            for v in auth.evaluate(request, now, tokens=[token]):
+                cc, cert = v.card_cert, v.cert
+                if cert is None:
+                    msg = v.error.message if v.error else ""
+                    print(f"  certificate {cc.label!r} id {cc.id.hex()}: unreadable ({msg})")
+                    refused.append(v)
+                    continue
+                kind = "CA certificate" if v.is_ca else "certificate"
+                subject = cert.subject.rfc4514_string()
+                print(f"  {kind} {cc.label!r} id {cc.id.hex() or '-'}: {subject}")
+                print(
+                    f"    key {certpolicy.key_description(cert)}, valid"
+                    f" {cert.not_valid_before_utc:%Y-%m-%d} to"
+                    f" {cert.not_valid_after_utc:%Y-%m-%d},"
+                    f" sha256 {certpolicy.fingerprint(cert)[:16]}"
                 )
-                ident = svc.mapper.map(cert)
-                print(f"    login: passes policy, maps to {ident.username} (rule {ident.rule})")
-            except SvmmError as e:
-                print(f"    login: not usable: {e.reason}: {e.message}")
-    try:
-        token, cands = svc.authenticator().select(LoginRequest("svmm", "", args.user), now)
-        c = cands[0]
+                if v.is_ca:
+                    continue
+                print(f"    login: {_verdict_line(v)}")
+                if v.candidate is not None:
+                    chosen = chosen or v
+                else:
+                    refused.append(v)
+        except SvmmError as e:  # the token itself (not one certificate) could not be read
+            print(f"  not readable: {e.reason}: {e.message}")
+    if chosen is not None and chosen.mapped is not None:
         print(
-            f"a login{' as ' + args.user if args.user else ''} would use {c.card_cert.label!r}"
-            f" on {token.label!r} for {c.mapped.username}"
+            f"a login{' as ' + args.user if args.user else ''} would use"
+            f" {chosen.card_cert.label!r} on {chosen.token.label!r} for {chosen.mapped.username}"
         )
-    except SvmmError as e:
-        print(f"a login would fail: {e.reason}: {e.message}")
-        return 1
-    return 0
+        return 0
+    best = max(refused, key=lambda v: v.rank, default=None)  # the login's reason: the first
+    if best is not None and best.error is not None:  # of those that got furthest
+        print(f"a login would fail: {best.error.reason}: {best.error.message}")
+    elif not any(t.login_required for t in tokens):
+        print("a login would fail: no_card: no smart card found")
+    else:
+        print("a login would fail: no_usable_certificate: no certificate usable for login")
+    return 1
+
+
+def _verdict_line(v: Verdict) -> str:
+    from ..services.auth import Stage
+
+    ident = v.mapped
+    if v.candidate is not None and ident is not None:
+        return f"passes policy and revocation, maps to {ident.username} (rule {ident.rule})"
+    if v.stage is Stage.USER and ident is not None:
+        return f"maps to {ident.username} (rule {ident.rule}), not the requested user"
+    error = v.error.reason + ": " + v.error.message if v.error else "refused"
+    return f"not usable: {error}"
 
 
 def _is_ca(cert: object) -> bool:

@@ -5,21 +5,26 @@ of the errors in ``pam_svmm.errors``. It knows nothing about pamh; the PAM entry
 CLI both call it, and so will the resident service.
 
 Order matters for the card's PIN counter and for trust:
-1. certificates are read from the card without a PIN, and one is *selected* (offline chain
-   and mapping checks) so that we never spend a PIN try on a card that cannot log in;
+1. certificates are read from the card without a PIN and every one is *evaluated* in turn
+   (it parses, chain and name constraints, mapping, PAM_USER, revocation: none of it needs
+   the PIN); the first that passes is *selected*, so a revoked or unparseable certificate
+   beside a good one does not lock its holder out, and no PIN try is spent on a card that
+   cannot log in. When none passes, the one that got furthest says why;
 2. the PIN is asked, the card signs a fresh challenge bound to host and service, and the
    signature is verified with the selected certificate's key (proof of possession) before
    anything about the certificate is *trusted*;
-3. the chain is validated at the login's time, revocation is checked, and the identity from
-   the certificate is bound to PAM_USER.
+3. only then are the chain, revocation answers and identity found in step 1 relied on, and
+   the identity from the certificate is bound to PAM_USER.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import enum
+import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -33,18 +38,19 @@ from ..domain.identity import Identity
 from ..errors import (
     AuthFailed,
     CertificateInvalid,
+    CertificateRevoked,
     HostNotVouched,
     LoginTimeout,
     NoCard,
     NoUsableCertificate,
     PinLocked,
     PinTries,
-    SvmmError,
-    UserMismatch,
+    Undecided,
 )
 
 if TYPE_CHECKING:  # the adapters are loaded by the wiring, not by importing this module
     from ..adapters.token import CardCertificate, Pkcs11Module, TokenInfo, TokenSession
+    from ..domain.revocation import Decision
     from .revocation import RevocationChecker
 
 
@@ -84,16 +90,66 @@ class LoginResult:
 
 @dataclass
 class Candidate:
-    """A certificate on a token, parsed and checked offline (before any PIN)."""
+    """A certificate on a token that passed every check a PIN is not needed for."""
 
     token: TokenInfo
     card_cert: CardCertificate
     cert: x509.Certificate
     chain: list[x509.Certificate]
     mapped: mapping.MappedIdentity
+    # Its revocation decisions (chain position by position), for the audit record.
+    decisions: list[tuple[x509.Certificate, Decision]] = field(default_factory=list)
 
     def facts(self) -> CardFacts:
         return card_facts(self.cert, self.token)
+
+
+class Stage(enum.IntEnum):
+    """How far a certificate got; when none passes, the furthest tells the most."""
+
+    PARSE = 0  # the DER does not parse
+    CHAIN = 1  # leaf checks, path to an anchor, name constraints
+    MAPPING = 2  # who it is (certificate rules or the directory)
+    USER = 3  # it is someone other than PAM_USER
+    REVOCATION = 4
+    PASSED = 5
+
+
+@dataclass
+class Verdict:
+    """What the evaluation before the PIN says about one certificate on a card."""
+
+    token: TokenInfo
+    card_cert: CardCertificate
+    cert: x509.Certificate | None  # None: it does not parse
+    stage: Stage
+    candidate: Candidate | None = None  # set when it passed
+    error: AuthFailed | Undecided | None = None  # why not, when it did not
+    is_ca: bool = False  # a CA certificate (an intermediate), not a login candidate
+    mapped: mapping.MappedIdentity | None = None  # who it is, once known
+
+    @property
+    def card(self) -> CardFacts:
+        if self.cert is not None:
+            return card_facts(self.cert, self.token)
+        return CardFacts(  # what is known of a certificate that does not parse
+            fingerprint=hashlib.sha256(self.card_cert.der).hexdigest(),
+            token=getattr(self.token, "label", ""),
+            token_serial=getattr(self.token, "serial", ""),
+        )
+
+    @property
+    def rank(self) -> tuple[int, bool]:
+        # A known revocation tells more than an unanswered revocation question.
+        return self.stage, isinstance(self.error, CertificateRevoked)
+
+    @property
+    def note(self) -> str:
+        """One line for the audit record about a refused certificate."""
+        what = f"certificate {self.card_cert.label!r} (sha256 {self.card.fingerprint[:16]})"
+        if self.error is None:
+            return f"{what}: usable"
+        return f"{what} refused: {self.error.reason}: {self.error.message}"
 
 
 def card_facts(cert: x509.Certificate, token: TokenInfo | None = None) -> CardFacts:
@@ -194,6 +250,9 @@ class CardAuthenticator:
         attempt.card = chosen.facts()
         attempt.user = chosen.mapped.username
         attempt.identity = chosen.mapped.identity
+        # How each certificate of the chain was found not revoked, or accepted without an
+        # answer (soft-fail): asked during selection, recorded whatever happens next.
+        attempt.notes.extend(d.note or d.detail for _cert, d in chosen.decisions)
         vouched = self._vouch_for_host(token, at) if self.config.mutual.enabled else None
         if vouched is not None:
             attempt.notes.append(f"host {vouched.name} vouched for by card anchor {vouched.anchor}")
@@ -228,14 +287,10 @@ class CardAuthenticator:
         at: dt.datetime,
         deadline: Deadline,
     ) -> LoginResult:
-        # Trust decisions, now that the card has proved it holds the key. The chain was
-        # built offline during selection at the same instant `at`; it is only relied on now.
+        # Trust decisions, now that the card has proved it holds the key. The chain and the
+        # revocation answers were found during selection at the same instant `at`; they are
+        # only relied on now.
         chain = chosen.chain
-        deadline.check("revocation")
-        decisions = self.revocation.check(chain, at=at, budget=deadline.remaining())
-        # Every decision goes to the audit trail: how each certificate was found not revoked,
-        # or that it was accepted without an answer (soft-fail).
-        attempt.notes.extend(d.note or d.detail for _cert, d in decisions)
         user = mapping.check_user(request.pam_user, chosen.mapped)
         attempt.user = user
         return LoginResult(
@@ -273,18 +328,46 @@ class CardAuthenticator:
         deadline: Deadline | None = None,
         attempt: Attempt | None = None,
     ) -> tuple[TokenInfo, list[Candidate]]:
-        """Pick the token and certificate that pass policy and belong to the user.
+        """The token and the first certificate that passes everything but the PIN.
 
-        No PIN is involved. When nothing qualifies, raise the most telling reason: a valid
-        card of someone else is a UserMismatch, otherwise the first certificate's problem.
+        The certificates refused on the way go to ``attempt.notes`` (the audit record).
+        When none passes, raise the error of the one that got furthest (the first of
+        those): a revoked card of the user before someone else's card, someone else's
+        card before one nobody maps, that before an untrusted or malformed certificate.
         """
+        refused: list[Verdict] = []
+        for verdict in self.evaluate(request, at, deadline):
+            if verdict.is_ca:
+                continue
+            if verdict.candidate is not None:
+                if attempt is not None:
+                    attempt.notes.extend(v.note for v in refused)
+                return verdict.token, [verdict.candidate]
+            refused.append(verdict)
+        if not refused:
+            raise NoUsableCertificate("the card holds no certificate usable for login")
+        best = refused[0]
+        for verdict in refused[1:]:
+            if verdict.rank > best.rank:
+                best = verdict
+        if attempt is not None:
+            attempt.card = best.card
+            attempt.notes.extend(v.note for v in refused if v is not best)
+        assert best.error is not None  # a refused verdict always carries its error
+        raise best.error
+
+    def evaluate(
+        self,
+        request: LoginRequest,
+        at: dt.datetime,
+        deadline: Deadline | None = None,
+        *,
+        tokens: Sequence[TokenInfo] | None = None,
+    ) -> Iterator[Verdict]:
+        """A verdict on every certificate of every login token (or of ``tokens``), in card
+        order, lazily: the login stops at the first that passes, `svmm card list` shows all."""
         deadline = deadline or Deadline(self.config.auth.login_timeout)
-        first_error: SvmmError | None = None
-        mismatch: UserMismatch | None = None
-        # The card behind the error we will raise, for the audit record.
-        first_card: CardFacts | None = None
-        mismatch_card: CardFacts | None = None
-        for token in self._tokens(deadline):
+        for token in self._tokens(deadline) if tokens is None else tokens:
             deadline.check("reading certificates")
             card_certs = self.module.certificates(token, self.uri)
             parsed: list[tuple[CardCertificate, x509.Certificate]] = []
@@ -292,42 +375,49 @@ class CardAuthenticator:
                 try:
                     parsed.append((cc, certpolicy.parse_certificate(cc.der)))
                 except CertificateInvalid as e:
-                    first_error = first_error or e
+                    # Refused on its own; the card's other certificates still count.
+                    yield Verdict(token, cc, None, Stage.PARSE, error=e)
             # CA certificates on the card may serve as intermediates (never as anchors).
             ca_certs = [c for _, c in parsed if _is_ca(c)]
-            candidates: list[Candidate] = []
             for cc, cert in parsed:
                 if _is_ca(cert):
+                    yield Verdict(token, cc, cert, Stage.PARSE, is_ca=True)
                     continue
-                try:
-                    chain = certpolicy.validate_chain(
-                        cert,
-                        [*self.intermediates, *ca_certs],
-                        self.anchors,
-                        at=at,
-                        policy=self.policy,
-                    )
-                    ident = self.mapper.map(cert)
-                    if request.pam_user is not None:
-                        mapping.check_user(request.pam_user, ident)
-                except UserMismatch as e:
-                    if mismatch is None:
-                        mismatch, mismatch_card = e, card_facts(cert, token)
-                    continue
-                except AuthFailed as e:
-                    if first_error is None:
-                        first_error, first_card = e, card_facts(cert, token)
-                    continue
-                candidates.append(Candidate(token, cc, cert, chain, ident))
-            if candidates:
-                return token, candidates
-        if attempt is not None:
-            attempt.card = mismatch_card or first_card or attempt.card
-        if mismatch is not None:
-            raise mismatch
-        if first_error is not None:
-            raise first_error
-        raise NoUsableCertificate("the card holds no certificate usable for login")
+                yield self._judge(request, token, cc, cert, ca_certs, at, deadline)
+
+    def _judge(
+        self,
+        request: LoginRequest,
+        token: TokenInfo,
+        cc: CardCertificate,
+        cert: x509.Certificate,
+        ca_certs: Sequence[x509.Certificate],
+        at: dt.datetime,
+        deadline: Deadline,
+    ) -> Verdict:
+        stage = Stage.CHAIN
+        ident: mapping.MappedIdentity | None = None
+        try:
+            deadline.check("certificate checks")
+            chain = certpolicy.validate_chain(
+                cert, [*self.intermediates, *ca_certs], self.anchors, at=at, policy=self.policy
+            )
+            stage = Stage.MAPPING
+            ident = self.mapper.map(cert)
+            stage = Stage.USER
+            if request.pam_user is not None:
+                mapping.check_user(request.pam_user, ident)
+            stage = Stage.REVOCATION
+            deadline.check("revocation")
+            decisions = self.revocation.check(chain, at=at, budget=deadline.remaining())
+        except LoginTimeout:
+            raise  # the login's budget is spent: nothing more is evaluated
+        except (AuthFailed, Undecided) as e:
+            # "Could not decide" about this certificate (its directory entry, its revocation)
+            # must not hide the next one: a cached user's card beside an uncached one.
+            return Verdict(token, cc, cert, stage, error=e, mapped=ident)
+        candidate = Candidate(token, cc, cert, chain, ident, list(decisions))
+        return Verdict(token, cc, cert, Stage.PASSED, candidate=candidate, mapped=ident)
 
     def _vouch_for_host(self, token: TokenInfo, at: dt.datetime) -> mutual.VouchedHost:
         """Mutual authentication, before any PIN: the card's anchor must vouch for us."""

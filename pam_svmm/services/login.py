@@ -242,7 +242,9 @@ class LoginService:
                 request, prompter, attempt, keep_card_session=self.config.volumes.enabled
             )
         except BaseException as e:
-            self.audit_event("auth", request, attempt, outcome_of(e), reason_of(e), _detail(e))
+            # The notes say what else was refused on the card, and why.
+            detail = "; ".join([_detail(e), *attempt.notes])
+            self.audit_event("auth", request, attempt, outcome_of(e), reason_of(e), detail)
             raise
         self.audit_event("auth", request, attempt, Outcome.SUCCESS, "ok", "; ".join(result.notes))
         return result

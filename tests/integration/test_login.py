@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from pam_svmm.domain.certpolicy import fingerprint
-from pam_svmm.lab.lab import Lab
+from pam_svmm.lab.lab import SO_PIN, Lab
 from pam_svmm.lab.pamclient import PamReport
 from pam_svmm.lab.responders import CrlServer, free_port
 
@@ -176,11 +176,117 @@ def test_a_card_with_an_old_and_a_renewed_certificate_uses_the_valid_one(lab: La
 def test_bad_certificates_are_refused(lab: Lab, card: str, user: str, reason: str) -> None:
     a = login(lab, card, user=user)
     refused(a, "PAM_AUTH_ERR", reason)
-    if reason not in ("proof_of_possession_failed", "certificate_revoked"):
-        # Offline certificate checks come before the PIN: no PIN try is spent on a card that
-        # cannot log in. Possession needs the card to sign, and revocation is asked over the
-        # network only for a card that proved possession.
+    if reason != "proof_of_possession_failed":
+        # Every check that needs no PIN, revocation included, comes before it: no PIN try is
+        # spent on a card that cannot log in. Possession needs the card to sign.
         assert a.report.prompts == ()
+
+
+def card_with(lab: Lab, name: str, *, constrained: bool = False) -> str:
+    """A card (made once) with two valid certificates of ``name`` (UPN {name}@demo.example),
+    labelled "auth" and "second" (their PEMs beside the card); with ``constrained``, only
+    "auth", issued by a CA on the card that may issue for rfc822Name corp.example only."""
+    from pam_svmm.lab.cards import provision_card
+    from pam_svmm.lab.pki import Issued, new_key
+
+    folder = lab.cards_dir / name
+    if (folder / "tokens").exists():
+        return name
+    der = serialization.Encoding.DER
+    keys = [new_key("p256"), new_key("p256")]
+    ca_certs = [lab.ca.intermediate.cert]
+    issuer = None
+    if constrained:
+        ca_key = new_key("p256")
+        now = dt.datetime.now(dt.UTC)
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "Corp CA")]))
+            .issuer_name(lab.ca.root.cert.subject)
+            .public_key(ca_key.public_key())  # type: ignore[arg-type]
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(True, False, False, False, False, True, True, False, False),
+                critical=True,
+            )
+            .add_extension(
+                x509.NameConstraints([x509.RFC822Name("corp.example")], None), critical=True
+            )
+            .sign(lab.ca.root.key, hashes.SHA256())  # type: ignore[arg-type]
+        )
+        issuer, ca_certs = Issued(ca_cert, ca_key), [ca_cert]
+    certs = [
+        lab.ca.issue_user(name, k.public_key(), upn=f"{name}@demo.example", issuer=issuer)
+        for k in keys
+    ]
+    extra = [] if constrained else [(keys[1], certs[1].public_bytes(der), b"\x02", "second")]
+    provision_card(
+        folder / "tokens",
+        label=f"{name} ID card",
+        pin=PIN,
+        so_pin=SO_PIN,
+        key=keys[0],
+        cert_der=certs[0].public_bytes(der),
+        ca_certs=ca_certs,
+        anchors=[lab.ca.root.cert],
+        extra=extra,
+    )
+    for label, cert in zip(("auth", "second"), certs, strict=True):
+        (folder / f"{label}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return name
+
+
+def revoke_the_first(lab: Lab, card: str) -> tuple[x509.Certificate, x509.Certificate]:
+    """Revoke the certificate a login sees first: SoftHSM2's object order is random per card
+    (and may differ between processes), so a login without revocation checks shows it (the
+    first that passes). Returns (revoked, the other)."""
+    certs = {
+        lb: x509.load_pem_x509_certificate((lab.cards_dir / card / f"{lb}.pem").read_bytes())
+        for lb in ("auth", "second")
+    }
+    svc = lab.variant("no-revocation", '[revocation]\nend_entity = "off"\nca = "off"\n')
+    a = login(lab, card, user=card, service=svc)
+    assert a.report.ok, a.report
+    (first,) = [c for c in certs.values() if fingerprint(c) == a.record["card"]["fingerprint"]]
+    (other,) = [c for c in certs.values() if c is not first]
+    lab.ca.revoke(first)
+    lab.ca.publish()
+    return first, other
+
+
+def crl_only(lab: Lab, cache: Path) -> str:
+    """A service that asks only CRLs (a fresh cache: the CRL just published is fetched)."""
+    return lab.variant(
+        f"crl-{cache.name}",
+        f'[revocation]\nmethods = ["crl"]\nend_entity = "require"\ncache_dir = "{cache}"\n',
+    )
+
+
+def test_a_revoked_first_certificate_does_not_hide_a_valid_second_one(
+    lab: Lab, tmp_path: Path
+) -> None:
+    card = card_with(lab, "twocert")
+    revoked, good = revoke_the_first(lab, card)
+    a = login(lab, card, user=card, service=crl_only(lab, tmp_path))
+    assert a.report.ok, a.report  # before: the first was taken, the PIN asked, then refused
+    assert a.report.prompts == ("PIN for twocert ID card: ",)  # one PIN, for the good one
+    assert a.record["card"]["fingerprint"] == fingerprint(good)
+    # The refused certificate is audited with its reason.
+    note = f"(sha256 {fingerprint(revoked)[:16]}) refused: certificate_revoked"
+    assert note in a.record["detail"], a.record
+
+
+def test_a_certificate_outside_its_cas_name_constraints_does_not_log_in(lab: Lab) -> None:
+    # Corp CA may issue for corp.example only; the UPN says demo.example, which maps.
+    card = card_with(lab, "ncuser", constrained=True)
+    # Revocation off (Corp CA publishes nothing): before, this logged in as ncuser.
+    svc = lab.variant("no-revocation", '[revocation]\nend_entity = "off"\nca = "off"\n')
+    a = login(lab, card, user=card, service=svc)
+    refused(a, "PAM_AUTH_ERR", "name_constraints")
+    assert "ncuser@demo.example" in a.record["detail"] and a.report.prompts == ()
 
 
 # --- revocation -----------------------------------------------------------------------------
@@ -429,3 +535,46 @@ def test_the_embedded_interpreter_ignores_the_callers_python_variables(
     report = lab.login(reader, pin=PIN, user="alice")
     assert report.ok, report
     assert not marker.exists()
+
+
+# --- `svmm card list` gives every certificate the verdict a login would ---------------------
+
+
+def card_list(lab: Lab, card: str | tuple[str, ...], *args: str, config: Path | None = None) -> Any:
+    import os
+    import subprocess
+
+    cards = (card,) if isinstance(card, str) else card
+    env = dict(os.environ, SVMM_CONFIG=str(config or lab.config_path), **lab.insert(*cards).env)
+    return subprocess.run(
+        [sys.executable, "-m", "pam_svmm.cli.main", "card", "list", *args],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_card_list_never_offers_a_revoked_card(lab: Lab) -> None:
+    # Before, the listing asked no revocation and said a login "would use" mallory's card.
+    p = card_list(lab, "mallory", "--user", "mallory")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "not usable: certificate_revoked" in p.stdout
+    assert "would use" not in p.stdout
+    assert "a login would fail: certificate_revoked" in p.stdout
+
+
+def test_card_list_shows_each_certificates_verdict(lab: Lab, tmp_path: Path) -> None:
+    card = card_with(lab, "listcard")
+    revoked, good = revoke_the_first(lab, card)
+    crl_only(lab, tmp_path)  # a configuration asking fresh CRLs only (the one just published)
+    p = card_list(lab, card, config=lab.folder / f"svmm-crl-{tmp_path.name}.toml")
+    assert p.returncode == 0, p.stdout + p.stderr
+    verdicts, shown = {}, ""  # sha256 prefix -> the verdict line under it
+    for line in p.stdout.splitlines():
+        if "sha256 " in line:
+            shown = line.rsplit("sha256 ", 1)[1]
+        elif line.startswith("    login: "):
+            verdicts[shown] = line
+    assert "not usable: certificate_revoked" in verdicts[fingerprint(revoked)[:16]], p.stdout
+    assert "passes policy and revocation, maps to listcard" in verdicts[fingerprint(good)[:16]]
+    auth_pem = (lab.cards_dir / card / "auth.pem").read_bytes()
+    label = "auth" if auth_pem == good.public_bytes(serialization.Encoding.PEM) else "second"
+    assert f"would use {label!r} on 'listcard ID card' for listcard" in p.stdout

@@ -12,7 +12,7 @@ import pytest
 from pam_svmm.lab.directory import Slapd
 from pam_svmm.lab.lab import PAM_PYTHON, SHIM, Lab
 from tests.integration import ldap_fixtures
-from tests.integration.test_login import login, refused
+from tests.integration.test_login import card_list, login, refused
 
 pytestmark = pytest.mark.integration
 slapd, slapd_factory = ldap_fixtures.slapd, ldap_fixtures.slapd_factory
@@ -138,6 +138,38 @@ def test_directory_down_offline_login_then_cache_expiry(
         "PAM_AUTHINFO_UNAVAIL",
         "directory_unavailable",
     )
+
+
+def test_an_uncached_second_card_does_not_block_a_cached_users_offline_login(
+    lab: Lab, slapd_factory: ldap_fixtures.SlapdFactory, tmp_path: Path
+) -> None:
+    server = slapd_factory()
+    overrides = lab.directory_overrides(server).replace(
+        f'cache_dir = "{lab.folder / "identity-cache"}"', f'cache_dir = "{tmp_path / "cache"}"'
+    )
+    svc = lab.variant("offline-two", overrides)
+    assert login(lab, "bob", user="bob", service=svc).report.ok  # fills the cache
+    server.stop()
+    # A card the cache never saw, in a slot before bob's (the slots' order follows SoftHSM2's
+    # token folders, random per card): the directory being down is no answer about it, and
+    # it must not stop bob's card from being considered (before, it ended the login).
+    other = next(c for c in UNCACHED if _slot_order(lab, c, "bob") == [c, "bob"])
+    for user in ("bob", ""):
+        a = login(lab, other, "bob", user=user, service=svc)
+        assert a.report.ok and a.report.user == "bob", (other, user, a.report)
+        assert a.record["offline"] is True
+    # That card alone: could not decide (the stack may try another method).
+    refused(login(lab, other, service=svc), "PAM_AUTHINFO_UNAVAIL", "directory_unavailable")
+
+
+# Valid cards of the lab that bob's login never put in the offline cache.
+UNCACHED = ("carol", "alice", "dave", "ghost", "dora", "twin", "scl", "tries", "renewed")
+
+
+def _slot_order(lab: Lab, *cards: str) -> list[str]:
+    out = card_list(lab, cards).stdout
+    return [ln.split("'")[1].removesuffix(" ID card") for ln in out.splitlines()
+            if ln.startswith("token '")]  # fmt: skip
 
 
 @pytest.mark.parametrize(
