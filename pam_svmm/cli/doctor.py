@@ -21,6 +21,7 @@ import datetime as dt
 import functools
 import os
 import re
+import socket
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -321,6 +322,18 @@ def _svmmd(cfg: config_mod.Config, timeout: float) -> str:
     if st.st_uid != 0:
         # Whoever made it could answer the PAM module's questions as svmmd.
         raise ConfigError("launcher.socket", f"{sock} is owned by uid {st.st_uid}, not root")
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.settimeout(timeout)
+        try:
+            probe.connect(str(sock))
+        except ConnectionRefusedError:
+            # What the PAM module's daemon=auto takes for "no svmmd" too (a stale socket).
+            return Warn(
+                f"{sock}: nobody listens (svmmd is not running): logins run in the PAM "
+                "process, and no VM starts (systemctl restart svmmd.socket)"
+            )
+        except OSError:
+            pass  # said by the request below
     reply = call(sock, {"op": "list"}, timeout=timeout)
     return f"{sock} (root's) answers {reply.get('version')}"
 

@@ -191,8 +191,10 @@ LAUNCHER_REPLY = (
 
 
 @contextlib.contextmanager
-def svmmd_stand_in(path: Path, *, answer: bool = True) -> Iterator[None]:
-    """A root-owned socket at ``path``: answering svmm-launcher/1 (or never listening)."""
+def svmmd_stand_in(
+    path: Path, *, answer: bool = True, reply: bytes = LAUNCHER_REPLY
+) -> Iterator[None]:
+    """A root-owned socket at ``path``: answering ``reply`` (or never listening)."""
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(path))
     stop = threading.Event()
@@ -203,9 +205,9 @@ def svmmd_stand_in(path: Path, *, answer: bool = True) -> Iterator[None]:
                 conn, _ = sock.accept()
             except OSError:
                 return
-            with conn:
-                conn.makefile("rb").readline()
-                conn.sendall(LAUNCHER_REPLY)
+            with conn, contextlib.suppress(OSError):  # a client that left without asking
+                if conn.makefile("rb").readline():
+                    conn.sendall(reply)
 
     thread = threading.Thread(target=serve, daemon=True)
     if answer:
@@ -272,6 +274,10 @@ def test_doctor_warns_about_what_is_not_set_up_yet_and_still_exits_0(
         "audit seal key", "svmmd socket", "PAM module", "PAM profile", "nsswitch"}  # fmt: skip
     assert all(found[n][0] == "WARN" for n in ("svmmd socket", "PAM module", "nsswitch"))
     assert "systemctl enable --now svmmd.socket" in found["svmmd socket"][1]
+    with svmmd_stand_in(host.socket, answer=False):  # a stale socket: nobody listens
+        p = host.doctor()
+    assert p.returncode == 0 and lines(p.stdout)["svmmd socket"][0] == "WARN", p.stdout
+    assert "nobody listens" in lines(p.stdout)["svmmd socket"][1]
 
 
 def _world_readable(host: Host) -> None:
@@ -313,7 +319,7 @@ def _tampered_bundle(host: Host) -> None:
         (_foreign_shim, "PAM module", "writable by others"),
         (_missing_shim, "PAM module", "does not exist"),
         (_tampered_bundle, "policy source", "signature"),
-        (None, "svmmd socket", "launcher"),  # a socket nobody listens on
+        (None, "svmmd socket", "no valid reply"),  # something else answers there
     ],
 )
 def test_doctor_that_finds_a_problem_says_which_and_exits_1(
@@ -323,7 +329,7 @@ def test_doctor_that_finds_a_problem_says_which_and_exits_1(
     host = Host(lab, slapd, tmp_path)
     if spoil is not None:
         spoil(host)
-    with svmmd_stand_in(host.socket, answer=spoil is not None):
+    with svmmd_stand_in(host.socket, reply=LAUNCHER_REPLY if spoil else b"220 smtp ready\n"):
         p = host.doctor()
     assert p.returncode == 1, p.stdout + p.stderr
     failed = {n: d for n, (s, d) in lines(p.stdout).items() if s == "FAIL"}
