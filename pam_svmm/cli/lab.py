@@ -16,13 +16,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--fresh", action="store_true", help="rebuild the lab from scratch")
     d.set_defaults(func=demo)
     sv = s.add_parser(
-        "serve", help="run the lab's OCSP responder, CRL server and directory until stopped"
+        "serve",
+        help="run the lab's OCSP responder, CRL server and directory until stopped",
+        description="The lab's OCSP responder and CRL server, and its directory (slapd) when "
+        "the demo or `svmm lab provision` built one, on the ports the lab recorded "
+        "(<dir>/host.json): those its configuration names.",
     )
     sv.add_argument("--dir", type=Path, default=Path(".lab"))
     sv.add_argument(
         "--directory",
         action="store_true",
-        help="also run the directory (slapd) on the ports `svmm lab provision` recorded",
+        help="fail unless the lab has a directory to run (the demo organisation's unit)",
     )
     sv.set_defaults(func=serve)
     pv = s.add_parser(
@@ -62,27 +66,44 @@ def demo(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     import signal
     import threading
+    from urllib.parse import urlsplit
 
+    from ..errors import SvmmError
+    from ..lab.directory import Slapd
+    from ..lab.host import host_ports, port_names
     from ..lab.lab import Lab
+    from ..lab.ports import ensure_free
 
     lab = Lab(args.dir)
+    if not (lab.ca_dir / "config.json").exists():
+        raise SvmmError(f"no lab in {lab.folder}: run `svmm lab demo` (tools/run demo) first")
+    # The directory the demo (or `lab provision`) built, on the ports it recorded: the ones
+    # the lab's configuration names.
+    ports = host_ports(lab.folder)
+    slapd = None
+    if ports is not None and (lab.folder / "directory" / ".built").exists():
+        slapd = Slapd(lab.folder / "directory", ca=lab.ca, port=ports.ldap, ldaps_port=ports.ldaps)
+    elif args.directory:
+        print(f"no directory in {lab.folder} (no host.json or directory/): run `svmm lab "
+              "provision` or `svmm lab demo` first", flush=True)  # fmt: skip
+        return 5
+    named = {
+        "the lab's CRL server": urlsplit(lab.ca.crl_base).port or 0,
+        "the lab's OCSP responder": urlsplit(lab.ca.ocsp_url).port or 0,
+    }
+    if slapd is not None and ports is not None:
+        named |= {k: v for k, v in port_names(ports).items() if "directory" in k}
+    ensure_free(named, advice="a demo or another `svmm lab serve` runs the lab: stop it first")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.ExitStack() as stack:
         ocsp, crl = stack.enter_context(lab.responders())
         print(f"OCSP {ocsp.url}  CRLs {crl.url}  (Ctrl-C to stop)", flush=True)
-        if args.directory:
-            from ..lab.directory import Slapd
-            from ..lab.host import host_ports
-
-            ports = host_ports(lab.folder)
-            if ports is None:
-                print(f"no {lab.folder}/host.json: run `svmm lab provision` first", flush=True)
-                return 5
-            slapd = Slapd(lab.folder / "directory", ca=lab.ca, port=ports.ldap,
-                          ldaps_port=ports.ldaps)  # fmt: skip
+        if slapd is not None:
             stack.enter_context(slapd)
             print(f"directory {slapd.uri} (StartTLS), {slapd.base_dn}", flush=True)
+        else:
+            print(f"no directory in {lab.folder} (the demo builds one)", flush=True)
         _notify_ready()
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()

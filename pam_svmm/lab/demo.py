@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .lab import DEMO_CARDS, LOGIN_SERVICE, CardSpec, Lab, free_ports
+from .host import lab_ports, port_names, record_ports
+from .lab import DEMO_CARDS, LOGIN_SERVICE, CardSpec, Lab
+from .ports import ensure_free
 from .userland import userland
 from .volumes import make_volume
 
@@ -134,19 +136,28 @@ def run_demo(folder: Path, *, fresh: bool = False, out: TextIO = sys.stdout) -> 
     if fresh and folder.exists():
         shutil.rmtree(folder)
     lab = Lab(folder)
-    crl_port, ocsp_port = _ports(lab)
+    ports = lab_ports(lab)  # the same every run: the configuration it writes stays right
+    # The demo runs the lab's services itself; `svmm lab serve` (or an earlier demo) holding
+    # their ports is said as such, not as "Address in use" from deep inside.
+    ensure_free(
+        port_names(ports),
+        advice="stop it (the demo runs the lab's services itself) and run the demo again",
+    )
     t0 = time.monotonic()
     say(f"Building the demo lab in {folder} ...")
     lab.build(
-        crl_port=crl_port,
-        ocsp_port=ocsp_port,
+        crl_port=ports.crl,
+        ocsp_port=ports.ocsp,
         cards=(*DEMO_CARDS, *DIRECTORY_CARDS),
         venv=Path(sys.prefix),
     )
+    record_ports(lab, ports)
     failures = 0
     with ExitStack() as stack:
         ocsp, _crl = stack.enter_context(lab.responders())
-        slapd = stack.enter_context(Slapd(lab.folder / "directory", ca=lab.ca))
+        slapd = stack.enter_context(
+            Slapd(lab.folder / "directory", ca=lab.ca, port=ports.ldap, ldaps_port=ports.ldaps)
+        )
         bundle = lab.write_policy(POLICY_EXAMPLE.read_bytes())
         for volume in ("web-disk", "bank-a-data"):  # the volumes of the VMs alice may boot
             make_volume(lab, volume, "alice")
@@ -480,15 +491,3 @@ def _play(lab: Lab, i: int, scene: Scene, say: Any) -> int:
             say(f"            {rec['detail']}")
     say()
     return 0 if outcome.name == scene.expect else 1
-
-
-def _ports(lab: Lab) -> tuple[int, int]:
-    """Reuse the ports an existing lab's certificates name; else pick free ones."""
-    meta = lab.ca_dir / "config.json"
-    if meta.exists():
-        from urllib.parse import urlsplit
-
-        m = json.loads(meta.read_text())
-        return urlsplit(m["crl_base"]).port or 0, urlsplit(m["ocsp_url"]).port or 0
-    a, b = free_ports(2)
-    return a, b

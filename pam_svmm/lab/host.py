@@ -9,7 +9,8 @@ with no such environment, so here:
   ``<dir>/reader/tokens``; `svmm lab reader` puts demo cards in it, pulls them, puts them back;
 - the card interposer (pinguard) is built with the state folder compiled in;
 - the responders and the directory listen on fixed loopback ports (`svmm lab serve --dir D
-  --directory`, the svmm-demo-org.service unit), recorded in ``<dir>/host.json``;
+  --directory`, the svmm-demo-org.service unit), recorded in ``<dir>/host.json`` (the demo
+  lab records the ports it picked there too: ``lab_ports``);
 - /etc/svmm/svmm.toml names the host's places: /run/svmm, /var/log/svmm, /var/cache/svmm.
 """
 
@@ -64,7 +65,7 @@ def provision(
 
     lab = Lab(folder)
     lab.build(crl_port=ports.crl, ocsp_port=ports.ocsp, cards=HOST_CARDS, venv=Path(sys.prefix))
-    (lab.folder / HOST_FILE).write_text(json.dumps(asdict(ports), indent=1) + "\n")
+    record_ports(lab, ports)
     slapd = Slapd(lab.folder / "directory", ca=lab.ca, port=ports.ldap, ldaps_port=ports.ldaps)
     slapd.build()
     # The example policy as it is: a granted VM whose disk is not enrolled for a user's card
@@ -164,6 +165,41 @@ def set_reader(lab: Lab, cards: Sequence[str], *, softhsm_conf: Path = SOFTHSM_C
 def set_removed(lab: Lab, card: str, removed: bool) -> None:
     """Pull a card out of the reader (True) or put it back (False), as pinguard sees it."""
     pinguard.set_removed(lab.pinguard_state, str(lab.card(card)["serial"]), removed)
+
+
+def lab_ports(lab: Lab) -> HostPorts:
+    """The ports of the lab in ``lab.folder``: those it recorded (``host.json``, see
+    ``record_ports``), else those its certificates already name for the CRLs and OCSP and free
+    ones for the rest. So the demo, run again, and `svmm lab serve` use the same ports, and
+    the configuration the demo wrote stays right."""
+    from urllib.parse import urlsplit
+
+    from .lab import free_ports
+
+    recorded = host_ports(lab.folder)
+    if recorded is not None:
+        return recorded
+    crl, ocsp, ldap, ldaps = free_ports(4)
+    meta = lab.ca_dir / "config.json"
+    if meta.exists():
+        m = json.loads(meta.read_text())
+        crl = urlsplit(m["crl_base"]).port or crl
+        ocsp = urlsplit(m["ocsp_url"]).port or ocsp
+    return HostPorts(crl, ocsp, ldap, ldaps)
+
+
+def record_ports(lab: Lab, ports: HostPorts) -> None:
+    (lab.folder / HOST_FILE).write_text(json.dumps(asdict(ports), indent=1) + "\n")
+
+
+def port_names(ports: HostPorts) -> dict[str, int]:
+    """What listens on each port (for messages)."""
+    return {
+        "the lab's CRL server": ports.crl,
+        "the lab's OCSP responder": ports.ocsp,
+        "the lab's directory (LDAP)": ports.ldap,
+        "the lab's directory (LDAPS)": ports.ldaps,
+    }
 
 
 def host_ports(folder: Path) -> HostPorts | None:
