@@ -82,6 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sh.set_defaults(func=show)
 
     ld = s.add_parser("load", help="fetch, verify and accept the bundle from the source now")
+    add_json(ld)
     ld.set_defaults(func=load)
 
     rl = s.add_parser(
@@ -428,7 +429,10 @@ def load(args: argparse.Namespace) -> int:
         seal_every=cfg.audit.seal_every,
     )
     log.write(service.audit_record(result))
-    print(result.describe())
+    if args.json:
+        print_json(load_json(result))
+    else:
+        print(result.describe())
     if result.event is LoadEvent.NONE:
         return 3
     return 1 if result.refused else 0
@@ -449,3 +453,15 @@ def reload(args: argparse.Namespace) -> int:
         )
     print(reply.get("message", "policy reloaded"))
     return 0
+
+
+def load_json(result: Any) -> dict[str, Any]:
+    """`svmm policy load --json`: what the load found and what is in force after it."""
+    return {
+        "source": result.source,
+        "event": result.event.value,
+        "reason": result.reason,
+        "version": result.policy.version if result.policy is not None else None,
+        "previous_version": result.previous_version,
+        "refused": result.problem.message if result.problem is not None else None,
+    }

@@ -214,3 +214,11 @@ DOCTOR: Schema = {
     "warnings": int,
     "exit": int,  # 0 nothing failed, 1 a check failed, 2 could not run
 }
+POLICY_LOAD: Schema = {
+    "source": str,
+    "event": str,  # accepted, unchanged, kept, none
+    "reason": str,
+    "version": OPT_INT,  # in force after the load
+    "previous_version": OPT_INT,
+    "refused": OPT_STR,  # why the candidate was not accepted
+}

@@ -192,3 +192,14 @@ def test_show_explain_grants_json(site: Site, capsys: pytest.CaptureFixture[str]
     vms = {v["vm"]: v for v in doc["vms"]}
     assert "bank-a" in vms and "vm-web" in vms and "vm-db" not in vms
     assert "boot" in vms["vm-web"]["permissions"]
+
+
+def test_load_json(site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    assert site.sign() == 0
+    capsys.readouterr()
+    assert site.svmm("policy", "load", "--json") == 0
+    doc = cli_schemas.parse(capsys.readouterr().out, cli_schemas.POLICY_LOAD)
+    assert doc["event"] == "accepted" and doc["version"] == 1 and doc["refused"] is None
+    assert site.svmm("policy", "load", "--json") == 0
+    doc = cli_schemas.parse(capsys.readouterr().out, cli_schemas.POLICY_LOAD)
+    assert doc["event"] == "unchanged" and doc["previous_version"] == 1
