@@ -22,6 +22,15 @@ memberof overlay only runs on LDAP adds, so the loader computes memberOf itself,
 overlay would: each groupOfNames' member entries get memberOf = that group (direct
 membership only; a nested group's entry gets memberOf = its parent group). Entries added
 later with ``add_ldif`` go through the overlay.
+
+Replication (``syncprov=True``, ``consumer_of=provider``): the provider runs OpenLDAP's
+syncprov overlay; a consumer starts with an empty database and an olcSyncrepl
+refreshAndPersist to the provider over StartTLS on 127.0.0.1 (CA checked), bound as the
+provider's rootdn (a lab: its password is in the consumer's own 0700 cn=config), taking every
+attribute but memberOf (``*,+``; the provider's memberof overlay marks its writes
+not-to-replicate, so the consumer runs the overlay too and computes memberOf itself) and
+retrying every second while the provider is away. A consumer is read-only (olcUpdateRef
+names the provider); ``start`` returns once it holds the provider's contextCSN.
 """
 
 from __future__ import annotations
@@ -92,10 +101,18 @@ class Slapd:
         port: int | None = None,
         ldaps_port: int | None = None,
         data: Iterable[Path] = (EXAMPLE_LDIF,),
+        syncprov: bool = False,
+        consumer_of: Slapd | None = None,
     ) -> None:
         self.folder = folder.resolve()
         self.ca = ca
-        self.base_dn = base_dn
+        self.syncprov = syncprov
+        self.provider = consumer_of
+        if consumer_of is not None:
+            if not consumer_of.syncprov:
+                raise SlapdError("a consumer needs a provider started with syncprov=True")
+            base_dn, data = consumer_of.base_dn, ()  # everything comes from the provider
+        self.base_dn: str = base_dn
         self._auto_ports = port is None or ldaps_port is None
         if port is None or ldaps_port is None:
             from .lab import free_ports
@@ -193,6 +210,9 @@ class Slapd:
         config_ldif.write_text(self._config_ldif())
         config_ldif.chmod(0o600)
         self._run([SLAPADD, "-n0", "-F", str(self.config_dir), "-l", str(config_ldif)])
+        if not self.data:
+            (self.folder / ".built").touch()
+            return
         t0 = time.monotonic()
         data_ldif = self.folder / "data.ldif"
         try:
@@ -234,6 +254,8 @@ class Slapd:
 
                 self.port, self.ldaps_port = free_ports(2)
         _running.add(self)
+        if self.provider is not None and self.provider.running and not self.provider._paused:
+            self.wait_in_sync()
         self.start_seconds = time.monotonic() - t0
 
     def stop(self) -> None:
@@ -252,6 +274,18 @@ class Slapd:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         self._paused = False
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies at once, as in a crash (no clean shutdown), and is reaped;
+        its folder stays, so ``start`` brings it back with its data."""
+        if self._proc is None:
+            raise SlapdError("slapd is not running")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.wait(timeout=10)
+        self._proc = None
+        self._paused = False
+        _running.discard(self)
 
     def pause(self) -> None:
         """SIGSTOP: the server keeps its sockets but answers nothing (a hung directory)."""
@@ -301,6 +335,59 @@ class Slapd:
             raise SlapdError(
                 f"ldapmodify failed ({result.returncode}): {result.stderr.decode(errors='replace')}"
             )
+
+    def read_entry(
+        self, dn: str, attributes: Iterable[str] = ("*", "+")
+    ) -> dict[str, list[bytes]] | None:
+        """The entry at ``dn`` as the admin sees it (lower-case names, raw values); None when
+        it does not exist. For polling a consumer; bounded by a 2 s timeout."""
+        import ssl
+
+        import ldap3
+
+        tls = ldap3.Tls(ca_certs_file=str(self.ca_file), validate=ssl.CERT_REQUIRED)
+        server = ldap3.Server(self.uri, get_info=ldap3.NONE, connect_timeout=2, tls=tls)
+        with ldap3.Connection(
+            server, self.admin_dn, self.admin_password, receive_timeout=2, raise_exceptions=False
+        ) as conn:
+            if not conn.start_tls(read_server_info=False) or not conn.bind():
+                raise SlapdError(f"cannot bind as the admin: {conn.result.get('description')}")
+            conn.search(dn, "(objectClass=*)", ldap3.BASE, attributes=list(attributes))
+            for item in conn.response or ():
+                if item.get("type") == "searchResEntry":
+                    return {k.lower(): list(v) for k, v in item["raw_attributes"].items()}
+        return None
+
+    def context_csn(self) -> frozenset[bytes]:
+        """The suffix entry's contextCSN values: equal on provider and consumer once the
+        consumer has everything the provider has."""
+        entry = self.read_entry(self.base_dn, ["contextCSN"])
+        return frozenset(entry.get("contextcsn", [])) if entry else frozenset()
+
+    def wait_until(
+        self, check: Callable[[Slapd], bool], *, timeout: float = 15.0, what: str = "condition"
+    ) -> float:
+        """Poll ``check(self)`` until it holds; the seconds it took (SlapdError after
+        ``timeout``)."""
+        t0 = time.monotonic()
+        while not check(self):
+            if time.monotonic() - t0 > timeout:
+                raise SlapdError(f"{what} not reached within {timeout}s: {self._log_tail()}")
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+    def wait_in_sync(self, timeout: float = 15.0) -> float:
+        """A consumer: wait until it holds the provider's contextCSN (everything written to
+        the provider so far); the seconds it took."""
+        provider = self.provider
+        if provider is None:
+            raise SlapdError("not a consumer")
+        target = provider.context_csn()
+        if not target:
+            raise SlapdError("the provider has no contextCSN (is syncprov running?)")
+        return self.wait_until(
+            lambda s: target <= s.context_csn(), timeout=timeout, what="replication"
+        )
 
     def write_password_file(self, path: Path, which: str = "service") -> Path:
         """A 0600 file holding the password of ``which`` (service, publisher, admin), with
@@ -361,6 +448,7 @@ class Slapd:
             "svmmPrincipalName eq",
             "svmmCertMapping eq",
             "userCertificate eq",
+            *(("entryCSN eq", "entryUUID eq") if self.syncprov or self.provider else ()),
         )
         access = (
             # self: change it, never read the hash back
@@ -390,6 +478,7 @@ class Slapd:
             "olcModuleLoad: back_mdb",
             "olcModuleLoad: memberof",
             "olcModuleLoad: ppolicy",
+            *(["olcModuleLoad: syncprov"] if self.syncprov else []),
             "",
             "dn: cn=schema,cn=config",
             "objectClass: olcSchemaConfig",
@@ -423,24 +512,62 @@ class Slapd:
             "olcDbNoSync: TRUE",  # a lab: speed over durability
             *[f"olcDbIndex: {i}" for i in indexes],
             *[f"olcAccess: {{{n}}}{a}" for n, a in enumerate(access)],
+            *self._consumer_lines(),
             "",
-            "dn: olcOverlay={0}memberof,olcDatabase={1}mdb,cn=config",
-            "objectClass: olcOverlayConfig",
-            "objectClass: olcMemberOf",
-            "olcOverlay: {0}memberof",
-            "olcMemberOfRefInt: TRUE",
-            "olcMemberOfGroupOC: groupOfNames",
-            "olcMemberOfMemberAD: member",
-            "olcMemberOfMemberOfAD: memberOf",
-            "",
-            "dn: olcOverlay={1}ppolicy,olcDatabase={1}mdb,cn=config",
-            "objectClass: olcOverlayConfig",
-            "objectClass: olcPPolicyConfig",
-            "olcOverlay: {1}ppolicy",
-            f"olcPPolicyDefault: cn=default,ou=policies,{b}",
-            "",
+            *self._overlay_ldif(),
         ]
         return "\n".join(lines)
+
+    def _consumer_lines(self) -> list[str]:
+        """olcSyncrepl and olcUpdateRef of a consumer's database (none for others)."""
+        p = self.provider
+        if p is None:
+            return []
+        tls = self.tls_dir
+        syncrepl = (
+            f'rid=001 provider={p.uri} bindmethod=simple binddn="{p.admin_dn}"'
+            f' credentials="{p.admin_password}" searchbase="{p.base_dn}"'
+            ' type=refreshAndPersist retry="1 +" timeout=3 network-timeout=2'
+            f' keepalive=5:2:1 attrs="*,+" exattrs="memberOf" starttls=critical tls_reqcert=demand'
+            f" tls_cacert={tls / 'ca.pem'}"
+        )
+        return [f"olcSyncrepl: {{0}}{syncrepl}", f"olcUpdateRef: {p.uri}"]
+
+    def _overlay_ldif(self) -> list[str]:
+        db = "olcDatabase={1}mdb,cn=config"
+        # (name, objectClass, settings). The consumer runs memberof too: the provider's
+        # overlay writes memberOf with o_dont_replicate, so syncrepl never carries it.
+        overlays: list[tuple[str, str, list[str]]] = [(
+            "memberof", "olcMemberOf",
+            ["olcMemberOfRefInt: TRUE", "olcMemberOfGroupOC: groupOfNames",
+             "olcMemberOfMemberAD: member", "olcMemberOfMemberOfAD: memberOf"],
+        )]  # fmt: skip
+        overlays.append(
+            (
+                "ppolicy",
+                "olcPPolicyConfig",
+                [f"olcPPolicyDefault: cn=default,ou=policies,{self.base_dn}"],
+            )
+        )
+        if self.syncprov:
+            overlays.append(
+                (
+                    "syncprov",
+                    "olcSyncProvConfig",
+                    ["olcSpCheckpoint: 100 1", "olcSpSessionLog: 1000"],
+                )
+            )
+        out: list[str] = []
+        for n, (name, object_class, settings) in enumerate(overlays):
+            out += [
+                f"dn: olcOverlay={{{n}}}{name},{db}",
+                "objectClass: olcOverlayConfig",
+                f"objectClass: {object_class}",
+                f"olcOverlay: {{{n}}}{name}",
+                *settings,
+                "",
+            ]
+        return out
 
     def _spawn(self) -> None:
         urls = f"ldap://127.0.0.1:{self.port}/ ldaps://127.0.0.1:{self.ldaps_port}/"

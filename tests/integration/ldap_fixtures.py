@@ -14,6 +14,8 @@ same name do not trip ruff's F811; `from ... import slapd  # noqa: F401` works t
         fresh_slapd.pause()
     def test_z(slapd_factory):    # several servers (failover), or other data / base DN
         a, b = slapd_factory(), slapd_factory(data=[...])
+    def test_r(replicated_slapd): # a syncrepl provider and its consumer, in sync
+        provider, consumer = replicated_slapd
 
 The CA is the session's lab CA (the `lab` fixture of conftest.py), so the lab's cards and the
 directory share one trust anchor (``lab.ca_dir / "root.pem"`` == ``slapd.ca_file`` content).
@@ -86,6 +88,16 @@ def slapd_factory(lab: Lab, tmp_path: Path) -> Iterator[SlapdFactory]:
     finally:
         for server in made:
             server.stop()
+
+
+@pytest.fixture
+def replicated_slapd(slapd_factory: SlapdFactory, lab: Lab) -> tuple[Slapd, Slapd]:
+    """A syncrepl provider with the example organisation and the published cards, and a
+    consumer that has replicated all of it (kill, pause or change either freely)."""
+    provider = slapd_factory(syncprov=True)
+    publish_card_certificates(provider, lab, PUBLISHED_CARDS)
+    consumer = slapd_factory(consumer_of=provider)  # returns once in sync
+    return provider, consumer
 
 
 @pytest.fixture
