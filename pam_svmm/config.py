@@ -156,8 +156,15 @@ class DirectoryConfig:
     bind_password_file: Path | None = None  # root-only file
     tls: TlsMode = TlsMode.STARTTLS
     ca_file: Path | None = None
+    # Setting up a connection (TCP, TLS, StartTLS, the service bind): a server that has not
+    # finished it in this time is passed over for the next one.
     connect_timeout: float = 3.0
-    search_timeout: float = 5.0
+    search_timeout: float = 5.0  # one request on an open connection
+    # A server that failed is left aside this long (tried again later; when every server
+    # is aside, a lookup fails at once).
+    retry_interval: float = 10.0
+    # The most one lookup may take over every server it tries (at most auth.login_timeout).
+    total_timeout: float = 15.0
     # Roles: names of groups the user is in (under role_groups_base, default groups_base),
     # found through member / memberUid / memberOf, plus values of role_attribute.
     role_groups_base: str = ""
@@ -733,6 +740,8 @@ def _directory(t: _Table) -> DirectoryConfig:
         ca_file=t.path("ca_file", None),
         connect_timeout=t.number("connect_timeout", d.connect_timeout, minimum=0.1),
         search_timeout=t.number("search_timeout", d.search_timeout, minimum=0.1),
+        retry_interval=t.number("retry_interval", d.retry_interval),
+        total_timeout=t.number("total_timeout", d.total_timeout, minimum=0.1),
         role_groups_base=t.text("role_groups_base", d.role_groups_base),
         role_attribute=t.text("role_attribute", d.role_attribute),
         nested_depth=t.integer("nested_depth", d.nested_depth, minimum=0, maximum=10),
@@ -909,6 +918,11 @@ def parse(data: dict[str, Any], source: Path | None = None) -> Config:
         raise ConfigError("policy.source", "'directory' needs [directory] enabled")
     if cfg.directory.enabled and not cfg.certmap.rules:
         raise ConfigError("certmap.rules", "at least one rule is required with a directory")
+    if cfg.directory.enabled and cfg.directory.total_timeout > cfg.auth.login_timeout:
+        raise ConfigError(
+            "directory.total_timeout",
+            f"must not exceed auth.login_timeout ({cfg.auth.login_timeout:g} s)",
+        )
     top.done()
     return cfg
 

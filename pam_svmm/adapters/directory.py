@@ -1,10 +1,20 @@
 """The organisation's LDAP directory, through ldap3: entries, accounts, roles, binds.
 
-* Failover: ``config.uris`` in order, an ldap3 ServerPool with the FIRST strategy and an
-  active check (one cycle: ``active=True`` would loop forever when every server is down).
-  A server that fails in the middle of an operation (a hung server times out) is set aside
-  and the operation is retried once on the next one, so a login's time stays bounded by
-  about ``len(uris) * (connect_timeout + search_timeout)``.
+* Failover over ``config.uris`` in order, our own rather than ldap3's ServerPool: the pool's
+  availability check is a bare TCP connect, which a hung slapd passes (the kernel completes
+  the handshake from the listen backlog), so it cannot pass over the servers that cost the
+  most; it keeps every Connection ever opened on it (``pool_states``: a leak in svmmd) and
+  times its "exhaust" in whole wall-clock seconds. The policy here:
+  - the first server not left aside is asked; one that fails (refused, no TLS, no answer)
+    is left aside for ``retry_interval`` and the call goes on to the next, each server at
+    most once per call; when every server is aside the call fails at once, so a login's
+    lookups after the first pay nothing for a directory that is down;
+  - setting up a connection (TCP, TLS or StartTLS, the service bind) must finish within
+    ``connect_timeout``, one request within ``search_timeout``, and the whole call within
+    ``total_timeout`` (never more than the login's own timeout: config.py);
+  - the service connection is reused while its server answers; a server back from aside is
+    preferred again at the next call (the first URI is the provider; a consumer may lag).
+  No DNS SRV lookup: the standard library has none and no resolver library is installed.
 * TLS: ldaps:// URIs, or StartTLS on ldap:// (``tls = "starttls"``), verified against
   ``ca_file`` (CERT_REQUIRED, host name checked).
 * Every ldap3 exception is translated here, once: a server that cannot be reached, times
@@ -16,12 +26,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import math
 import os
 import ssl
 import stat
+import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,16 +44,12 @@ from ..config import DirectoryConfig, TlsMode
 from ..domain.identity import AccountState, AccountStatus, Identity, PosixAccount, PosixGroup
 from ..errors import AmbiguousUser, ConfigError, DirectoryUnavailable, PasswordIncorrect
 
-# ldap3 sleeps this long between pool cycles (default 10 s) even after the last cycle.
-ldap3.set_config_parameter("POOLING_LOOP_TIMEOUT", 0)
-
 PAGE_SIZE = 500
 # A mapping filter needs "none, one, or more than one": cap what the server sends.
 MAPPING_SIZE_LIMIT = 16
 # Exceptions that mean "this server did not answer properly": try the next one.
 _UNREACHABLE: tuple[type[BaseException], ...] = (
     lexc.LDAPCommunicationError,
-    lexc.LDAPServerPoolExhaustedError,
     lexc.LDAPStartTLSError,
     lexc.LDAPCertificateError,
     lexc.LDAPResponseTimeoutError,
@@ -135,6 +141,34 @@ def esc(value: str) -> str:
     return escape_filter_chars(value)
 
 
+@dataclass
+class _Server:
+    """One URI and what the client knows of it."""
+
+    server: ldap3.Server
+    aside_until: float = 0.0  # monotonic; left aside until then after a failure
+    last_error: str = ""
+
+    @property
+    def name(self) -> str:
+        return str(self.server.name)
+
+
+class _OutOfTime(TimeoutError):
+    """The call's total_timeout ran out."""
+
+
+@dataclass
+class _Call:
+    """One public call's budget."""
+
+    deadline: float
+    tried: list[str] = field(default_factory=list)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
 class DirectoryClient:
     """One directory: a read-only service connection (lazy) and per-call user binds."""
 
@@ -149,10 +183,10 @@ class DirectoryClient:
         self.groups_base = config.groups_base or config.base_dn
         self.role_base = config.role_groups_base or self.groups_base
         self._tls = self._make_tls()
-        self._servers = [self._make_server(u) for u in config.uris]
-        self._set_aside: set[str] = set()
-        self._conn: ldap3.Connection | None = None
-        self._last_conn: ldap3.Connection | None = None  # the one an error is about
+        self._servers = [_Server(self._make_server(u)) for u in config.uris]
+        self._conn: ldap3.Connection | None = None  # the service connection ...
+        self._conn_server: _Server | None = None  # ... and the server it is to
+        self._call: _Call | None = None
 
     @classmethod
     def from_config(cls, config: DirectoryConfig) -> DirectoryClient:
@@ -161,6 +195,13 @@ class DirectoryClient:
         if config.bind_dn and config.bind_password_file is not None:
             password = read_secret_file(config.bind_password_file)
         return cls(config, bind_password=password)
+
+    @property
+    def server_in_use(self) -> str | None:
+        """The URI the service connection is open to (None: no connection)."""
+        if self._conn is None or self._conn.closed or self._conn_server is None:
+            return None
+        return self._conn_server.name
 
     # --- connections ----------------------------------------------------------------------
 
@@ -189,24 +230,42 @@ class DirectoryClient:
             get_info=ldap3.NONE,
         )
 
-    def _pool(self) -> ldap3.ServerPool:
-        servers = [s for s in self._servers if s.name not in self._set_aside]
-        return ldap3.ServerPool(servers, ldap3.FIRST, active=1, exhaust=False)
+    def _timeout(self, limit: float) -> float:
+        """``limit``, or less when the call's total_timeout is nearer."""
+        if self._call is None:
+            return limit
+        left = self._call.left()
+        if left <= 0:
+            raise _OutOfTime(f"total_timeout ({self.config.total_timeout:g} s) ran out")
+        return min(limit, left)
 
-    def _open(self, user: str | None, password: str | None) -> ldap3.Connection:
-        """An open, TLS-protected (as configured) connection; not yet bound."""
+    def _request_timeout(self, conn: ldap3.Connection) -> None:
+        """Bound the next request on ``conn`` by search_timeout (and the call's budget)."""
+        sock = conn.socket
+        if sock is not None:
+            sock.settimeout(self._timeout(self.config.search_timeout))
+
+    def _open(
+        self, target: _Server, user: str | None, password: str | None, *, bind: bool = False
+    ) -> ldap3.Connection:
+        """An open, TLS-protected (as configured) connection to ``target``, bound as ``user``
+        when ``bind`` (a refused bind is the caller's to judge: ``conn.bound`` is False).
+        All of it within connect_timeout: a hung server accepts TCP but never answers
+        StartTLS, and that is how it is told from a slow search."""
+        setup = self._timeout(self.config.connect_timeout)
+        target.server.connect_timeout = setup
         conn = ldap3.Connection(
-            self._pool(),
+            target.server,
             user=user,
             password=password,
-            # ldap3 packs it into SO_RCVTIMEO as whole seconds.
-            receive_timeout=max(1, math.ceil(self.config.search_timeout)),
+            # None: ldap3 then keeps the connect timeout on the socket for the TLS handshake,
+            # StartTLS and the bind (its own receive_timeout takes whole seconds only).
+            receive_timeout=None,
             raise_exceptions=False,
             read_only=user is None or user == self.config.bind_dn,
             auto_referrals=False,
             check_names=False,
         )
-        self._last_conn = conn
         try:
             conn.open(read_server_info=False)
             if (
@@ -215,64 +274,86 @@ class DirectoryClient:
                 and not conn.start_tls(read_server_info=False)
             ):
                 raise lexc.LDAPStartTLSError(f"StartTLS refused: {conn.result.get('description')}")
+            if bind:
+                conn.bind()
+            self._request_timeout(conn)
         except BaseException:
             _close(conn)
             raise
         return conn
 
-    def _service(self) -> ldap3.Connection:
-        if self._conn is not None and not self._conn.closed:
-            self._last_conn = self._conn
+    def _service(self, target: _Server) -> ldap3.Connection:
+        """The service connection to ``target``: the open one if it is to ``target``, else
+        a new one (which replaces the old only once it is bound)."""
+        if self._conn is not None and not self._conn.closed and self._conn_server is target:
+            self._request_timeout(self._conn)
             return self._conn
-        conn = self._open(self.config.bind_dn or None, self._bind_password)
-        if self.config.bind_dn and not conn.bind():
+        bind_dn = self.config.bind_dn
+        conn = self._open(target, bind_dn or None, self._bind_password, bind=bool(bind_dn))
+        if bind_dn and not conn.bound:
             result = dict(conn.result)
             _close(conn)
             raise DirectoryUnavailable(
-                f"the directory refused the service account {self.config.bind_dn!r} "
+                f"the directory refused the service account {bind_dn!r} "
                 f"({result.get('description')}: {result.get('message')})",
                 reason="directory_bind_failed",
             )
-        self._conn = conn
+        self.close()
+        self._conn, self._conn_server = conn, target
         return conn
 
     def _failover(
         self,
         what: str,
         op: Callable[[ldap3.Connection], T],
-        connect: Callable[[], ldap3.Connection] | None = None,
+        connect: Callable[[_Server], ldap3.Connection] | None = None,
     ) -> T:
-        """``op`` on a connection from ``connect`` (default: the service connection); on an
-        unreachable server, again on the next one, each server at most once per call."""
-        tried: list[str] = []
-        while True:
-            self._last_conn = None
-            try:
-                return op((connect or self._service)())
-            except _UNREACHABLE as e:
-                if isinstance(e, lexc.LDAPServerPoolExhaustedError):
-                    names = [s.name for s in self._servers if s.name not in self._set_aside]
-                    tried.extend(f"{n} (not reachable)" for n in names)
-                    self._set_aside.update(names)
-                else:
-                    conn = self._last_conn
-                    name = str(conn.server.name) if conn is not None and conn.server else "?"
-                    tried.append(f"{name} ({_describe(e)})")
-                    self._set_aside.add(name)
-                self.close()
-                if all(s.name in self._set_aside for s in self._servers):
-                    self._set_aside.clear()  # the next call starts afresh
-                    raise DirectoryUnavailable(
-                        f"{what}: no directory server answered; tried {'; '.join(tried)}"
-                    ) from None
-            except lexc.LDAPException as e:
-                self.close()
-                raise DirectoryUnavailable(f"{what}: {_describe(e)}") from None
+        """``op`` on a connection from ``connect`` (default: the service connection) to the
+        first server not left aside; on a server that fails, again on the next one."""
+        now = time.monotonic()
+        call = _Call(now + self.config.total_timeout)
+        ready = [s for s in self._servers if s.aside_until <= now]
+        if not ready:
+            raise DirectoryUnavailable(
+                f"{what}: no directory server answered lately; {self._aside(now)}"
+            )
+        self._call = call
+        try:
+            for target in ready:
+                if call.left() <= 0:
+                    call.tried.append(f"{target.name} (not tried: total_timeout ran out)")
+                    continue
+                try:
+                    return op((connect or self._service)(target))
+                except _UNREACHABLE as e:
+                    if target is self._conn_server:
+                        self.close()
+                    target.last_error = _describe(e)
+                    target.aside_until = time.monotonic() + self.config.retry_interval
+                    call.tried.append(f"{target.name} ({target.last_error})")
+                except lexc.LDAPException as e:
+                    self.close()
+                    raise DirectoryUnavailable(f"{what}: {_describe(e)}") from None
+        finally:
+            self._call = None
+        untried = [s for s in self._servers if s not in ready]
+        aside = f"; {self._aside(time.monotonic(), untried)}" if untried else ""
+        raise DirectoryUnavailable(
+            f"{what}: no directory server answered; tried {'; '.join(call.tried)}{aside}"
+        )
+
+    def _aside(self, now: float, servers: list[_Server] | None = None) -> str:
+        parts = [
+            f"{s.name} ({s.last_error}; left aside {max(0.0, s.aside_until - now):.0f} s more)"
+            for s in (self._servers if servers is None else servers)
+        ]
+        return "left aside: " + "; ".join(parts)
 
     def close(self) -> None:
         if self._conn is not None:
             _close(self._conn)
             self._conn = None
+            self._conn_server = None
 
     def __enter__(self) -> DirectoryClient:
         return self
@@ -293,6 +374,7 @@ class DirectoryClient:
         size_limit: int = 0,
         missing_base_ok: bool = False,
     ) -> list[_Entry]:
+        self._request_timeout(conn)
         conn.search(
             base,
             ldap_filter,
@@ -482,6 +564,7 @@ class DirectoryClient:
         while True:
 
             def op(conn: ldap3.Connection, c: bytes | None = cookie) -> Any:
+                self._request_timeout(conn)
                 conn.search(
                     base,
                     ldap_filter,
@@ -527,8 +610,13 @@ class DirectoryClient:
             raise PasswordIncorrect(f"{what}: empty password for {dn!r}")
 
         def op(conn: ldap3.Connection) -> ldap3.Connection:
-            if conn.bind():
-                return conn
+            try:
+                self._request_timeout(conn)
+                if conn.bind():
+                    return conn
+            except BaseException:
+                _close(conn)
+                raise
             result = dict(conn.result)
             _close(conn)
             if result.get("result") == _INVALID_CREDENTIALS:
@@ -538,7 +626,7 @@ class DirectoryClient:
                 f"{result.get('message') or ''}".rstrip()
             )
 
-        return self._failover(what, op, connect=lambda: self._open(dn, password))
+        return self._failover(what, op, connect=lambda target: self._open(target, dn, password))
 
     def bind_as(self, dn: str, password: str) -> None:
         """Check ``password`` by binding as ``dn`` (over TLS as configured)."""
@@ -555,6 +643,7 @@ class DirectoryClient:
         """Add ``der`` to the entry's userCertificate;binary (idempotent)."""
         conn = self._bound(bind_dn, password, "publishing a certificate")
         try:
+            self._request_timeout(conn)
             ok = conn.modify(dn, {"userCertificate;binary": [(ldap3.MODIFY_ADD, [der])]})
             code = conn.result.get("result")
             if not ok and code != _ATTR_EXISTS:
