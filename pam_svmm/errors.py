@@ -46,6 +46,15 @@ class ConfigError(SvmmError):
         self.problem = problem
 
 
+class InputMalformed(SvmmError, ValueError):
+    """Bytes from outside were refused by a bounded parser (domain/bounded.py): larger than
+    its limit, nested deeper than its limit, not UTF-8, not well-formed, or a number that is
+    not finite or too long. A ValueError too, so a parser's existing ``except ValueError``
+    turns it into that parser's own typed error; the message says which bound."""
+
+    reason = "input_malformed"
+
+
 # --- the answer is "no" -------------------------------------------------------------------
 
 
