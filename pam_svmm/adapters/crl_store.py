@@ -40,6 +40,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from ..domain.bounded import loads_json
 from ..domain.revocation import (
     CrlEntry,
     CrlScope,
@@ -94,11 +95,13 @@ def index_name(issuer: x509.Certificate, source: str) -> str:
 
 def parse_crl(data: bytes, source: str) -> x509.CertificateRevocationList:
     """DER or PEM."""
+    from ..domain.certpolicy import PARSE_ERRORS
+
     try:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_crl(data)
         return x509.load_der_x509_crl(data)
-    except ValueError as e:
+    except PARSE_ERRORS as e:  # a bad version is x509.InvalidVersion, no ValueError
         raise RevocationUnknown(
             f"CRL from {source} is malformed: {e}", reason="crl_invalid"
         ) from None
@@ -139,7 +142,7 @@ class CrlIndex:
             end = mm.find(b"\n", 0, _MAX_HEADER)
             if not mm[: len(MAGIC)] == MAGIC or end < 0:
                 raise ValueError("bad magic")
-            header = json.loads(mm[len(MAGIC) : end])
+            header = loads_json(mm[len(MAGIC) : end], max_bytes=_MAX_HEADER, what="CRL index")
             count = header["count"]
             if (
                 header.get("version") != FORMAT_VERSION
@@ -501,7 +504,7 @@ class CrlStore:
             return None
         try:
             with os.fdopen(fd, "rb") as f:
-                value = json.loads(f.read(_MAX_HEADER))
+                value = loads_json(f.read(_MAX_HEADER), max_bytes=_MAX_HEADER, what=name)
         except ValueError:
             return None
         return value if isinstance(value, dict) else None

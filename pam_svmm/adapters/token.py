@@ -92,10 +92,14 @@ class CardCertificate:
     def load(self) -> x509.Certificate:
         from cryptography import x509
 
+        from ..domain.certpolicy import PARSE_ERRORS
+
         try:
             return x509.load_der_x509_certificate(self.der)
-        except ValueError as e:
-            raise CertificateInvalid(f"certificate {self.label!r} on the card: {e}") from None
+        except PARSE_ERRORS as e:  # InvalidVersion is no ValueError
+            raise CertificateInvalid(
+                f"certificate {self.label!r} on the card: {e}", reason="certificate_malformed"
+            ) from None
 
 
 class KeySpec(enum.Enum):

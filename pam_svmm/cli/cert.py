@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_cert_file(path: Path) -> x509.Certificate:
-    from ..domain.certpolicy import parse_certificate
+    from ..domain.certpolicy import parse_certificate, parse_pem_certificates
 
     try:
         data = path.read_bytes()
@@ -40,10 +40,10 @@ def load_cert_file(path: Path) -> x509.Certificate:
         raise CertificateInvalid(f"cannot read {path}: {e.strerror}") from None
     if b"-----BEGIN" in data:
         try:
-            return x509.load_pem_x509_certificate(data)
-        except ValueError:
+            return parse_pem_certificates(data)[0]
+        except CertificateInvalid as e:
             raise CertificateInvalid(
-                f"{path}: not a PEM certificate", reason="certificate_malformed"
+                f"{path}: not a PEM certificate ({e.message})", reason="certificate_malformed"
             ) from None
     return parse_certificate(data)
 
@@ -93,9 +93,14 @@ def verify(args: argparse.Namespace) -> int:
         else:
             print(f"  FAIL {e.reason}: {e.message}")
         raise
+    from ..domain.certpolicy import parse_pem_certificates
+
     extra: list[x509.Certificate] = []
     for p in args.intermediate:
-        extra.extend(x509.load_pem_x509_certificates(p.read_bytes()))
+        try:
+            extra.extend(parse_pem_certificates(p.read_bytes()))
+        except OSError as e:
+            raise CertificateInvalid(f"cannot read {p}: {e.strerror}") from None
     at = dt.datetime.fromisoformat(args.at) if args.at else None
     if at is not None and at.tzinfo is None:
         at = at.replace(tzinfo=dt.UTC)

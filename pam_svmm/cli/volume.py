@@ -298,9 +298,15 @@ def _is_ca(cert: Any) -> bool:
 def _load_cert(path: Path) -> Any:
     from cryptography import x509
 
+    from ..domain.certpolicy import PARSE_ERRORS
+
     try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError) as e:
+        data = path.read_bytes()
+    except OSError as e:
+        raise VolumeError(f"{path}: not a readable PEM certificate ({e})") from None
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except PARSE_ERRORS as e:
         raise VolumeError(f"{path}: not a readable PEM certificate ({e})") from None
 
 

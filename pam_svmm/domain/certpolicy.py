@@ -92,9 +92,25 @@ class CertPolicy:
 # --- parsing and description --------------------------------------------------------------
 
 
-# What cryptography raises for a certificate it will not read: some are not ValueErrors
-# (two extensions of one type, a SAN name form it does not know).
-_PARSE_ERRORS = (ValueError, TypeError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+# What cryptography raises for X.509 bytes it will not read: some are not ValueErrors (a
+# version it does not know, two extensions of one type, a SAN name form it does not know).
+PARSE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    UnsupportedAlgorithm,
+)
+_PARSE_ERRORS = PARSE_ERRORS
+
+
+def _touch(cert: x509.Certificate) -> x509.Certificate:
+    # cryptography parses some parts lazily: touched here, a malformed certificate fails at
+    # the boundary instead of somewhere later in the login.
+    _ = cert.extensions, cert.subject, cert.issuer
+    _ = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return cert
 
 
 def parse_certificate(der: bytes) -> x509.Certificate:
@@ -104,14 +120,22 @@ def parse_certificate(der: bytes) -> x509.Certificate:
     certificate then fails at the boundary instead of somewhere later in the login.
     """
     try:
-        cert = x509.load_der_x509_certificate(der)
-        _ = cert.extensions, cert.subject, cert.issuer
-        _ = cert.not_valid_before_utc, cert.not_valid_after_utc
-    except _PARSE_ERRORS as e:
+        return _touch(x509.load_der_x509_certificate(der))
+    except PARSE_ERRORS as e:
         raise CertificateInvalid(
             f"certificate does not parse: {e}", reason="certificate_malformed"
         ) from None
-    return cert
+
+
+def parse_pem_certificates(data: bytes) -> list[x509.Certificate]:
+    """Every certificate of a PEM text; ``certificate_malformed`` as above (and for a text
+    with no PEM certificate in it)."""
+    try:
+        return [_touch(c) for c in x509.load_pem_x509_certificates(data)]
+    except PARSE_ERRORS as e:
+        raise CertificateInvalid(
+            f"certificate does not parse: {e}", reason="certificate_malformed"
+        ) from None
 
 
 def fingerprint(cert: x509.Certificate) -> str:

@@ -24,8 +24,9 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from ..errors import CertificateInvalid, CertificateUntrusted, PolicyBundleInvalid
-from .certpolicy import CertPolicy, validate_chain
+from ..errors import CertificateInvalid, CertificateUntrusted, InputMalformed, PolicyBundleInvalid
+from .bounded import loads_json
+from .certpolicy import CertPolicy, parse_pem_certificates, validate_chain
 
 FORMAT = "svmm-policy-bundle/1"
 _KEYS = frozenset({"format", "policy", "signature", "certificates"})
@@ -98,9 +99,9 @@ def parse_bundle(data: bytes) -> ParsedBundle:
     if len(data) > MAX_BUNDLE_BYTES:
         raise _malformed(f"larger than {MAX_BUNDLE_BYTES} bytes")
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _malformed(f"not JSON: {e}") from None
+        doc = loads_json(data, max_bytes=MAX_BUNDLE_BYTES, max_depth=2, what="document")
+    except InputMalformed as e:
+        raise _malformed(e.message) from None
     if not isinstance(doc, dict):
         raise _malformed("not a JSON object")
     if set(doc) != _KEYS:
@@ -118,9 +119,11 @@ def parse_bundle(data: bytes) -> ParsedBundle:
         if not isinstance(pem, str):
             raise _malformed(f"certificates[{i}] is not a string")
         try:
-            loaded = x509.load_pem_x509_certificates(pem.encode("ascii"))
-        except (ValueError, UnicodeEncodeError):
+            loaded = parse_pem_certificates(pem.encode("ascii"))
+        except UnicodeEncodeError:
             raise _malformed(f"certificates[{i}] is not a PEM certificate") from None
+        except CertificateInvalid as e:  # InvalidVersion and kin, all of them
+            raise _malformed(f"certificates[{i}] is not a PEM certificate: {e.message}") from None
         if len(loaded) != 1:
             raise _malformed(f"certificates[{i}] must hold exactly one certificate")
         certs.append(loaded[0])

@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ..config import RevocationRule
 from ..errors import CertificateRevoked, RevocationUnknown
+from .certpolicy import PARSE_ERRORS
 
 
 class RevocationStatus(enum.Enum):
@@ -232,7 +233,7 @@ def crl_problem(crl: x509.CertificateRevocationList) -> str | None:
     """Why a (signature-checked) CRL is no evidence for any certificate; None if it may be."""
     try:
         exts = crl.extensions
-    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as e:
+    except PARSE_ERRORS as e:
         return f"has extensions that do not parse ({e})"
     try:
         number = exts.get_extension_for_class(x509.CRLNumber)
@@ -263,7 +264,7 @@ def entry_problem(entry: x509.RevokedCertificate) -> str | None:
     """Why one entry makes its CRL unusable (an indirect entry, an unknown critical one)."""
     try:
         exts = entry.extensions
-    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as e:
+    except PARSE_ERRORS as e:
         return f"has an entry whose extensions do not parse ({e})"
     for ext in exts:
         if isinstance(ext.value, x509.CertificateIssuer):
@@ -440,7 +441,7 @@ def evaluate_ocsp(
 
     try:
         resp = ocsp.load_der_ocsp_response(response_der)
-    except ValueError as e:
+    except PARSE_ERRORS as e:
         return unknown(f"malformed OCSP response: {e}")
     if resp.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
         return unknown(f"OCSP responder answered {resp.response_status.name.lower()}")
@@ -460,12 +461,7 @@ def evaluate_ocsp(
             want = _cert_id(cert, issuer, single.hash_algorithm)
             if (single.issuer_name_hash, single.issuer_key_hash, single.serial_number) == want:
                 matching.append(single)
-    except (
-        ValueError,
-        UnsupportedAlgorithm,
-        x509.DuplicateExtension,
-        x509.UnsupportedGeneralNameType,
-    ) as e:
+    except PARSE_ERRORS as e:  # the responder's certificates included: x509.InvalidVersion
         return unknown(f"malformed OCSP response: {e}")
     if len(matching) != 1:
         return unknown(

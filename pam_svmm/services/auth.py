@@ -192,12 +192,19 @@ class Deadline:
 
 
 def load_pem_bundle(paths: Sequence[Path]) -> list[x509.Certificate]:
-    """Certificates from PEM files and folders of PEM files (the trust configuration)."""
+    """Certificates from PEM files and folders of PEM files (the trust configuration).
+    OSError, or ValueError naming the file that does not parse (whatever cryptography
+    raised: a bad version is not a ValueError there)."""
+    from ..domain.certpolicy import parse_pem_certificates
+
     out: list[x509.Certificate] = []
     for p in paths:
         files = sorted(q for q in p.iterdir() if q.is_file()) if p.is_dir() else [p]
         for f in files:
-            out.extend(x509.load_pem_x509_certificates(f.read_bytes()))
+            try:
+                out.extend(parse_pem_certificates(f.read_bytes()))
+            except CertificateInvalid as e:
+                raise ValueError(f"{f}: {e.message}") from None
     return out
 
 

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ..adapters.token import KeySpec
 from ..domain import certpolicy
+from ..domain.certpolicy import PARSE_ERRORS
 from ..errors import IssueFailed, SvmmError, TokenError
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ class CommandCA:
             raise IssueFailed(f"the CA command {name} wrote too much", reason="ca_output_invalid")
         try:
             certs = x509.load_pem_x509_certificates(proc.stdout)
-        except ValueError:
+        except PARSE_ERRORS:
             certs = []
         if not certs:
             raise IssueFailed(
@@ -635,9 +636,9 @@ def real_ca_revocation_steps(serial: int, reason: x509.ReasonFlags) -> str:
 
 def load_certificate_file(path: Path) -> x509.Certificate:
     data = path.read_bytes()
-    with suppress(ValueError):
+    with suppress(*PARSE_ERRORS):
         return x509.load_pem_x509_certificate(data)
     try:
         return x509.load_der_x509_certificate(data)
-    except ValueError:
+    except PARSE_ERRORS:
         raise IssueFailed(f"{path} holds no certificate", reason="certificate_unreadable") from None

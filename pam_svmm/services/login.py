@@ -166,11 +166,14 @@ class LoginService:
             return None
         from cryptography.hazmat.primitives import serialization
 
+        from ..domain.certpolicy import PARSE_ERRORS
         from ..errors import ConfigError
 
         try:
             cert = x509.load_pem_x509_certificate(m.host_cert.read_bytes())
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            raise ConfigError("mutual.host_cert", f"cannot load: {e}") from None
+        except PARSE_ERRORS as e:
             raise ConfigError("mutual.host_cert", f"cannot load: {e}") from None
         try:
             key = serialization.load_pem_private_key(m.host_key.read_bytes(), password=None)
