@@ -7,16 +7,22 @@ with it. Nothing else in the product reads the file or the environment for setti
 from __future__ import annotations
 
 import enum
+import math
 import os
 import re
-import tomllib
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .domain.bounded import loads_toml
+from .errors import ConfigError, InputMalformed
 
 DEFAULT_PATH = Path("/etc/svmm/svmm.toml")
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 8  # the deepest key is certmap.rules[i].match.eku[j]: 5
+MAX_SECONDS = 10 * 365 * 86400.0  # any time setting; more overflows a C timeout
+PIN_PROMPT_FIELDS = ("token", "host")
 ENV_VAR = "SVMM_CONFIG"
 P11_KIT_PROXY = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so"
 
@@ -404,12 +410,19 @@ class _Table:
             raise ConfigError(self.key(name), "must be true or false")
         return v
 
-    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+    def number(
+        self, name: str, default: float, *, minimum: float = 0.0, maximum: float = MAX_SECONDS
+    ) -> float:
         v = self.get(name, default)
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise ConfigError(self.key(name), "must be a number")
+        # nan passes every comparison; inf or 1e300 seconds overflow socket and thread timeouts.
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(self.key(name), f"must be a finite number, not {v}")
         if v < minimum:
             raise ConfigError(self.key(name), f"must be at least {minimum}")
+        if v > maximum:
+            raise ConfigError(self.key(name), f"must be at most {maximum:g}")
         return float(v)
 
     def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int = 1 << 31) -> int:
@@ -462,12 +475,53 @@ class _Table:
             raise ConfigError(self.key(unknown[0]), "unknown key")
 
 
+def _template_problem(template: str, fields: tuple[str, ...]) -> str:
+    """ "" when ``template.format(**{f: str})`` cannot raise: only the bare ``{field}`` of
+    ``fields`` (no ``{token.x}``, ``{token[0]}``, conversions or format specs such as
+    ``{token:>999999999}``, which raise or fill memory at login)."""
+    allowed = ", ".join(f"{{{f}}}" for f in fields)
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        return f"not a valid template ({e}); use {{{{ and }}}} for literal braces"
+    for _text, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in fields or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "")
+            shown += (f":{spec}" if spec else "") + "}"
+            return f"{shown[:40]!r}: only the placeholders {allowed} may be used, as they are"
+    return ""
+
+
+def _oid(key: str, value: str) -> str:
+    """A dotted OID that cryptography accepts (it bounds the arcs); ConfigError otherwise."""
+    from cryptography import x509
+
+    if not re.fullmatch(r"[0-2](\.[0-9]{1,39}){1,63}", value):
+        raise ConfigError(key, f"{value[:60]!r} is not a dotted OID")
+    try:
+        x509.ObjectIdentifier(value)
+    except ValueError:
+        raise ConfigError(key, f"{value[:60]!r} is not a valid OID") from None
+    return value
+
+
+def _regex(key: str, value: str) -> str:
+    # re.compile raises OverflowError for a{99999999999}, RecursionError for deep groups.
+    try:
+        re.compile(value)
+    except (re.error, OverflowError, RecursionError) as e:
+        raise ConfigError(key, f"not a regular expression: {e}") from None
+    return value
+
+
 def _eku(key: str, value: str) -> str:
     oid = EKU_NAMES.get(value, value)
-    if not all(part.isdigit() for part in oid.split(".")) or oid.count(".") < 2:
+    if not re.fullmatch(r"[0-2](\.[0-9]{1,39}){2,63}", oid):
         known = ", ".join(EKU_NAMES)
-        raise ConfigError(key, f"{value!r} is neither a known name ({known}) nor a dotted OID")
-    return oid
+        raise ConfigError(key, f"{value[:60]!r} is neither a known name ({known}) nor a dotted OID")
+    return _oid(key, oid)
 
 
 def _pkcs11(t: _Table) -> Pkcs11Config:
@@ -483,12 +537,9 @@ def _pkcs11(t: _Table) -> Pkcs11Config:
     except InvalidPkcs11Uri as e:
         raise ConfigError(t.key("uri"), str(e)) from None
     prompt = t.text("pin_prompt", d.pin_prompt)
-    try:
-        prompt.format(token="x", host="h")  # noqa: S106 - placeholders, not secrets
-    except (KeyError, IndexError, ValueError):
-        raise ConfigError(
-            t.key("pin_prompt"), "may only use the {token} and {host} placeholders"
-        ) from None
+    problem = _template_problem(prompt, PIN_PROMPT_FIELDS)
+    if problem:
+        raise ConfigError(t.key("pin_prompt"), problem)
     cfg = Pkcs11Config(
         module=t.text("module", d.module),
         uri=uri,
@@ -799,17 +850,15 @@ def _certmap(t: _Table) -> CertmapConfig:
         if not (template.startswith("(") and template.endswith(")")):
             raise ConfigError(rt.key("map"), "must be an LDAP filter template in parentheses")
         for fld in re.findall(r"\{([^}]*)\}", template):
-            base = fld.split(":", 1)[0]
+            base, _, arg = fld.partition(":")
             if base not in _TEMPLATE_FIELDS and base != "subject_attr":
                 known = ", ".join(sorted(_TEMPLATE_FIELDS | {"subject_attr:OID"}))
                 raise ConfigError(rt.key("map"), f"unknown field {{{fld}}}; known: {known}")
+            if base == "subject_attr":
+                _oid(rt.key("map"), arg)
         match = _Table(rt.get("match", {}), rt.key("match"))
         for rx_key in ("issuer", "subject"):
-            rx = match.text(rx_key, "")
-            try:
-                re.compile(rx)
-            except re.error as e:
-                raise ConfigError(match.key(rx_key), f"not a regular expression: {e}") from None
+            _regex(match.key(rx_key), match.text(rx_key, ""))
         sans = []
         for j, kind in enumerate(match.strings("san", ())):
             try:
@@ -944,9 +993,10 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     except OSError as e:
         raise ConfigError(str(p), f"cannot read: {e.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(str(p), f"not valid TOML: {e}") from None
+        # nan and inf get through here: _Table.number refuses them naming the key
+        data = loads_toml(raw, max_bytes=MAX_FILE_BYTES, max_depth=MAX_DEPTH, finite=False)
+    except InputMalformed as e:
+        raise ConfigError(str(p), e.message) from None
     cfg = parse(data, source=p)
     if os.geteuid() == 0:
         _refuse_untrusted(cfg, p)

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import secrets
 import stat
@@ -26,13 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SessionFailed
+from ..domain.bounded import loads_json
+from ..errors import InputMalformed, SessionFailed
 from .private_dir import open_private_dir
 
 ALLOWLIST_MODE = 0o644
 ALLOWLIST_DIR_MODE = 0o755
 STATE_FORMAT = "svmm-sessions/1"
+MAX_FILE_BYTES = 4 << 20  # an allowlist or a user's session records; far above real ones
 _TEMP_TRIES = 8
+log = logging.getLogger(__name__)
 
 
 def _temp_name(final: str) -> str:
@@ -121,8 +125,14 @@ def read_file(dir_fd: int, name: str, *, mode: int, shown: Path) -> bytes | None
                 reason="allowlist_tampered",
             )
         chunks = []
+        size = 0
         while chunk := os.read(fd, 1 << 16):
             chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_FILE_BYTES:
+                raise SessionFailed(
+                    f"{shown} is larger than {MAX_FILE_BYTES} bytes", reason="allowlist_tampered"
+                )
         return b"".join(chunks)
     except OSError as e:
         raise _fail("read", shown, e) from None
@@ -187,11 +197,9 @@ class AllowlistStore:
         if data is None:
             return None
         try:
-            doc = json.loads(data)
-        except ValueError:
-            raise SessionFailed(
-                f"{self.path(uid)} is not JSON", reason="allowlist_tampered"
-            ) from None
+            doc = loads_json(data, max_bytes=MAX_FILE_BYTES, what=str(self.path(uid)))
+        except InputMalformed as e:
+            raise SessionFailed(e.message, reason="allowlist_tampered") from None
         if not isinstance(doc, dict):
             raise SessionFailed(
                 f"{self.path(uid)} is not a JSON object", reason="allowlist_tampered"
@@ -222,6 +230,71 @@ class UserSessions:
             "user": self.user,
             "sessions": self.sessions,
         }
+
+
+def is_uid_text(text: str) -> bool:
+    """``text`` names a uid (a record's or an allowlist's file stem): ASCII digits that fit
+    a uid_t ("²".isdigit() is true; int() of 5000 digits raises)."""
+    return text.isascii() and text.isdigit() and len(text) <= 10 and int(text) < 2**32 - 1
+
+
+def _u63(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+
+def _strs(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# The fields of a session entry that the product reads (services/session.py, launcher.py,
+# dmcrypt.py), and what each must be. An entry that breaks them (a fault, an edit) is
+# skipped with a logged reason: it proves no session, and no reader meets a list where it
+# expects a dict or a pid too big for a pid_t.
+_ENTRY_CHECKS: dict[str, Any] = {
+    "pid": _u63,
+    "pid_start": lambda v: v is None or _u63(v),
+    "uid": _u63,
+    "user": lambda v: isinstance(v, str),
+    "token_serial": lambda v: isinstance(v, str),
+    "card_removed": lambda v: isinstance(v, bool),
+    "volumes": _strs,
+    "suspended": _strs,
+    "deferred": _strs,
+}
+
+
+def entry_problem(entry: object) -> str:
+    """ "" when a session entry has the shape its readers expect, else what is wrong."""
+    if not isinstance(entry, dict):
+        return f"is a {type(entry).__name__}, not an object"
+    for name, ok in _ENTRY_CHECKS.items():
+        if name in entry and not ok(entry[name]):
+            return f"{name} is malformed"
+    return ""
+
+
+def parse_sessions(data: bytes | None, uid: int, shown: Path) -> UserSessions:
+    """A user's session record from its bytes (None: no record). SessionFailed when the
+    document is not a record of ``uid``; entries of the wrong shape are skipped, logged."""
+    if data is None:
+        return UserSessions(uid)
+    try:
+        doc = loads_json(data, max_bytes=MAX_FILE_BYTES, what=str(shown))
+    except InputMalformed as e:
+        raise SessionFailed(f"{shown} is damaged: {e.message}") from None
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT or doc.get("uid") != uid:
+        raise SessionFailed(f"{shown} is damaged: wrong format or uid")
+    sessions, user = doc.get("sessions"), doc.get("user", "")
+    if not isinstance(sessions, dict) or not isinstance(user, str):
+        raise SessionFailed(f"{shown} is damaged: sessions is not an object")
+    kept: dict[str, dict[str, Any]] = {}
+    for sid, entry in sessions.items():
+        problem = entry_problem(entry)
+        if problem:
+            log.warning("%s: session %.64r skipped: %s", shown, sid, problem)
+            continue
+        kept[sid] = entry
+    return UserSessions(uid, kept, user)
 
 
 class SessionRecords:
@@ -258,15 +331,16 @@ class SessionRecords:
         try:
             for name in sorted(os.listdir(dir_fd)):
                 stem, _dot, ext = name.partition(".")
-                if ext != "json" or not stem.isdigit():
+                if ext != "json" or not is_uid_text(stem):
                     continue
+                uid = int(stem)
                 try:
                     data = read_file(dir_fd, name, mode=0o600, shown=self.folder / name)
-                    doc = json.loads(data or b"{}")
-                except (SessionFailed, ValueError):
+                    state = parse_sessions(data, uid, self.folder / name)
+                except SessionFailed:
                     continue
-                if doc.get("user") == user and session_id in (doc.get("sessions") or {}):
-                    return int(stem)
+                if state.user == user and session_id in state.sessions:
+                    return uid
             return None
         finally:
             os.close(dir_fd)
@@ -314,18 +388,7 @@ class _Locked:
 
     def load(self) -> UserSessions:
         data = read_file(self.dir_fd, self._name, mode=0o600, shown=self._shown)
-        if data is None:
-            return UserSessions(self.uid)
-        try:
-            doc = json.loads(data)
-            if doc.get("format") != STATE_FORMAT or doc.get("uid") != self.uid:
-                raise ValueError("wrong format or uid")
-            sessions = doc["sessions"]
-            if not isinstance(sessions, dict):
-                raise ValueError("sessions is not an object")
-        except (ValueError, KeyError, AttributeError) as e:
-            raise SessionFailed(f"{self._shown} is damaged: {e}") from None
-        return UserSessions(self.uid, dict(sessions), str(doc.get("user", "")))
+        return parse_sessions(data, self.uid, self._shown)
 
     def save(self, state: UserSessions) -> None:
         if not state.sessions:

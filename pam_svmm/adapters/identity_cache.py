@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..domain.bounded import loads_json
 from ..domain.identity import AccountState, AccountStatus, Identity, PosixAccount, PosixGroup
 from ..domain.mapping import is_valid_username
 from ..errors import ConfigError
@@ -158,7 +159,7 @@ class IdentityCache:
             if st.st_mode & 0o077 or st.st_size > _MAX_FILE:
                 return None
             with os.fdopen(os.dup(fd), "rb") as f:
-                value = json.loads(f.read(_MAX_FILE))
+                value = loads_json(f.read(_MAX_FILE), max_bytes=_MAX_FILE, what=name)
         except (OSError, ValueError):
             value = None
         finally:

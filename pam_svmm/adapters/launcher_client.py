@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from ..domain.bounded import loads_json
 from ..errors import LauncherUnavailable
 
 PROTOCOL = "svmm-launcher/1"
@@ -34,7 +35,7 @@ def call(path: Path, request: dict[str, Any], *, timeout: float = 30.0) -> dict[
     finally:
         del line  # may carry key material (hold_keys)
     try:
-        reply = json.loads(answer)
+        reply = loads_json(answer, max_bytes=MAX_REPLY, what="reply")
     except ValueError:
         raise LauncherUnavailable(f"launcher {path}: no valid reply") from None
     if not isinstance(reply, dict) or reply.get("version") != PROTOCOL or "ok" not in reply:
@@ -65,7 +66,7 @@ def call_with_fd(
             os.close(fd)
         raise LauncherUnavailable(f"launcher {path}: {e.strerror or e}") from None
     try:
-        reply = json.loads(answer)
+        reply = loads_json(answer, max_bytes=MAX_REPLY, what="reply")
         if not isinstance(reply, dict) or reply.get("version") != PROTOCOL or "ok" not in reply:
             raise ValueError(PROTOCOL)
     except ValueError:

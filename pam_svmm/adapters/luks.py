@@ -32,10 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..domain.bounded import loads_json
 from ..errors import VolumeError
 
 TOKEN_PREFIX = "svmm-"  # noqa: S105 (a token type, not a password)
 MAX_KEY = 8192  # bytes; far below a pipe's capacity
+MAX_METADATA = 4 << 20  # a LUKS2 header's JSON area is at most 4 MiB
 LUKS2_MAX_TOKENS = 32
 DM_CONTROL = Path("/dev/mapper/control")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,126}$")  # a dm name we are willing to pass
@@ -242,7 +244,7 @@ class Cryptsetup:
         except VolumeError:
             return self._luks1_header(path, uuid)
         try:
-            meta = json.loads(text)
+            meta = loads_json(text, max_bytes=MAX_METADATA, what="LUKS2 metadata")
             tokens = {int(i): t for i, t in meta.get("tokens", {}).items()}
             bound: dict[int, list[int]] = {}
             for i, t in tokens.items():
@@ -389,7 +391,7 @@ class Cryptsetup:
             "token export", path, ["token", "export", "--token-id", str(token_id), str(path)]
         )
         try:
-            value = json.loads(text)
+            value = loads_json(text, max_bytes=MAX_METADATA, what="token")
         except ValueError:
             raise VolumeError(f"{path}: token {token_id} is not JSON") from None
         if not isinstance(value, dict):
@@ -538,7 +540,7 @@ class SidecarTokens:
 
     def read(self) -> dict[int, dict[str, Any]]:
         try:
-            data = json.loads(self.path.read_text())
+            data = loads_json(self.path.read_bytes(), max_bytes=MAX_METADATA, what="token file")
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:

@@ -34,6 +34,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from ..config import PolicyConfig
+from ..domain.bounded import loads_json
 from ..domain.policy import CompiledPolicy, load_policy
 from ..domain.policy_bundle import MAX_BUNDLE_BYTES, parse_bundle, verify_bundle
 from ..errors import (
@@ -302,7 +303,7 @@ class PolicyStore:
             raw = f.read(4 * MAX_BUNDLE_BYTES)
         floor: int | None = None
         try:
-            doc = json.loads(raw)
+            doc = loads_json(raw, max_bytes=4 * MAX_BUNDLE_BYTES, max_depth=2, what="document")
             if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
                 raise ValueError("not a policy state document")
             version = doc["version"]

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..domain.bounded import loads_json
 from ..errors import SvmmError, VmError
 from .private_dir import open_private_dir, replace_file
 from .processes import start_time
@@ -53,16 +54,26 @@ class VmRecord:
 
     @classmethod
     def from_json(cls, data: bytes) -> VmRecord:
-        doc = json.loads(data)
+        """ValueError (InputMalformed among them) for anything but a well-formed record."""
+        doc = loads_json(data, max_bytes=1 << 16, max_depth=2, what="VM record")
         if not isinstance(doc, dict) or doc.pop("format", None) != FORMAT:
             raise ValueError(f"not a {FORMAT} record")
+        if set(doc) - _FIELDS or not all(isinstance(doc.get(k, ""), str) for k in _TEXT):
+            raise ValueError("unknown fields, or text fields that are not strings")
         rec = cls(**doc)
-        ints = (rec.uid, rec.pid, rec.start_time)
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ints):
-            raise ValueError("uid, pid and start_time must be non-negative integers")
+        # Bounded as the kernel's types are: a pid past pid_t is an OverflowError in waitpid.
+        bounds = ((rec.uid, 2**32 - 1), (rec.pid, 1 << 22), (rec.start_time, 2**63))
+        if any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < top
+               for v, top in bounds):  # fmt: skip
+            raise ValueError("uid, pid and start_time must be integers in their ranges")
         if not NAME_PATTERN.fullmatch(rec.vm) or rec.pid < 2:
             raise ValueError("bad VM name or pid")
         return rec
+
+
+_FIELDS = frozenset(VmRecord.__dataclass_fields__)
+_TEXT = ("vm", "user", "qmp_socket", "run_dir", "card_fingerprint", "card_serial", "started_at",
+         "token_serial")  # fmt: skip
 
 
 def proc_start_time(pid: int) -> int | None:

@@ -21,12 +21,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..errors import AllowlistInvalid
+from ..errors import AllowlistInvalid, InputMalformed
 from .audit_record import CardFacts
+from .bounded import loads_json
 from .policy import BOOT, CompiledPolicy, Subject, grants_for, is_name, is_role, is_user
 from .policy import normalise_permission as _perm
 
 FORMAT = "svmm-allowlist/1"
+MAX_ALLOWLIST_BYTES = 4 << 20
 METHODS = ("card", "password")
 _KEYS = frozenset(
     {
@@ -215,9 +217,9 @@ def _str_list(v: object, name: str) -> list[str]:
 def parse_allowlist(data: bytes) -> Allowlist:
     """An allowlist from its JSON bytes; AllowlistInvalid names the first bad field."""
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AllowlistInvalid(f"allowlist: not JSON: {e}") from None
+        doc = loads_json(data, max_bytes=MAX_ALLOWLIST_BYTES, max_depth=4, what="allowlist")
+    except InputMalformed as e:
+        raise AllowlistInvalid(e.message) from None
     if not isinstance(doc, dict):
         raise AllowlistInvalid("allowlist: not a JSON object")
     if set(doc) != _KEYS:

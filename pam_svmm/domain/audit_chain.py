@@ -49,12 +49,19 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeGuard
 
+from ..errors import InputMalformed
+from .bounded import loads_json
+
 ZERO_HASH = "0" * 64
 SEAL_LABEL = b"svmm-audit-seal/1"
 HEAD_LABEL = b"svmm-audit-head/1"
 HEAD_FORMAT = "svmm-audit-head/1"
 SEAL_EVENT = "seal"
 CHAIN_FIELDS = ("seq", "prev", "mac")  # the chain's own keys; a record may not carry them
+# A line past these bounds (an edit, junk) is no record: verify reports it by line number and
+# the writer hashes it and carries on, never a RecursionError that stops every login.
+MAX_LINE_BYTES = 1 << 20
+MAX_LINE_DEPTH = 8
 
 
 class Tamper(enum.StrEnum):
@@ -154,8 +161,8 @@ def head_bytes(seq: int, last_hash: str, key: bytes) -> bytes:
 def parse_head(data: bytes) -> Head | None:
     """The head's fields, or None if it is not a head (its MAC is not checked here)."""
     try:
-        d = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+        d = loads_json(data, max_bytes=4096, max_depth=2, what="audit head")
+    except InputMalformed:
         return None
     if not isinstance(d, dict) or d.get("format") != HEAD_FORMAT:
         return None
@@ -172,8 +179,8 @@ def head_mac_ok(head: Head, key: bytes) -> bool:
 def parse_line(line: bytes) -> dict[str, Any] | None:
     """A line's JSON object, or None if it is not one."""
     try:
-        d = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+        d = loads_json(line, max_bytes=MAX_LINE_BYTES, max_depth=MAX_LINE_DEPTH, what="line")
+    except InputMalformed:
         return None
     return d if isinstance(d, dict) else None
 

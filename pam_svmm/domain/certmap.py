@@ -167,11 +167,24 @@ def _ekus(cert: x509.Certificate) -> set[str]:
     return {oid.dotted_string for oid in ext}
 
 
+def _pattern(rule: CertmapRule, which: str, text: str) -> re.Pattern[str]:
+    # config.py checks these; a rule made elsewhere still fails as a ConfigError, not as
+    # re's OverflowError (a{99999999999}) or RecursionError.
+    try:
+        return re.compile(text)
+    except (re.error, OverflowError, RecursionError) as e:
+        raise ConfigError(f"certmap.rules[{rule.name}].match.{which}", str(e)) from None
+
+
 def _match_problem(rule: CertmapRule, cert: x509.Certificate) -> str:
     """ "" when the match part accepts the certificate, else why not."""
-    if rule.match_issuer and not re.search(rule.match_issuer, cert.issuer.rfc4514_string()):
+    if rule.match_issuer and not _pattern(rule, "issuer", rule.match_issuer).search(
+        cert.issuer.rfc4514_string()
+    ):
         return f"issuer does not match {rule.match_issuer!r}"
-    if rule.match_subject and not re.search(rule.match_subject, cert.subject.rfc4514_string()):
+    if rule.match_subject and not _pattern(rule, "subject", rule.match_subject).search(
+        cert.subject.rfc4514_string()
+    ):
         return f"subject does not match {rule.match_subject!r}"
     if rule.match_ekus:
         missing = [oid for oid in rule.match_ekus if oid not in _ekus(cert)]

@@ -52,7 +52,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..errors import CertificateInvalid, KeyReleaseFailed, KeyTokenInvalid
+from ..errors import CertificateInvalid, InputMalformed, KeyReleaseFailed, KeyTokenInvalid
+from .bounded import loads_json
 
 FORMAT_VERSION = 1
 SECRET_BYTES = 32  # the volume passphrase, and the KEM secret for RSA
@@ -63,6 +64,7 @@ TYPE_ESCROW = "svmm-escrow"
 # Domain separation: a wrap key or check value made here is never valid for anything else.
 WRAP_INFO = b"pam_svmm volume key wrap v1"
 CHECK_INFO = b"pam_svmm card object check v1"
+MAX_TOKEN_BYTES = 1 << 20  # a LUKS2 header's JSON area is at most 4 MiB, tokens far less
 MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 8192
 
@@ -239,9 +241,9 @@ def parse_token(data: str | bytes | Mapping[str, Any] | Token) -> Token:
         return data
     if isinstance(data, str | bytes):
         try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise KeyTokenInvalid("key token: not JSON") from None
+            obj = loads_json(data, max_bytes=MAX_TOKEN_BYTES, max_depth=4, what="key token")
+        except InputMalformed as e:
+            raise KeyTokenInvalid(e.message) from None
     else:
         obj = data
     if not isinstance(obj, Mapping):

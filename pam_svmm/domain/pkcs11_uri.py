@@ -50,10 +50,9 @@ class InvalidPkcs11Uri(ValueError):
 
 
 class TokenLike(Protocol):
-    """What ``matches_token`` reads (the adapter's TokenInfo has these fields)."""
+    """What ``matches_token`` reads (the adapter's TokenInfo has these fields; a
+    CK_TOKEN_INFO has no slot id: the caller then passes it)."""
 
-    @property
-    def slot_id(self) -> int: ...
     @property
     def label(self) -> str: ...
     @property
@@ -103,9 +102,13 @@ class Pkcs11Uri:
             and _eq(self.slot_manufacturer, manufacturer)
         )
 
-    def matches_token(self, info: TokenLike) -> bool:
+    def matches_token(self, info: TokenLike, slot_id: int | None = None) -> bool:
+        """``slot_id``: the token's slot, when ``info`` does not carry it (PyKCS11's
+        CK_TOKEN_INFO does not). A URI naming a slot never matches a token of unknown slot."""
+        if slot_id is None:
+            slot_id = getattr(info, "slot_id", None)
         return (
-            (self.slot_id is None or self.slot_id == info.slot_id)
+            (self.slot_id is None or (slot_id is not None and self.slot_id == slot_id))
             and _eq(self.token, info.label)
             and _eq(self.manufacturer, info.manufacturer)
             and _eq(self.serial, info.serial)
@@ -148,14 +151,20 @@ def parse(uri: str) -> Pkcs11Uri:
             values["type"] = t
         elif name == "slot-id":
             t = _text(uri, name, raw)
-            if not t.isascii() or not t.isdigit():
-                raise InvalidPkcs11Uri(uri, f"slot-id must be a decimal number, got {t!r}")
+            # A CK_SLOT_ID is a C unsigned long: a bigger one overflows in the module call.
+            if not t.isascii() or not t.isdigit() or len(t) > 20 or int(t) >= 2**64:
+                raise InvalidPkcs11Uri(
+                    uri, f"slot-id must be a decimal number below 2**64, got {t[:40]!r}"
+                )
             values["slot_id"] = int(t)
         elif name == "library-version":
             t = _text(uri, name, raw)
-            m = re.fullmatch(r"([0-9]+)(?:\.([0-9]+))?", t)
-            if not m:
-                raise InvalidPkcs11Uri(uri, f"library-version must be M or M.N, got {t!r}")
+            # CK_VERSION's major and minor are bytes
+            m = re.fullmatch(r"([0-9]{1,3})(?:\.([0-9]{1,3}))?", t)
+            if not m or int(m.group(1)) > 255 or int(m.group(2) or 0) > 255:
+                raise InvalidPkcs11Uri(
+                    uri, f"library-version must be M or M.N (0 to 255), got {t[:40]!r}"
+                )
             # RFC 7512: a missing minor version means 0.
             values["library_version"] = (int(m.group(1)), int(m.group(2) or 0))
         else:

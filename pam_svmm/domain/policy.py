@@ -22,16 +22,18 @@ Decisions, in the order they are made (the first that decides wins):
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from ..errors import PolicyError
+from ..errors import InputMalformed, PolicyError
+from .bounded import loads_toml
 
 BOOT = "boot"
 CONSOLE = "console"
 SIMPLE_PERMISSIONS = (BOOT, CONSOLE)
+MAX_POLICY_BYTES = 16 << 20  # what a policy bundle can carry
+MAX_POLICY_DEPTH = 8  # the format nests 3 deep ([[grants]] permissions, conflicts classes)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
@@ -210,21 +212,16 @@ class _T:
 
 def parse_policy(data: bytes | str) -> Policy:
     """Parse and validate a policy document; PolicyError names the first bad key."""
-    if isinstance(data, bytes):
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise PolicyError("", f"not UTF-8 text: {e}") from None
     try:
-        raw = tomllib.loads(data)
-    except tomllib.TOMLDecodeError as e:
-        raise PolicyError("", f"not valid TOML: {e}") from None
+        raw = loads_toml(data, max_bytes=MAX_POLICY_BYTES, max_depth=MAX_POLICY_DEPTH, what="")
+    except InputMalformed as e:
+        raise PolicyError("", e.message) from None
     top = _T(raw, "")
     version = top.pop("version")
     if version is None:
         raise PolicyError("version", "is required")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise PolicyError("version", "must be a positive integer")
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 < version < 2**63:
+        raise PolicyError("version", "must be a positive 64-bit integer")
     description = top.text("description")
     networks = _networks(top.pop("networks", {}))
     vms = _vms(top.pop("vms", {}), networks)

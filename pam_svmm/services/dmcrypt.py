@@ -483,7 +483,8 @@ def _names(value: object) -> Iterable[str]:
 
 
 def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+    # A pid from a record on disk: os.kill of one past pid_t raises OverflowError.
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 22:
         return False
     try:
         os.kill(pid, 0)

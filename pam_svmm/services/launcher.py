@@ -138,7 +138,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..adapters.allowlist_store import AllowlistStore
+from ..adapters.allowlist_store import AllowlistStore, is_uid_text
 from ..adapters.audit_log import AuditLog
 from ..adapters.card_watch import CardEvent, CardEventKind, CardWatch, TokenLister
 from ..adapters.qemu import (
@@ -160,9 +160,11 @@ from ..config import Config, LastLogoutAction, NetworkKind, VolumeMode
 from ..domain import policy as pdp
 from ..domain.allowlist import Allowlist, CardRef, parse_allowlist
 from ..domain.audit_record import AuditRecord, CardFacts, Outcome
+from ..domain.bounded import loads_json
 from ..errors import (
     AllowlistInvalid,
     ConfigError,
+    InputMalformed,
     LauncherRefused,
     PolicyUnavailable,
     SessionFailed,
@@ -254,9 +256,9 @@ def parse_request(line: bytes, peer_uid: int | None = None) -> Request:
     if len(line) > MAX_REQUEST_BYTES:
         raise _refuse("bad_request", f"request longer than {MAX_REQUEST_BYTES} bytes")
     try:
-        doc = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise _refuse("bad_request", "request is not a JSON object") from None
+        doc = loads_json(line, max_bytes=MAX_REQUEST_BYTES, what="request")
+    except InputMalformed as e:
+        raise _refuse("bad_request", e.message) from None
     if not isinstance(doc, dict):
         raise _refuse("bad_request", "request is not a JSON object")
     if doc.get("version") != PROTOCOL:
@@ -538,27 +540,20 @@ def live_sessions(state_dir: Path, uid: int) -> int:
     """How many sessions of ``uid`` the session records (the allowlist's refcount,
     adapters/allowlist_store.py) hold whose opening process is alive; read without the
     user's lock (records are replaced atomically). SessionFailed when unreadable."""
-    from ..adapters.allowlist_store import read_file
+    from ..adapters.allowlist_store import parse_sessions, read_file
     from ..adapters.private_dir import open_private_dir
 
     dir_fd = open_private_dir(state_dir, key="session.state_dir", private=True,
                               check_parents=True)  # fmt: skip
+    shown = state_dir / f"{uid}.json"
     try:
-        data = read_file(dir_fd, f"{uid}.json", mode=0o600, shown=state_dir / f"{uid}.json")
+        data = read_file(dir_fd, f"{uid}.json", mode=0o600, shown=shown)
     finally:
         os.close(dir_fd)
-    if data is None:
-        return 0
-    try:
-        doc = json.loads(data)
-        sessions = doc["sessions"]
-        if doc.get("uid") != uid or not isinstance(sessions, dict):
-            raise ValueError("wrong uid or shape")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise SessionFailed(f"{state_dir / f'{uid}.json'} is damaged: {e}") from None
+    state = parse_sessions(data, uid, shown)  # malformed entries skipped, logged
     from .session import session_alive
 
-    return sum(1 for record in sessions.values() if session_alive(record))
+    return sum(1 for record in state.sessions.values() if session_alive(record))
 
 
 def decide_control(uid: int, vm: str, running: Mapping[str, VmRecord]) -> Decision:
@@ -1091,7 +1086,7 @@ class Launcher:
                 names = os.listdir(folder)
             except OSError:
                 continue
-            found |= {int(n.split(".")[0]) for n in names if n.split(".")[0].isdigit()}
+            found |= {int(s) for n in names if is_uid_text(s := n.split(".")[0])}
         return [uid for uid in sorted(found) if self.forget_dead_sessions(uid)]
 
     def _list(self, uid: int) -> Reply:
