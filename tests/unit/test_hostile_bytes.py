@@ -390,3 +390,63 @@ def test_slot_ids_and_versions_past_their_c_types_are_invalid_uris(uri: str) -> 
     with pytest.raises(ConfigError) as e:
         config.parse({"pkcs11": {"uri": uri}})
     assert e.value.key == "pkcs11.uri"
+
+
+# --- 7. a responder that drips ---------------------------------------------------------------
+
+DRIP = 0.3
+
+
+class _Dripper(BaseHTTPRequestHandler):
+    """Headers (or, with a path of /body, a body) one byte every DRIP seconds, for at most
+    20 s, so that a fetch that does not keep its budget fails the test instead of hanging."""
+
+    def do_GET(self) -> None:
+        if self.path == "/body":
+            self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n")
+            self.wfile.flush()
+            payload = b"x" * 1000
+        else:
+            payload = b"HTTP/1.0 200 OK\r\nX-Slow: " + b"y" * 1000 + b"\r\n\r\n"
+        end = time.monotonic() + 20
+        for byte in payload:
+            if time.monotonic() > end:
+                return
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(DRIP)
+
+    do_POST = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def dripper() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Dripper)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("path", ["/headers", "/body"])
+def test_a_dripping_responder_is_cut_off_at_the_fetch_budget(dripper: str, path: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(FetchError, match="timed out"):
+        HttpFetcher().get(dripper + path, max_bytes=1 << 20, timeout=1.0)
+    assert time.monotonic() - started < 3.0
+
+
+def test_a_dripping_ocsp_responder_is_cut_off_too(dripper: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(FetchError):
+        HttpFetcher().post(dripper + "/body", b"req", max_bytes=1 << 16, timeout=1.0)
+    assert time.monotonic() - started < 3.0
