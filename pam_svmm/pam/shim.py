@@ -185,7 +185,7 @@ def call(name: str, pamh: Any, flags: int, options: ModuleOptions) -> int | None
         return None
     try:
         s.settimeout(CALL_TIMEOUT)
-        s.sendall(MAGIC + encode(_request(name, pamh, flags)))
+        _send(s, MAGIC + encode(_request(name, pamh, flags)))
         first = True
         while True:
             msg = read_frame(s.recv)
@@ -195,15 +195,24 @@ def call(name: str, pamh: Any, flags: int, options: ModuleOptions) -> int | None
             if "result" in msg:
                 return _finish(pamh, msg, failed)
             if "conv.style" in msg:
-                s.sendall(encode(_converse(pamh, msg)))
+                _send(s, encode(_converse(pamh, msg)))
             elif "get_user" in msg:
-                s.sendall(encode(_get_user(pamh, msg["get_user"])))
+                _send(s, encode(_get_user(pamh, msg["get_user"])))
             else:
                 return failed
     except (OSError, ValueError):
         return failed
     finally:
         s.close()
+
+
+def _send(s: Any, data: bytes) -> None:
+    """sendall without SIGPIPE: this runs inside the PAM application (login, sshd), whose
+    SIGPIPE may well be the default, so svmmd gone mid-call would kill it. MSG_NOSIGNAL
+    makes that an EPIPE (BrokenPipeError): an OSError, so a PAM error code."""
+    import _socket
+
+    s.sendall(data, _socket.MSG_NOSIGNAL)
 
 
 def _converse(pamh: Any, msg: dict[str, str]) -> dict[str, object]:

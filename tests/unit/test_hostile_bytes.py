@@ -450,3 +450,74 @@ def test_a_dripping_ocsp_responder_is_cut_off_too(dripper: str) -> None:
     with pytest.raises(FetchError):
         HttpFetcher().post(dripper + "/body", b"req", max_bytes=1 << 16, timeout=1.0)
     assert time.monotonic() - started < 3.0
+
+
+# --- 8. svmmd hanging up mid-conversation ----------------------------------------------------
+
+CLIENT = """
+import _socket, signal, sys, time
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as a C PAM application has it
+sys.path.insert(0, sys.argv[2])
+from pam_svmm.pam import shim
+
+def connect(path):  # the shim's, less its check that root serves the socket
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    s.connect(path)
+    return s
+
+shim._connect = connect
+
+class Resp:
+    resp = "123456"
+
+class Pamh:
+    PAM_SYSTEM_ERR, PAM_SESSION_ERR, PAM_SUCCESS = 4, 14, 0
+    exception = RuntimeError
+    service = "login"
+    user = "alice"
+    tty = rhost = xdisplay = None
+    env = {}
+    def Message(self, style, text):
+        return (style, text)
+    def conversation(self, msg):
+        time.sleep(0.3)  # the user types the PIN; svmmd is gone meanwhile
+        return Resp()
+
+opts = shim.ModuleOptions(["shim", "socket=" + sys.argv[1]])
+print("code", shim.call("authenticate", Pamh(), 0, opts), flush=True)
+"""
+
+
+def _fake_svmmd(path: Path, ready: threading.Event) -> None:
+    """Reads the request, asks for the PIN, and hangs up before the answer comes."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+    ready.set()
+    srv.settimeout(20)
+    conn, _ = srv.accept()
+    with conn:
+        conn.settimeout(20)
+        conn.recv(65536)  # MAGIC and the first frame
+        body = b"conv.style=1\0conv.text=PIN: "
+        conn.sendall(len(body).to_bytes(4, "big") + body)
+        conn.shutdown(socket.SHUT_RDWR)
+    srv.close()
+
+
+def test_svmmd_gone_mid_conversation_is_an_error_code_not_sigpipe(tmp_path: Path) -> None:
+    path = tmp_path / "svmmd.sock"
+    ready = threading.Event()
+    t = threading.Thread(target=_fake_svmmd, args=(path, ready), daemon=True)
+    t.start()
+    assert ready.wait(5)
+    proc = subprocess.run(
+        [sys.executable, "-c", CLIENT, str(path), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    t.join(5)
+    assert proc.returncode != -13, "the PAM application died of SIGPIPE"
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "code 4"  # PAM_SYSTEM_ERR: never a success, never a fallback
