@@ -58,8 +58,9 @@ class VmRecord:
         doc = loads_json(data, max_bytes=1 << 16, max_depth=2, what="VM record")
         if not isinstance(doc, dict) or doc.pop("format", None) != FORMAT:
             raise ValueError(f"not a {FORMAT} record")
-        if set(doc) - _FIELDS or not all(isinstance(doc.get(k, ""), str) for k in _TEXT):
-            raise ValueError("unknown fields, or text fields that are not strings")
+        unknown, missing = set(doc) - _FIELDS, _FIELDS - _OPTIONAL - set(doc)
+        if unknown or missing or not all(isinstance(doc.get(k, ""), str) for k in _TEXT):
+            raise ValueError("missing or unknown fields, or text fields that are not strings")
         rec = cls(**doc)
         # Bounded as the kernel's types are: a pid past pid_t is an OverflowError in waitpid.
         bounds = ((rec.uid, 2**32 - 1), (rec.pid, 1 << 22), (rec.start_time, 2**63))
@@ -72,6 +73,7 @@ class VmRecord:
 
 
 _FIELDS = frozenset(VmRecord.__dataclass_fields__)
+_OPTIONAL = frozenset(("card_fingerprint", "card_serial", "started_at", "token_serial"))
 _TEXT = ("vm", "user", "qmp_socket", "run_dir", "card_fingerprint", "card_serial", "started_at",
          "token_serial")  # fmt: skip
 
