@@ -23,11 +23,12 @@ guest = importlib.import_module("guest")
 serial_console = importlib.import_module("serial_console")
 
 # Packages tools/run installs only for the tests and the lab's PAM harness, not for a host.
-# The rest builds and checks (shellcheck, git, debootstrap, e2fsprogs) or is in the guest's base
-# already (systemd, mount).
+# The rest builds and checks (shellcheck, git, debootstrap, e2fsprogs; the .deb's debhelper,
+# lintian, groff-base) or is in the guest's base already (systemd, mount).
 TEST_ONLY = {
     "libpam-wrapper", "libnss-wrapper", "libpam-pkcs11",
     "shellcheck", "git", "debootstrap", "e2fsprogs", "systemd", "mount",
+    "debhelper", "lintian", "groff-base",
 }  # fmt: skip
 
 
