@@ -269,7 +269,7 @@ class OpensslCsrSigner:
             )
         try:
             return x509.load_pem_x509_csr(proc.stdout)
-        except ValueError:
+        except PARSE_ERRORS:
             raise TokenError("openssl wrote no certificate request", reason="csr_failed") from None
 
 
