@@ -897,20 +897,7 @@ class Launcher:
             mine = [r for r in self.registry.running().values() if r.uid == uid]
             for record in sorted(mine, key=lambda r: r.vm):
                 card = _card_of(record)
-                outcome, reason, note = Outcome.SUCCESS, "kept", ""
-                try:
-                    if action is LastLogoutAction.STOP:
-                        reason, note = "stopped", f"how={self._stop(record.vm)}"
-                    elif action is LastLogoutAction.PAUSE:
-                        reason, note = "paused", self._pause(record, "last_logout")
-                except SvmmError as e:
-                    outcome, reason, note = Outcome.ERROR, e.reason, e.message
-                    if action is LastLogoutAction.PAUSE:  # fail closed, as for card removal
-                        try:
-                            note += f"; stopped instead (how={self._stop(record.vm)})"
-                            outcome, reason = Outcome.SUCCESS, "pause_failed_stopped"
-                        except SvmmError as e2:
-                            note += f"; stop: {e2.message}"
+                outcome, reason, note = self._apply(action, record, "last_logout")
                 done[record.vm] = reason
                 d = Decision(outcome is Outcome.SUCCESS, reason, note, record.vm, record.user,
                              card=card)  # fmt: skip
@@ -919,6 +906,27 @@ class Launcher:
             d = Decision(True, "no_vms", "no running VMs", user=user)
             self._audited("last_logout", Outcome.SUCCESS, d, 0, "drop_keys", detail=why)
         return {"last": True, "action": action.value, "vms": done}
+
+    def _apply(
+        self, action: LastLogoutAction, record: VmRecord, cause: str
+    ) -> tuple[Outcome, str, str]:
+        """Stop, pause or keep ``record``'s VM (under _lock): (outcome, reason, note). A pause
+        that fails stops the VM instead (fail closed, as for card removal)."""
+        try:
+            if action is LastLogoutAction.STOP:
+                return Outcome.SUCCESS, "stopped", f"how={self._stop(record.vm)}"
+            if action is LastLogoutAction.PAUSE:
+                return Outcome.SUCCESS, "paused", self._pause(record, cause)
+        except SvmmError as e:
+            note = e.message
+            if action is LastLogoutAction.PAUSE:
+                try:
+                    note += f"; stopped instead (how={self._stop(record.vm)})"
+                    return Outcome.SUCCESS, "pause_failed_stopped", note
+                except SvmmError as e2:
+                    note += f"; stop: {e2.message}"
+            return Outcome.ERROR, e.reason, note
+        return Outcome.SUCCESS, "kept", ""
 
     def _pause(self, record: VmRecord, cause: str) -> str:
         """Pause ``record``'s VM (QMP ``stop``) and, in the VMM volume mode, close what can
@@ -1064,14 +1072,7 @@ class Launcher:
                 continue
             if d.allowed:
                 continue
-            reason, note, outcome = "kept", "", Outcome.SUCCESS
-            try:
-                if action is LastLogoutAction.STOP:
-                    reason, note = "stopped", f"how={self._stop(record.vm)}"
-                elif action is LastLogoutAction.PAUSE:
-                    reason, note = "paused", self._pause(record, "grant_revoked")
-            except SvmmError as e:
-                outcome, reason, note = Outcome.ERROR, e.reason, e.message
+            outcome, reason, note = self._apply(action, record, "grant_revoked")
             why = f"the policy now says {d.reason} ({d.rule}); on_grant_revoked={action.value}"
             dec = Decision(outcome is Outcome.SUCCESS, reason, f"{why}; {note}", record.vm,
                            record.user, card=_card_of(record))  # fmt: skip
