@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from pam_svmm.lab.pki import LabCA, key_pem, load_key, new_key
+from svmm_lab.pki import LabCA, key_pem, load_key, new_key
 
 LAB_VERSION = "lab-v2"  # v2: the user certificate carries alice's UPN and e-mail
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"

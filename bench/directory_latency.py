@@ -6,7 +6,7 @@ Run from the repository root:
     /tmp/v/bin/python bench/directory_latency.py --sizes 10000 --no-login --warm 200
     /tmp/v/bin/python bench/directory_latency.py --json > directory.json
 
-What is measured, per directory size (pam_svmm.lab.directory.Slapd, StartTLS with the lab
+What is measured, per directory size (svmm_lab.directory.Slapd, StartTLS with the lab
 CA, the service account bound through a 0600 password file, the example organisation plus
 N generated users from generate_people: teams of 100, each user holding a role through one
 level of group nesting, every user with a published certificate):
@@ -29,7 +29,7 @@ level of group nesting, every user with a published certificate):
 * indexes: the olcDbIndex list of the lab slapd, and p50 of a one-attribute equality search
   for every attribute the product's filters use (raw ldap3, same connection settings):
   a lookup that grows with the directory points at a missing index.
-* login: whole PAM logins through the lab (pam_svmm.lab.lab.Lab, pamclient under
+* login: whole PAM logins through the lab (svmm_lab.lab.Lab, pamclient under
   pam_wrapper, alice's soft card, OCSP + CRL on loopback), the lab's service without a
   directory vs the same with Lab.directory_overrides(slapd) (certmap: UPN then e-mail),
   --logins each, interleaved; medians and the difference.
@@ -80,16 +80,16 @@ from pam_svmm.config import CertmapRule  # noqa: E402
 from pam_svmm.domain import certmap  # noqa: E402
 from pam_svmm.domain.certpolicy import fingerprint  # noqa: E402
 from pam_svmm.domain.identity import Identity  # noqa: E402
-from pam_svmm.lab.directory import (  # noqa: E402
+from pam_svmm.services.identity import DirectoryMapper  # noqa: E402
+from svmm_lab.directory import (  # noqa: E402
     EXAMPLE_LDIF,
     SLAPD,
     Slapd,
     generate_people,
     write_ldif,
 )
-from pam_svmm.lab.lab import DEMO_CARDS, LOGIN_SERVICE, Lab, free_ports  # noqa: E402
-from pam_svmm.lab.pki import SMARTCARD_LOGON, LabCA, new_key, upn_other_name  # noqa: E402
-from pam_svmm.services.identity import DirectoryMapper  # noqa: E402
+from svmm_lab.lab import DEMO_CARDS, LOGIN_SERVICE, Lab, free_ports  # noqa: E402
+from svmm_lab.pki import SMARTCARD_LOGON, LabCA, new_key, upn_other_name  # noqa: E402
 
 # Bump when the generated data, the lab or the layout changes: old folders are not reused.
 VERSION = "dirbench-v2"

@@ -31,7 +31,7 @@ alice@demo.example) and RSA key. Rows:
                       every login, so each login queries the responder)
     svmm-full         pam_svmm in the PAM process (daemon=off), the full login with the
                       session OPS: chain, the padded CRL (end entity), roles from a slapd the
-                      bench starts (pam_svmm.lab.directory.Slapd, config/ldap/example-org.ldif,
+                      bench starts (svmm_lab.directory.Slapd, config/ldap/example-org.ldif,
                       StartTLS, certmap by UPN), config/policy.example.toml signed by a policy
                       signer of the bench lab's CA (the bench's services added to lab-host's
                       login services), open_session writing the allowlist
@@ -103,10 +103,10 @@ if str(REPO) not in sys.path:  # run as a script: make `bench` and `pam_svmm` im
     sys.path.insert(0, str(REPO))
 
 from bench import _fixtures as fx  # noqa: E402
-from pam_svmm.lab.svmmd import SvmmdProcess  # noqa: E402
+from svmm_lab.svmmd import SvmmdProcess  # noqa: E402
 
 if TYPE_CHECKING:
-    from pam_svmm.lab.directory import Slapd
+    from svmm_lab.directory import Slapd
 
 PAM_WRAPPER = "/usr/lib/x86_64-linux-gnu/libpam_wrapper.so"
 PAM_PYTHON = "/lib/security/pam_python.so"
@@ -280,8 +280,8 @@ class Bench:
     def need_slapd(self) -> Slapd:
         """slapd on loopback with the example organisation (alice: uid 10001, vm-users)."""
         if self.slapd is None:
-            from pam_svmm.lab.directory import Slapd as LabSlapd
-            from pam_svmm.lab.pki import LabCA
+            from svmm_lab.directory import Slapd as LabSlapd
+            from svmm_lab.pki import LabCA
 
             if not Path(SLAPD).is_file():
                 raise Unavailable(f"slapd not found at {SLAPD} (packages slapd, ldap-utils)")
@@ -299,7 +299,7 @@ class Bench:
             from cryptography.hazmat.primitives import serialization
 
             from pam_svmm.domain.policy_bundle import make_bundle
-            from pam_svmm.lab.pki import LabCA, new_key
+            from svmm_lab.pki import LabCA, new_key
 
             text = (REPO / "config" / "policy.example.toml").read_bytes()
             allowed = b'"svmm-login"]'

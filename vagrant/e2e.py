@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import guest
 from serial_console import ExpectTimeout, RootShell, SerialConsole
 
-PIN = "123456"  # the demo cards' PIN (pam_svmm/lab/lab.py)
+PIN = "123456"  # the demo cards' PIN (svmm_lab/lab.py)
 WRONG_PIN = "000000"
 UIDS = {"alice": 10001, "bob": 10002, "mallory": 10006, "scl": 10007}
 SVMM = "/opt/svmm/venv/bin/svmm"

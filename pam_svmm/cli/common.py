@@ -27,6 +27,26 @@ if TYPE_CHECKING:
 JSON_HELP = "print one JSON document instead of text"
 
 
+def lab(module: str) -> Any:
+    """``svmm_lab.<module>``: the demo lab, which only a source checkout has.
+
+    The Debian package installs the product without it; a lab command there says so instead
+    of failing with an import error.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(f"svmm_lab.{module}")
+    except ModuleNotFoundError as e:
+        if e.name is None or not (e.name == "svmm_lab" or e.name.startswith("svmm_lab.")):
+            raise
+        raise SvmmError(
+            "this needs the demo lab (svmm_lab), which a source checkout has and an installed"
+            " host does not: run it from a checkout (tools/run demo)",
+            reason="lab_not_installed",
+        ) from None
+
+
 def add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help=JSON_HELP)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from .. import config as config_mod
 from ..errors import ConfigError, ConversationFailed, IssueFailed, NoCard
-from .common import service_module
+from .common import lab, service_module
 
 if TYPE_CHECKING:
     from ..adapters.token import Pkcs11Module, TokenInfo
@@ -86,7 +86,6 @@ def issue_card(args: argparse.Namespace) -> int:
         CertificateAuthority,
         CertificatePublisher,
         CommandCA,
-        DemoCA,
         IssueRequest,
         directory_publisher,
     )
@@ -105,7 +104,7 @@ def issue_card(args: argparse.Namespace) -> int:
     # Everything that can be checked is checked before the card is touched.
     ca: CertificateAuthority
     if args.demo_ca is not None:
-        ca = DemoCA.open(args.demo_ca)
+        ca = lab("demo_ca").DemoCA.open(args.demo_ca)
     elif cfg.issue.ca_command:
         ca = CommandCA(cfg.issue.ca_command)
     else:
@@ -226,7 +225,6 @@ def revoke_card(args: argparse.Namespace) -> int:
         REVOCATION_REASONS,
         load_certificate_file,
         real_ca_revocation_steps,
-        revoke_with_demo_ca,
     )
 
     reason = REVOCATION_REASONS[args.reason]
@@ -240,13 +238,11 @@ def revoke_card(args: argparse.Namespace) -> int:
         print(real_ca_revocation_steps(serial, reason))
         return 1  # nothing was revoked here
     if given is not None:
-        from ..services.issuing import DemoCA
-
-        issued = DemoCA.open(args.demo_ca).ca.issued(serial)
+        issued = lab("demo_ca").DemoCA.open(args.demo_ca).ca.issued(serial)
         if issued is None or issued != given:
             print(real_ca_revocation_steps(serial, reason))
             return 1
-    cert = revoke_with_demo_ca(args.demo_ca, serial=serial, reason=reason)
+    cert = lab("demo_ca").revoke_with_demo_ca(args.demo_ca, serial=serial, reason=reason)
     print(
         f"revoked serial {serial:x} ({cert.subject.rfc4514_string()}), reason {reason.value};"
         f" published {args.demo_ca / 'intermediate.crl'} and the OCSP index"

@@ -7,6 +7,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from .common import lab as lab_module
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lab", help="the demo lab: soft cards, CA, responders")
@@ -58,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from ..lab.demo import run_demo
+    run_demo = lab_module("demo").run_demo
 
     return run_demo(args.dir, fresh=args.fresh)
 
@@ -69,10 +71,12 @@ def serve(args: argparse.Namespace) -> int:
     from urllib.parse import urlsplit
 
     from ..errors import SvmmError
-    from ..lab.directory import Slapd
-    from ..lab.host import host_ports, port_names
-    from ..lab.lab import Lab
-    from ..lab.ports import ensure_free
+
+    Slapd = lab_module("directory").Slapd
+    host_ports = lab_module("host").host_ports
+    port_names = lab_module("host").port_names
+    Lab = lab_module("lab").Lab
+    ensure_free = lab_module("ports").ensure_free
 
     lab = Lab(args.dir)
     if not (lab.ca_dir / "config.json").exists():
@@ -123,7 +127,7 @@ def _notify_ready() -> None:
 
 
 def provision(args: argparse.Namespace) -> int:
-    from ..lab.host import provision as provision_host
+    provision_host = lab_module("host").provision
 
     cards = args.reader or ["alice"]
     out = provision_host(args.dir, args.config_out, reader=cards, volume_mode=args.volume_mode)
@@ -133,8 +137,9 @@ def provision(args: argparse.Namespace) -> int:
 
 
 def reader(args: argparse.Namespace) -> int:
-    from ..lab.host import set_reader, set_removed
-    from ..lab.lab import Lab
+    set_reader = lab_module("host").set_reader
+    set_removed = lab_module("host").set_removed
+    Lab = lab_module("lab").Lab
 
     lab = Lab(args.dir)
     if args.pull or args.back:
@@ -145,7 +150,7 @@ def reader(args: argparse.Namespace) -> int:
 
 
 def shell(args: argparse.Namespace) -> int:
-    from ..lab.lab import Lab
+    Lab = lab_module("lab").Lab
 
     lab = Lab(args.dir)
     command = [c for c in args.command if c != "--"] or [os.environ.get("SHELL", "/bin/sh")]

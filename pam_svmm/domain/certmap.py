@@ -49,9 +49,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from ldap3.utils.conv import escape_bytes, escape_filter_chars
 
-from ..config import CertmapRule, SanKind
 from ..errors import ConfigError, UnknownUser
 from .mapping import _emails, _subject_values, _upns
+from .settings import CertmapRule, SanKind
 
 _FIELD = re.compile(r"\{([^}]*)\}")
 # A template may name several multi-valued fields; bound the filter's size.

@@ -32,7 +32,6 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from ..config import KEY_USAGE_NAMES, TrustConfig
 from ..errors import (
     CertificateInvalid,
     CertificateUntrusted,
@@ -40,6 +39,7 @@ from ..errors import (
     NameConstraintsViolated,
 )
 from .mapping import UPN_OID
+from .settings import KEY_USAGE_NAMES, TrustConfig
 
 MIN_RSA_BITS = 2048
 # Curves a card login key may use; others (P-521, secp256k1, ...) are refused as weak_key.

@@ -17,9 +17,9 @@ from cryptography import x509
 from cryptography.hazmat import asn1
 from cryptography.x509.oid import NameOID
 
-from ..config import MappingKind, MappingRule
 from ..errors import ConfigError, UnknownUser, UserMismatch
 from .identity import Identity
+from .settings import MappingKind, MappingRule
 
 UPN_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
 _POSIX_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")

@@ -32,9 +32,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..config import NssConfig
 from .identity import PosixAccount, PosixGroup
 from .mapping import is_valid_username
+from .settings import NssConfig
 
 GECOS_MAX = 256
 PATH_MAX = 4096

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, paddin
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from ..config import RevocationRule
 from ..errors import CertificateRevoked, RevocationUnknown
 from .certpolicy import PARSE_ERRORS
+from .settings import RevocationRule
 
 
 class RevocationStatus(enum.Enum):

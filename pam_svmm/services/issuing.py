@@ -43,7 +43,6 @@ from ..errors import IssueFailed, SvmmError, TokenError
 if TYPE_CHECKING:
     from ..adapters.token import Pkcs11Module, TokenInfo, TokenSession
     from ..config import Config
-    from ..lab.pki import LabCA
 
 UTC = dt.UTC
 CSR_TIMEOUT = 60.0  # seconds for the card to sign the request (a PIN pad waits for a human)
@@ -168,34 +167,6 @@ class CommandCA:
                 f"the CA command {name} wrote no PEM certificate", reason="ca_output_invalid"
             )
         return certs
-
-
-@dataclass(frozen=True)
-class DemoCA:
-    """The lab's CA (pam_svmm.lab.pki.LabCA), for the demo and the tests."""
-
-    ca: LabCA
-
-    @classmethod
-    def open(cls, folder: Path) -> DemoCA:
-        from ..lab.pki import LabCA
-
-        if not (folder / "config.json").is_file():
-            raise IssueFailed(f"{folder} is not a demo CA folder", reason="demo_ca_missing")
-        return cls(LabCA.open(folder))
-
-    def certify(
-        self, csr: x509.CertificateSigningRequest, request: IssueRequest
-    ) -> list[x509.Certificate]:
-        try:
-            cert = self.ca.sign_csr(
-                csr, upn=request.upn, email=request.email, common_name=request.common_name
-            )
-        except ValueError as e:
-            raise IssueFailed(f"the demo CA refused the request: {e}", reason="ca_refused") from e
-        # Like a real CA, the demo CA's OCSP index knows what it issued (as good).
-        self.ca.publish()
-        return [cert, self.ca.intermediate.cert]
 
 
 # --- the request, signed on the card ----------------------------------------------------------
@@ -596,28 +567,6 @@ REVOCATION_REASONS: dict[str, x509.ReasonFlags] = {
         x509.ReasonFlags.privilege_withdrawn,
     )
 }
-
-
-def revoke_with_demo_ca(
-    ca_dir: Path,
-    *,
-    serial: int,
-    reason: x509.ReasonFlags = x509.ReasonFlags.key_compromise,
-    now: dt.datetime | None = None,
-) -> x509.Certificate:
-    """Mark ``serial`` revoked in the demo CA and publish its CRLs and OCSP index.
-
-    The lab's OCSP responder (openssl ocsp) answers the first request after the index changed
-    from the old index: the lab calls ``OcspResponder.reload()``.
-    """
-    ca = DemoCA.open(ca_dir).ca
-    cert = ca.issued(serial)
-    if cert is None:
-        raise IssueFailed(f"the demo CA has issued no serial {serial:x}", reason="unknown_serial")
-    now = now or dt.datetime.now(UTC)
-    ca.revoke(cert, reason=reason, at=now - dt.timedelta(seconds=1))
-    ca.publish(now=now)
-    return cert
 
 
 def real_ca_revocation_steps(serial: int, reason: x509.ReasonFlags) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pam_svmm.lab.lab import DEMO_CARDS, CardSpec, Lab, free_ports
+from svmm_lab.lab import DEMO_CARDS, CardSpec, Lab, free_ports
 
 TEST_CARDS = (
     *DEMO_CARDS,

@@ -1,4 +1,4 @@
-"""A real slapd for integration tests (pam_svmm.lab.directory.Slapd), loaded with the
+"""A real slapd for integration tests (svmm_lab.directory.Slapd), loaded with the
 product schema and config/ldap/example-org.ldif, TLS certificate from the lab CA.
 
 Use the fixtures from a test module (bound as module attributes, so parameters of the
@@ -32,8 +32,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from pam_svmm.lab.directory import Slapd
-from pam_svmm.lab.lab import Lab
+from svmm_lab.directory import Slapd
+from svmm_lab.lab import Lab
 
 PUBLISHED_CARDS = ("alice", "bob")
 

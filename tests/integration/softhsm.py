@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from pam_svmm.adapters.token import Pkcs11Module, TokenInfo, provision_card
-from pam_svmm.lab import pinguard
+from svmm_lab import pinguard
 
 SOFTHSM_MODULE = Path(pinguard.DEFAULT_REAL_MODULE)
 USER_PIN = "123456"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pam_svmm.adapters.audit_log import head_path
-from pam_svmm.lab.lab import Lab
+from svmm_lab.lab import Lab
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

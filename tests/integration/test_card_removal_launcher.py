@@ -16,11 +16,11 @@ import pytest
 from pam_svmm.adapters.token import Pkcs11Module
 from pam_svmm.config import load
 from pam_svmm.daemon.server import bind_socket, serving
-from pam_svmm.lab import pinguard
-from pam_svmm.lab.directory import Slapd
-from pam_svmm.lab.lab import Lab, Reader
-from pam_svmm.lab.volumes import make_volume
 from pam_svmm.services.launcher import Launcher
+from svmm_lab import pinguard
+from svmm_lab.directory import Slapd
+from svmm_lab.lab import Lab, Reader
+from svmm_lab.volumes import make_volume
 from tests.integration import ldap_fixtures
 from tests.integration.test_login import PIN
 from tests.integration.test_volume_session import (  # noqa: F401

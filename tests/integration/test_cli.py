@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from pam_svmm.lab.directory import Slapd
-from pam_svmm.lab.lab import Lab
-from pam_svmm.lab.userland import userland
+from svmm_lab.directory import Slapd
+from svmm_lab.lab import Lab
+from svmm_lab.userland import userland
 from tests.integration import ldap_fixtures
 from tests.unit import cli_schemas
 

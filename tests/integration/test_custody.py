@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pam_svmm.adapters.token import CardCertificate, KeySpec, Pkcs11Module, TokenInfo
 from pam_svmm.domain import custody as dc
 from pam_svmm.errors import KeyReleaseFailed, KeyTokenInvalid, SvmmError, TokenError
-from pam_svmm.lab.pki import LabCA, PrivateKey, new_key
 from pam_svmm.services.custody import (
     card_oaep_hash,
     new_volume_secret,
@@ -30,6 +29,7 @@ from pam_svmm.services.custody import (
     wrap_for_card,
     wrap_for_escrow,
 )
+from svmm_lab.pki import LabCA, PrivateKey, new_key
 from tests.integration import softhsm as fixtures
 from tests.integration.softhsm import SO_PIN, USER_PIN, SoftHsm
 

@@ -26,10 +26,10 @@ from pam_svmm.errors import (
     PasswordIncorrect,
     UnknownUser,
 )
-from pam_svmm.lab.directory import Slapd
-from pam_svmm.lab.lab import Lab
-from pam_svmm.lab.pki import LabCA, new_key
 from pam_svmm.services.identity import DirectoryMapper, require_active
+from svmm_lab.directory import Slapd
+from svmm_lab.lab import Lab
+from svmm_lab.pki import LabCA, new_key
 from tests.integration.ldap_fixtures import (  # noqa: F401 - pytest fixtures
     fresh_slapd,
     slapd,
@@ -349,7 +349,7 @@ def test_nested_cycle_terminates(slapd_factory: Callable[..., Slapd], tmp_path: 
         f"member: uid=bob,ou=people,dc=demo,dc=example\nmember: cn=loop-b,{ROLES}\n\n"
         f"dn: cn=loop-b,{ROLES}\nobjectClass: groupOfNames\ncn: loop-b\nmember: cn=loop-a,{ROLES}\n"
     )
-    from pam_svmm.lab.directory import EXAMPLE_LDIF
+    from svmm_lab.directory import EXAMPLE_LDIF
 
     server = slapd_factory(data=[EXAMPLE_LDIF, data])
     _, client, _ = build(server, tmp_path, nested_depth=10)
@@ -361,7 +361,7 @@ def test_roles_by_member_uid_and_member_of(
     slapd_factory: Callable[..., Slapd],  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    from pam_svmm.lab.directory import EXAMPLE_LDIF
+    from svmm_lab.directory import EXAMPLE_LDIF
 
     data = tmp_path / "extra.ldif"
     data.write_text(
@@ -471,7 +471,7 @@ def test_user_by_name(mapper: DirectoryMapper) -> None:
 
 
 def test_failover_first_uri_dead(fresh_slapd: Slapd, tmp_path: Path) -> None:  # noqa: F811
-    from pam_svmm.lab.lab import free_ports
+    from svmm_lab.lab import free_ports
 
     (dead,) = free_ports(1)
     _, client, _ = build(fresh_slapd, tmp_path, uris=[f"ldap://127.0.0.1:{dead}", fresh_slapd.uri])

@@ -21,8 +21,8 @@ import pytest
 from pam_svmm import config as config_mod
 from pam_svmm.adapters.directory import DirectoryClient
 from pam_svmm.errors import DirectoryUnavailable
-from pam_svmm.lab.directory import Slapd
-from pam_svmm.lab.lab import Lab
+from svmm_lab.directory import Slapd
+from svmm_lab.lab import Lab
 from tests.integration import ldap_fixtures
 from tests.integration.test_login import login
 

@@ -241,7 +241,7 @@ def _dm_service(lab: Any, slapd: Any, socket_dir: Path, *, volumes: bool) -> str
     policy = policy.replace(b'"svmm-login"]', b'"svmm-login", "svmm-dmcrypt"]')
     bundle = lab.write_policy(policy, lab.folder / "policy-dmcrypt.bundle")
     if volumes:
-        from pam_svmm.lab.volumes import make_volume
+        from svmm_lab.volumes import make_volume
 
         for volume in ("web-disk", "bank-a-data"):
             make_volume(lab, volume, "alice", luks_type="luks2")  # LUKS1 (made first) maps too

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from pam_svmm.lab.directory import Slapd
-from pam_svmm.lab.lab import Lab
-from pam_svmm.lab.pamclient import build_client, start_session
-from pam_svmm.lab.svmmd import SvmmdProcess
-from pam_svmm.lab.userland import userland
-from pam_svmm.lab.volumes import make_volume
+from svmm_lab.directory import Slapd
+from svmm_lab.lab import Lab
+from svmm_lab.pamclient import build_client, start_session
+from svmm_lab.svmmd import SvmmdProcess
+from svmm_lab.userland import userland
+from svmm_lab.volumes import make_volume
 from tests.integration import ldap_fixtures
 from tests.integration.test_login import PIN
 

@@ -32,18 +32,18 @@ from pam_svmm.errors import (
     DirectoryUnavailable,
     IssueFailed,
 )
-from pam_svmm.lab.directory import Slapd
-from pam_svmm.lab.lab import Lab, Reader
-from pam_svmm.lab.responders import OcspResponder
 from pam_svmm.services.issuing import (
     CardIssuer,
     CertificateAuthority,
     CommandCA,
-    DemoCA,
     IssueRequest,
     OpensslCsrSigner,
 )
 from pam_svmm.services.login import LoginService
+from svmm_lab.demo_ca import DemoCA
+from svmm_lab.directory import Slapd
+from svmm_lab.lab import Lab, Reader
+from svmm_lab.responders import OcspResponder
 from tests.integration import ldap_fixtures
 from tests.integration import softhsm as fixtures
 from tests.integration.softhsm import SO_PIN, USER_PIN, SoftHsm
@@ -212,7 +212,7 @@ def test_issue_on_a_blank_card_then_log_in(
 
 
 def test_the_configured_ca_command_path_with_the_demo_ca(lab: Lab, softhsm: SoftHsm) -> None:
-    """`python -m pam_svmm.lab.pki sign-csr DIR` as [issue] ca_command: the CSR travels."""
+    """`python -m svmm_lab.pki sign-csr DIR` as [issue] ca_command: the CSR travels."""
     module = softhsm.open()
     token = blank_card(module, "dave new card")
     env_path = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
@@ -222,7 +222,7 @@ def test_the_configured_ca_command_path_with_the_demo_ca(lab: Lab, softhsm: Soft
             f"PYTHONPATH={env_path}",
             sys.executable,
             "-m",
-            "pam_svmm.lab.pki",
+            "svmm_lab.pki",
             "sign-csr",
             str(lab.ca_dir),
         ),
@@ -257,7 +257,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from pam_svmm.lab.pki import LabCA, new_key
+from svmm_lab.pki import LabCA, new_key
 ca = LabCA.open(Path(sys.argv[2]))
 csr = x509.load_pem_x509_csr(sys.stdin.buffer.read())
 mode = sys.argv[3]

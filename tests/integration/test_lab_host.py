@@ -1,4 +1,4 @@
-"""`svmm lab provision` (pam_svmm/lab/host.py): the demo organisation as a host gets it, in a
+"""`svmm lab provision` (svmm_lab/host.py): the demo organisation as a host gets it, in a
 tmp folder: a configuration the product loads, the reader as SoftHSM2's configuration, the
 card interposer with its state folder compiled in, pulling a card by serial."""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pam_svmm.lab import host, pinguard
-from pam_svmm.lab.lab import Lab, free_ports
+from svmm_lab import host, pinguard
+from svmm_lab.lab import Lab, free_ports
 
 pytestmark = pytest.mark.integration
 

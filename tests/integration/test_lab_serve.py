@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pam_svmm.lab import host
-from pam_svmm.lab.directory import Slapd
-from pam_svmm.lab.lab import DEMO_CARDS, Lab
+from svmm_lab import host
+from svmm_lab.directory import Slapd
+from svmm_lab.lab import DEMO_CARDS, Lab
 
 pytestmark = pytest.mark.integration
 

@@ -27,8 +27,8 @@ from pam_svmm.config import (
     VolumesConfig,
 )
 from pam_svmm.daemon.server import bind_socket
-from pam_svmm.lab.userland import userland
 from pam_svmm.services.launcher import Launcher
+from svmm_lab.userland import userland
 from tests.integration.test_launcher_keys import KEY, luks_template  # noqa: F401
 from tests.integration.test_launcher_service import NOBODY, Running, ask
 from tests.unit.launcher_fixtures import (

@@ -22,8 +22,8 @@ import pytest
 from pam_svmm.adapters.allowlist_store import AllowlistStore
 from pam_svmm.adapters.vm_registry import proc_start_time
 from pam_svmm.daemon.server import LauncherServer, bind_socket, peer_uid, serve
-from pam_svmm.lab.userland import userland
 from pam_svmm.services.launcher import Launcher
+from svmm_lab.userland import userland
 from tests.unit.launcher_fixtures import (
     LocalPolicy,
     allowlist_bytes,

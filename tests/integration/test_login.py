@@ -15,9 +15,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from pam_svmm.domain.certpolicy import fingerprint
-from pam_svmm.lab.lab import SO_PIN, Lab
-from pam_svmm.lab.pamclient import PamReport
-from pam_svmm.lab.responders import CrlServer, free_port
+from svmm_lab.lab import SO_PIN, Lab
+from svmm_lab.pamclient import PamReport
+from svmm_lab.responders import CrlServer, free_port
 
 pytestmark = pytest.mark.integration
 PIN = "123456"
@@ -186,8 +186,8 @@ def card_with(lab: Lab, name: str, *, constrained: bool = False) -> str:
     """A card (made once) with two valid certificates of ``name`` (UPN {name}@demo.example),
     labelled "auth" and "second" (their PEMs beside the card); with ``constrained``, only
     "auth", issued by a CA on the card that may issue for rfc822Name corp.example only."""
-    from pam_svmm.lab.cards import provision_card
-    from pam_svmm.lab.pki import Issued, new_key
+    from svmm_lab.cards import provision_card
+    from svmm_lab.pki import Issued, new_key
 
     folder = lab.cards_dir / name
     if (folder / "tokens").exists():
@@ -453,8 +453,8 @@ def test_the_callers_environment_never_chooses_the_configuration(lab: Lab) -> No
     config= reads the built-in default (/etc/svmm/svmm.toml), never $SVMM_CONFIG: a user's
     own TOML (their PKCS#11 module, their anchors) must not decide a root login. Here the
     default file is absent, so the login is refused, whatever the caller set."""
-    from pam_svmm.lab.lab import PAM_PYTHON, SHIM
-    from pam_svmm.lab.pamclient import build_client, run_client
+    from svmm_lab.lab import PAM_PYTHON, SHIM
+    from svmm_lab.pamclient import build_client, run_client
 
     line = f"{PAM_PYTHON} {SHIM} venv={Path(sys.prefix)} daemon=off"
     (lab.pam_dir / "svmm-noconfig").write_text(
@@ -489,8 +489,8 @@ def test_an_unedited_host_still_lets_root_in_and_no_directory_user(
     """The shipped profile's rules with the module's default configuration missing (a fresh
     install before the administrator edits it): root's password (pam_permit stands in for
     pam_unix after us) still works; a directory user is refused, never waved through."""
-    from pam_svmm.lab.lab import PAM_PYTHON, SHIM
-    from pam_svmm.lab.pamclient import build_client, run_client
+    from svmm_lab.lab import PAM_PYTHON, SHIM
+    from svmm_lab.pamclient import build_client, run_client
 
     if Path("/etc/svmm/svmm.toml").exists():
         pytest.skip("this machine has a real /etc/svmm/svmm.toml")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pam_svmm.lab.directory import Slapd
-from pam_svmm.lab.lab import PAM_PYTHON, SHIM, Lab
+from svmm_lab.directory import Slapd
+from svmm_lab.lab import PAM_PYTHON, SHIM, Lab
 from tests.integration import ldap_fixtures
 from tests.integration.test_login import card_list, login, refused
 

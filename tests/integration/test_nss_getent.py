@@ -26,7 +26,7 @@ from pam_svmm.cli import nss as nss_cli
 from pam_svmm.config import NssConfig
 from pam_svmm.domain import nss
 from pam_svmm.domain.identity import PosixAccount, PosixGroup
-from pam_svmm.lab.directory import Slapd
+from svmm_lab.directory import Slapd
 from tests.integration.ldap_fixtures import slapd  # noqa: F401
 
 pytestmark = pytest.mark.integration

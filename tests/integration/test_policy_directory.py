@@ -12,9 +12,9 @@ from pam_svmm.adapters.directory import DirectoryClient
 from pam_svmm.adapters.policy_store import DirectorySource, LoadEvent, PolicyStore
 from pam_svmm.config import DirectoryConfig, PolicyConfig, PolicySource
 from pam_svmm.domain.policy_bundle import make_bundle
-from pam_svmm.lab.directory import Slapd
-from pam_svmm.lab.lab import Lab
-from pam_svmm.lab.pki import new_key
+from svmm_lab.directory import Slapd
+from svmm_lab.lab import Lab
+from svmm_lab.pki import new_key
 from tests.integration.ldap_fixtures import (  # noqa: F401 - pytest fixtures
     fresh_slapd,
     slapd_factory,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pam_svmm.lab.directory import Slapd
-from pam_svmm.lab.lab import Lab
+from svmm_lab.directory import Slapd
+from svmm_lab.lab import Lab
 from tests.integration import ldap_fixtures
 from tests.integration.test_login import login
 

@@ -18,9 +18,9 @@ from pam_svmm.adapters.fetch import HttpFetcher
 from pam_svmm.config import RevocationConfig, RevocationMethod, RevocationRule
 from pam_svmm.domain.revocation import Outcome, RevocationStatus
 from pam_svmm.errors import CertificateRevoked, FetchError, RevocationUnknown
-from pam_svmm.lab.pki import LabCA, new_key
-from pam_svmm.lab.responders import CrlServer, OcspResponder, free_port
 from pam_svmm.services.revocation import RevocationChecker
+from svmm_lab.pki import LabCA, new_key
+from svmm_lab.responders import CrlServer, OcspResponder, free_port
 
 pytestmark = [
     pytest.mark.integration,

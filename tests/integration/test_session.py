@@ -16,10 +16,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from pam_svmm.domain.policy_bundle import make_bundle
-from pam_svmm.lab.directory import Slapd
-from pam_svmm.lab.lab import PAM_PYTHON, SHIM, Lab
-from pam_svmm.lab.pamclient import PamSession
-from pam_svmm.lab.pki import new_key
+from svmm_lab.directory import Slapd
+from svmm_lab.lab import PAM_PYTHON, SHIM, Lab
+from svmm_lab.pamclient import PamSession
+from svmm_lab.pki import new_key
 from tests.integration import ldap_fixtures
 
 pytestmark = pytest.mark.integration

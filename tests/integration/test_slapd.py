@@ -20,8 +20,8 @@ from ldap3.core.exceptions import (
 )
 from ldap3.utils.conv import escape_bytes, escape_filter_chars
 
-from pam_svmm.lab.directory import EXAMPLE_LDIF, USER_PASSWORD, Slapd, generate_people, write_ldif
-from pam_svmm.lab.lab import Lab
+from svmm_lab.directory import EXAMPLE_LDIF, USER_PASSWORD, Slapd, generate_people, write_ldif
+from svmm_lab.lab import Lab
 from tests.integration import ldap_fixtures
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pam_svmm.lab.userland import userland
+from svmm_lab.userland import userland
 from tests.integration.test_launcher_service import NOBODY, QEMU, Running, base, service
 from tests.unit import cli_schemas
 

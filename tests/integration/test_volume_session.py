@@ -20,11 +20,11 @@ import pytest
 
 from pam_svmm.config import load
 from pam_svmm.daemon.server import bind_socket, serving
-from pam_svmm.lab.directory import Slapd
-from pam_svmm.lab.lab import Lab
-from pam_svmm.lab.userland import userland
-from pam_svmm.lab.volumes import make_volume
 from pam_svmm.services.launcher import Launcher
+from svmm_lab.directory import Slapd
+from svmm_lab.lab import Lab
+from svmm_lab.userland import userland
+from svmm_lab.volumes import make_volume
 from tests.integration import ldap_fixtures
 from tests.integration.test_login import PIN
 

@@ -18,8 +18,8 @@ from cryptography.x509.oid import NameOID
 from pam_svmm import config, errors
 from pam_svmm.domain.mapping import CertificateMapper, MappedIdentity
 from pam_svmm.domain.signing import SignatureScheme
-from pam_svmm.lab.pki import Issued, LabCA, new_key
 from pam_svmm.services.auth import Attempt, CardAuthenticator, LoginRequest
+from svmm_lab.pki import Issued, LabCA, new_key
 
 NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 

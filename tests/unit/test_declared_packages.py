@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCANNED = ("pam_svmm", "tests", "bench", "vagrant")
+SCANNED = ("pam_svmm", "svmm_lab", "tests", "bench", "vagrant")
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # no /usr/local: dpkg does not own it
 
 # Words in a command's place (see _command_words) that the code never runs.
@@ -276,7 +276,7 @@ def allowed_distributions() -> frozenset[str]:
 
 
 def _local_modules() -> set[str]:
-    names = {"pam_svmm", "tests", "bench", "vagrant"}
+    names = {"pam_svmm", "svmm_lab", "tests", "bench", "vagrant"}
     for top in ("bench", "vagrant", "tests"):
         names |= {p.stem for p in (REPO / top).rglob("*.py")}
     return names

@@ -9,7 +9,7 @@ import pytest
 
 from pam_svmm.domain.mutual import verify_host
 from pam_svmm.errors import HostNotVouched
-from pam_svmm.lab.pki import LabCA, new_key
+from svmm_lab.pki import LabCA, new_key
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from pam_svmm.errors import (
     PolicyRollback,
     PolicyUnavailable,
 )
-from pam_svmm.lab.pki import Issued, LabCA, new_key
+from svmm_lab.pki import Issued, LabCA, new_key
 
 NOW = dt.datetime.now(dt.UTC)
 

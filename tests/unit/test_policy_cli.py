@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pam_svmm.cli.main import main
-from pam_svmm.lab.pki import LabCA, key_pem, new_key
+from svmm_lab.pki import LabCA, key_pem, new_key
 from tests.unit import cli_schemas
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "policy.example.toml"

@@ -252,7 +252,7 @@ def test_ocsp_answers_are_not_reused_past_next_update(tmp_path: Path) -> None:
 
 
 def test_urls_from_extensions() -> None:
-    from pam_svmm.lab.pki import LabCA
+    from svmm_lab.pki import LabCA
 
     assert ocsp_urls(LEAF.cert) == [] and crl_urls(LEAF.cert) == []
     ca = LabCA.__new__(LabCA)

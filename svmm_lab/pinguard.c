@@ -11,7 +11,7 @@
  *   SVMM_PINGUARD_STATE   directory with one state file per token, named by the token's
  *                         serial number; no variable or no file: plain pass-through.
  *
- * A state file is plain text, one key=value per line (written by pam_svmm/lab/pinguard.py):
+ * A state file is plain text, one key=value per line (written by svmm_lab/pinguard.py):
  *   max_tries=3     user PIN retry counter (C_Login failures count down, success resets)
  *   tries_left=3    0 means locked: C_Login answers CKR_PIN_LOCKED without asking the token
  *   pinpad=/path    token has a protected authentication path; C_Login with a NULL PIN

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SYSTEM_PYTHON = "/usr/bin/python3"
-PACKAGE = Path(__file__).resolve().parents[1]  # pam_svmm/ (a namespace package: no __file__)
+PACKAGE = Path(__file__).resolve().parents[1] / "pam_svmm"  # the product, next to this lab
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..errors import SvmmError
+from pam_svmm.errors import SvmmError
 
 
 class PortInUse(SvmmError):

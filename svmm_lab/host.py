@@ -29,7 +29,7 @@ from .lab import DEMO_CARDS, CardSpec, Lab
 
 SOFTHSM_CONF = Path("/etc/softhsm/softhsm2.conf")
 HOST_FILE = "host.json"
-POLICY_EXAMPLE = Path(__file__).resolve().parents[1].parent / "config" / "policy.example.toml"
+POLICY_EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "policy.example.toml"
 # Cards of the host demo beyond the lab's: scl has a good card but is not in the
 # engineering role (sudo is refused).
 HOST_CARDS: tuple[CardSpec, ...] = (
@@ -87,7 +87,7 @@ def provision(
         path=config_out,
     )
     config_out.chmod(0o644)
-    from ..adapters.audit_log import load_seal_key
+    from pam_svmm.adapters.audit_log import load_seal_key
 
     # Made now, while /etc is writable: svmmd runs with a read-only /etc.
     load_seal_key(seal_key, create=True)

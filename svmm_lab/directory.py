@@ -55,7 +55,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .pki import LabCA, key_pem, new_key
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_LDIF = REPO / "config" / "ldap" / "example-org.ldif"
 SCHEMA_LDIF = REPO / "config" / "ldap" / "svmm-schema.ldif"
 SYSTEM_SCHEMAS = tuple(

@@ -242,7 +242,7 @@ class LabCA:
     ) -> x509.Certificate:
         """A certificate for the organisation's policy-signing key (the product's
         policy-signing EKU only), for `svmm policy sign`."""
-        from ..config import POLICY_SIGNING_EKU
+        from pam_svmm.config import POLICY_SIGNING_EKU
 
         return self.issue_user(
             name,
@@ -498,14 +498,14 @@ class LabCA:
 
 
 def _sign_csr_command(argv: Sequence[str]) -> int:
-    """``python -m pam_svmm.lab.pki sign-csr CA_DIR``: the demo CA as an [issue] ca_command.
+    """``python -m svmm_lab.pki sign-csr CA_DIR``: the demo CA as an [issue] ca_command.
 
     Reads a CSR (PEM) on stdin, writes the certificate and the intermediate (PEM) on stdout.
     """
     import sys
 
     if len(argv) != 2 or argv[0] != "sign-csr":
-        print("usage: python -m pam_svmm.lab.pki sign-csr CA_DIR", file=sys.stderr)
+        print("usage: python -m svmm_lab.pki sign-csr CA_DIR", file=sys.stderr)
         return 2
     ca = LabCA.open(Path(argv[1]))
     try:

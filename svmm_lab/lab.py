@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 PAM_PYTHON = Path("/lib/security/pam_python.so")
-SHIM = Path(__file__).resolve().parent.parent / "pam" / "shim.py"
+SHIM = Path(__file__).resolve().parents[1] / "pam_svmm" / "pam" / "shim.py"
 LOGIN_SERVICE = "svmm-login"
 SO_PIN = "12345678"
 UTC = dt.UTC
@@ -368,7 +368,7 @@ card_required_roles = ["vm-admins"]
 
     def write_policy(self, policy: bytes, path: Path | None = None) -> Path:
         """Sign ``policy`` (TOML) with the lab's policy-signing key and write the bundle."""
-        from ..domain.policy_bundle import make_bundle
+        from pam_svmm.domain.policy_bundle import make_bundle
 
         folder = self.folder / "policy-signer"
         key_path, cert_path = folder / "signer.key", folder / "signer.pem"

@@ -21,7 +21,7 @@ from .userland import userland
 from .volumes import make_volume
 
 PIN = "123456"
-POLICY_EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "policy.example.toml"
+POLICY_EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "policy.example.toml"
 PASSWORD = "demo-password"  # alice's and paul's in config/ldap/example-org.ldif
 PASSWORD_SERVICE = "svmm-login"
 LAUNCHER = "launcher.sock"
@@ -403,11 +403,11 @@ def _launcher(lab: Lab) -> Iterator[Any]:
     """svmmd's wiring, served from a thread of the demo (the demo reads the VM's QMP)."""
     import os
 
-    from ..adapters.token import Pkcs11Module
-    from ..config import load
-    from ..daemon.pam_responder import PamResponder
-    from ..daemon.server import bind_socket, serving
-    from ..services.launcher import Launcher
+    from pam_svmm.adapters.token import Pkcs11Module
+    from pam_svmm.config import load
+    from pam_svmm.daemon.pam_responder import PamResponder
+    from pam_svmm.daemon.server import bind_socket, serving
+    from pam_svmm.services.launcher import Launcher
 
     config = load(lab.config_path)
     launcher = Launcher.from_config(config, syslog_mirror=False)

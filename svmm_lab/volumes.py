@@ -61,7 +61,7 @@ def make_volume(
         "luks_type": luks_type,
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "pam_svmm.lab.volumes"],
+        [sys.executable, "-m", "svmm_lab.volumes"],
         input=json.dumps(request),
         capture_output=True,
         text=True,
@@ -75,10 +75,10 @@ def make_volume(
 
 
 def _child() -> int:
-    from ..adapters.luks import Cryptsetup, Pbkdf
-    from ..adapters.token import Pkcs11Module
-    from ..domain.custody import Custody
-    from ..services.volumes import Card, Owner, Volumes
+    from pam_svmm.adapters.luks import Cryptsetup, Pbkdf
+    from pam_svmm.adapters.token import Pkcs11Module
+    from pam_svmm.domain.custody import Custody
+    from pam_svmm.services.volumes import Card, Owner, Volumes
 
     req = json.loads(sys.stdin.read())
     cert = x509.load_pem_x509_certificate(Path(req["cert"]).read_bytes())

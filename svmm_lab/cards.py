@@ -68,7 +68,7 @@ def provision_card(
     }
     env = dict(os.environ, SOFTHSM2_CONF=str(conf))
     proc = subprocess.run(
-        [sys.executable, "-m", "pam_svmm.lab.cards"],
+        [sys.executable, "-m", "svmm_lab.cards"],
         input=json.dumps(request),
         capture_output=True,
         text=True,
@@ -82,8 +82,8 @@ def provision_card(
 
 
 def _child() -> int:
-    from ..adapters.token import Pkcs11Module
-    from ..adapters.token import provision_card as provision
+    from pam_svmm.adapters.token import Pkcs11Module
+    from pam_svmm.adapters.token import provision_card as provision
 
     req = json.loads(sys.stdin.read())
     key = serialization.load_pem_private_key(req["key_pem"].encode(), password=None)
