@@ -227,11 +227,27 @@ def _pkcs11(t: _Table) -> Pkcs11Config:
         wait_for_card=t.number("wait_for_card", d.wait_for_card),
         pin_prompt=prompt,
         allow_pinpad=t.flag("allow_pinpad", d.allow_pinpad),
+        pass_environment=_variable_names(t, "pass_environment"),
+        helper_user=t.text("helper_user", "") or None,
     )
+    if cfg.helper_user is not None and not _USER_NAME.fullmatch(cfg.helper_user):
+        raise ConfigError(t.key("helper_user"), f"{cfg.helper_user!r} is not a user name")
     if not cfg.module.startswith("/"):
         raise ConfigError(t.key("module"), "must be an absolute path to a PKCS#11 module")
     t.done()
     return cfg
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+def _variable_names(t: _Table, name: str) -> tuple[str, ...]:
+    names = t.strings(name, ())
+    for i, v in enumerate(names):
+        if not _ENV_NAME.fullmatch(v):
+            raise ConfigError(f"{t.key(name)}[{i}]", f"{v!r} is not an environment variable name")
+    return names
 
 
 def _trust(t: _Table) -> TrustConfig:

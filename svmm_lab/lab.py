@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from .responders import CrlServer, OcspResponder
 
 SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
+# What makes a lab reader (Lab.insert): the variables that point SoftHSM and pinguard at it.
+READER_ENV = ("SOFTHSM2_CONF", pinguard.ENV_STATE, pinguard.ENV_MODULE)
 PAM_PYTHON = Path("/lib/security/pam_python.so")
 SHIM = Path(__file__).resolve().parents[1] / "pam_svmm" / "pam" / "shim.py"
 LOGIN_SERVICE = "svmm-login"
@@ -159,6 +161,9 @@ class Lab:
 [pkcs11]
 module = "{pinguard.build_pinguard(self.folder / "pinguard")}"
 pin_prompt = "PIN for {{token}}: "
+# The lab's readers are environments (Lab.insert): the card helper gets these from the
+# process that starts it. A real host names none (the caller's environment is the user's).
+pass_environment = {json.dumps(list(READER_ENV))}
 
 [trust]
 anchors = ["{self.ca_dir / "root.pem"}"]

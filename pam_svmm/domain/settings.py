@@ -58,6 +58,12 @@ class Pkcs11Config:
     wait_for_card: float = 0.0
     pin_prompt: str = "PIN for {token}: "
     allow_pinpad: bool = True
+    # The card helper (adapters/card_helper.py) runs the module with the product's
+    # environment plus only these variables of the process that starts it (in the PAM
+    # module: the caller's). Empty by default; never name one a user must not choose.
+    pass_environment: tuple[str, ...] = ()
+    # The user the card helper runs as (None: root, with no capabilities).
+    helper_user: str | None = None
 
 
 @dataclass(frozen=True)

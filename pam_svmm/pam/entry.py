@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import syslog
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,6 +22,7 @@ from .codes import pam_code_name
 # One LoginService per config file per process: `login` and `sudo` authenticate once,
 # but a display manager's long-lived process authenticates many times.
 _services: dict[tuple[str, int], Any] = {}
+_services_lock = threading.Lock()
 
 
 @dataclass
@@ -69,17 +71,22 @@ class ModuleArgs:
 
 
 def _service(args: ModuleArgs) -> Any:
-    from ..services.login import LoginService
-
     path = config_mod.resolve_path(args.config)
     try:
         mtime = path.stat().st_mtime_ns
     except OSError:
         mtime = 0
     key = (str(path), mtime)
+    with _services_lock:  # svmmd's workers call this side by side: one service per config
+        return _service_for(key, path)
+
+
+def _service_for(key: tuple[str, int], path: Any) -> Any:
+    from ..services.login import LoginService
+
     svc = _services.get(key)
     if svc is None:
-        svc = LoginService(config_mod.load(path))
+        svc = LoginService(config_mod.load(path), card_helper=True)
         _services.clear()
         _services[key] = svc
     return svc
@@ -243,6 +250,11 @@ _managers: dict[int, tuple[Any, Any]] = {}
 
 
 def _session_manager(svc: Any) -> Any:
+    with _services_lock:
+        return _session_manager_for(svc)
+
+
+def _session_manager_for(svc: Any) -> Any:
     held = _managers.get(id(svc))
     if held is None or held[0] is not svc:
         from ..services.session import SessionManager

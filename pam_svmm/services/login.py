@@ -80,9 +80,14 @@ class LoginService:
         config: Config,
         *,
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        card_helper: bool = False,
     ) -> None:
+        """``card_helper``: each card login runs the PKCS#11 module in a helper process of
+        its own (adapters/card_helper.py); the login paths (pam/entry.py, in-process and in
+        svmmd) set it. The CLI's card commands use ``module`` in their own process."""
         self.config = config
         self.now = now
+        self.card_helper = card_helper
 
     # Collaborators are built on first use: a login needs all of them, `svmm card list`
     # needs only the module, and nothing is loaded at import time.
@@ -181,10 +186,24 @@ class LoginService:
             raise ConfigError("mutual.host_key", f"cannot load: {type(e).__name__}") from None
         return cert, key
 
-    def authenticator(self) -> CardAuthenticator:
+    def login_module(self) -> Any:
+        """The card access of one login: a new helper process, or this process's module."""
+        if not self.card_helper:
+            return self.module
+        from ..adapters.card_helper import CardHelper
+
+        p = self.config.pkcs11
+        return CardHelper(
+            p.module,
+            pass_environment=p.pass_environment,
+            user=p.helper_user,
+            timeout=self.config.auth.login_timeout,
+        )
+
+    def authenticator(self, module: Any = None) -> CardAuthenticator:
         return CardAuthenticator(
             self.config,
-            module=self.module,
+            module=self.module if module is None else module,
             revocation=self.revocation,
             mapper=self.mapper,
             anchors=self.anchors,
@@ -240,15 +259,25 @@ class LoginService:
     def card_login(self, request: LoginRequest, prompter: Prompter) -> LoginResult:
         """Authenticate with the card; write one audit record whatever happens."""
         attempt = Attempt(user=request.pam_user or "")
+        helper = None
         try:
-            result = self.authenticator().authenticate(
+            module = self.login_module()
+            helper = module if self.card_helper else None
+            result = self.authenticator(module).authenticate(
                 request, prompter, attempt, keep_card_session=self.config.volumes.enabled
             )
         except BaseException as e:
+            if helper is not None:
+                helper.close()
             # The notes say what else was refused on the card, and why.
             detail = "; ".join([_detail(e), *attempt.notes])
             self.audit_event("auth", request, attempt, outcome_of(e), reason_of(e), detail)
             raise
+        if helper is not None:
+            if result.card_session is None:
+                helper.close()
+            else:
+                result.card_session.owns_helper = True  # it ends with the kept session
         self.audit_event("auth", request, attempt, Outcome.SUCCESS, "ok", "; ".join(result.notes))
         return result
 

@@ -3,6 +3,7 @@ a real `openssl ocsp` responder and CRL server. Each login is a fresh PAM proces
 
 from __future__ import annotations
 
+import json
 import datetime as dt
 import sys
 import time
@@ -442,7 +443,13 @@ def test_mutual_authentication_refuses_to_ask_the_pin_on_an_unvouched_host(lab: 
 def test_the_default_p11_kit_proxy_finds_the_card_module(lab: Lab) -> None:
     # The shipped default: p11-kit's proxy loads every registered module (SoftHSM2's among
     # them), so the configuration need not name a card driver.
-    svc = lab.variant("p11kit", '[pkcs11]\nmodule = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so"\n')
+    from svmm_lab.lab import READER_ENV
+
+    svc = lab.variant(
+        "p11kit",
+        '[pkcs11]\nmodule = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so"\n'
+        f"pass_environment = {json.dumps(list(READER_ENV))}\n",
+    )
     a = login(lab, "bob", user="bob", service=svc)
     assert a.report.ok, a.report
     assert a.record["card"]["token"] == "bob ID card"

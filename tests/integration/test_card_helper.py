@@ -1,0 +1,173 @@
+"""The card helper (adapters/card_helper.py): card middleware never runs with the caller's
+environment or root's capabilities, and a helper that misbehaves is a refusal.
+
+Real parts: OpenSC's PKCS#11 module and its configuration file, SoftHSM2 behind pinguard,
+the PAM stack (pam_wrapper) with the shim in-process, gcc for the "driver" a user plants.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from pam_svmm.adapters.card_helper import BASE_ENV, CardHelper
+from pam_svmm.adapters.token import Pkcs11Module
+from pam_svmm.errors import PinIncorrect, TokenError
+from svmm_lab.lab import Lab, Reader
+from tests.integration import softhsm as fixtures
+from tests.integration.softhsm import USER_PIN, SoftHsm
+from tests.integration.test_login import PIN
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (capabilities, PAM as root)"),
+]
+pinguard_so = fixtures.pinguard_so
+softhsm = fixtures.softhsm
+OPENSC = Path("/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so")
+EVIL_C = """
+#include <stdio.h>
+#include <unistd.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fprintf(f, "%d\\n", (int)geteuid()); fclose(f); }
+}
+void *sc_module_init(const char *name) { (void)name; return 0; }
+const char *sc_driver_version(void) { return "0.23.0"; }
+"""
+
+
+@pytest.fixture
+def planted(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A user's opensc.conf naming a card driver of theirs, and the file it writes when
+    loaded: what `OPENSC_CONF=~/evil.conf su alice` hands to code running as root."""
+    marker = tmp_path / "loaded-as"
+    lib = tmp_path / "libevil.so"
+    src = tmp_path / "evil.c"
+    src.write_text(EVIL_C)
+    subprocess.run(["gcc", "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(lib), str(src)],
+                   check=True)  # fmt: skip
+    conf = tmp_path / "opensc.conf"
+    conf.write_text(textwrap.dedent(f"""\
+        app default {{
+            card_drivers = evil, internal;
+            card_driver evil {{ module = {lib}; }}
+        }}
+    """))
+    return {"OPENSC_CONF": str(conf)}, marker
+
+
+def test_opensc_loads_the_driver_a_users_configuration_names(
+    planted: tuple[dict[str, str], Path],
+) -> None:
+    """The probe: the planted configuration does work on a process that loads OpenSC with
+    the caller's environment (what the in-process PAM module did)."""
+    env, marker = planted
+    code = f"from pam_svmm.adapters.token import Pkcs11Module; Pkcs11Module({str(OPENSC)!r})"
+    subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), check=True)
+    assert marker.read_text().strip() == "0"  # loaded, as root
+
+
+def test_su_with_a_planted_opensc_conf_never_loads_it(
+    lab: Lab, planted: tuple[dict[str, str], Path]
+) -> None:
+    """su runs the PAM module as root with the caller's environment; the module's card
+    helper gets the product's environment, so OpenSC reads the system's configuration."""
+    env, marker = planted
+    svc = lab.variant("opensc", f'[pkcs11]\nmodule = "{OPENSC}"\n')
+    reader = lab.insert("alice")
+    report = lab.login(Reader(reader.folder, {**reader.env, **env}), pin=PIN, user="alice",
+                       service=svc)  # fmt: skip
+    assert report.code != 0  # OpenSC has no reader here: no card
+    assert not marker.exists(), "the caller's opensc.conf loaded a module as root"
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+@pytest.fixture
+def card(softhsm: SoftHsm) -> Iterator[SoftHsm]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    with softhsm.open() as module:
+        softhsm.provision(module, "alice", key, fixtures.self_signed(key, "alice"))
+    yield softhsm
+
+
+def test_the_helper_has_no_capabilities_and_only_the_products_environment(
+    card: SoftHsm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENSC_CONF", "/home/mallory/opensc.conf")
+    monkeypatch.setenv("PCSCLITE_CSOCK_NAME", "/home/mallory/pcscd.comm")
+    passed = tuple(card.env())
+    with CardHelper(str(card.module_path), pass_environment=passed) as helper:
+        assert [t.label for t in helper.tokens()] == ["alice"]
+        pid = helper.pid  # setpriv execs the interpreter in place: the same pid
+        status = _status(pid)
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert status["CapEff"] == status["CapPrm"] == status["CapBnd"] == "0000000000000000"
+    assert status["NoNewPrivs"] == "1"
+    names = {e.split(b"=", 1)[0].decode() for e in environ if e}
+    assert names == set(BASE_ENV) | set(passed)
+
+
+def test_a_wrong_and_a_right_pin_through_the_helper(card: SoftHsm) -> None:
+    with CardHelper(str(card.module_path), pass_environment=tuple(card.env())) as helper:
+        (token,) = helper.tokens()
+        (cert,) = helper.certificates(token)
+        with helper.session(token) as s:
+            with pytest.raises(PinIncorrect):
+                s.login("000000")
+            assert not s.logged_in
+            s.login(USER_PIN)
+            scheme, signature = s.sign(cert.id, b"challenge")
+    public = cert.load().public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(signature, b"challenge", ec.ECDSA(hashes.SHA256()))
+
+
+def test_one_application_logged_in_is_card_busy_never_a_success(card: SoftHsm) -> None:
+    """Within one PKCS#11 application (the CLI's in-process module), a second session's
+    C_Login answers "already logged in" without checking the PIN: card_busy."""
+    with Pkcs11Module(card.module_path) as module:
+        (token,) = module.tokens()
+        with module.session(token) as first, module.session(token) as second:
+            first.login(USER_PIN)
+            with pytest.raises(TokenError) as e:
+                second.login("000000")
+            assert e.value.reason == "card_busy"
+            assert not second.logged_in
+
+
+def test_a_helper_that_dies_is_a_refusal(card: SoftHsm) -> None:
+    with CardHelper(str(card.module_path), pass_environment=tuple(card.env())) as helper:
+        (token,) = helper.tokens()
+        os.kill(helper.pid, signal.SIGKILL)
+        with pytest.raises(TokenError) as e:
+            helper.certificates(token)
+        assert e.value.reason == "card_helper_failed"
+        with pytest.raises(TokenError):
+            helper.tokens()  # and stays refused: the helper is not silently replaced
+
+
+def test_a_helper_that_hangs_is_cut_off_at_its_timeout(card: SoftHsm) -> None:
+    with CardHelper(str(card.module_path), pass_environment=tuple(card.env()),
+                    timeout=1.0) as helper:  # fmt: skip
+        os.kill(helper.pid, signal.SIGSTOP)
+        with pytest.raises(TokenError) as e:
+            helper.tokens()
+        assert e.value.reason == "card_helper_failed"
+        assert "in time" in e.value.message
+    with pytest.raises(ProcessLookupError):
+        os.kill(helper.pid, 0)  # killed and reaped, not left stopped
+
