@@ -35,6 +35,7 @@ T = TypeVar("T")
 # (event, outcome, reason, vm, detail): the caller writes the audit record.
 Audit = Callable[[str, Outcome, str, str, str], None]
 Send = Callable[[dict[str, Any]], dict[str, Any]]
+Hold = Callable[..., Any]  # Launcher.hold_keys: keyword arguments in, a Reply out
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,14 @@ def card_unlock(login: Any, wanted: dict[str, tuple[str, ...]], audit: Audit) ->
 
 
 class KeyRelease:
-    def __init__(self, config: Config, *, send: Send, volumes: Any = None) -> None:
+    def __init__(
+        self, config: Config, *, send: Send, volumes: Any = None, hold: Hold | None = None
+    ) -> None:
+        """``send``: a request to the launcher (svmmd's socket). ``hold``: inside svmmd, its
+        launcher's own ``hold_keys``, so the keys never travel as JSON text to itself."""
         self.config = config
         self.send = send
+        self.hold = hold
         if volumes is None:
             from ..adapters.luks import Cryptsetup, Pbkdf
             from .volumes import Volumes
@@ -153,17 +159,7 @@ class KeyRelease:
                 held.append((volume, passphrase))
             if not held:
                 return []
-            reply = self.send(
-                {
-                    "op": "hold_keys",
-                    "uid": allowlist.uid,
-                    "user": allowlist.user,
-                    "session": session_id,
-                    "card_fingerprint": login.card.fingerprint,
-                    "card_serial": login.card.token_serial,
-                    "volumes": [{"name": v, "passphrase": p.decode("ascii")} for v, p in held],
-                }
-            )
+            reply = self._hand_over(allowlist, session_id, login, held)
             handed_over = True
             if not reply.get("ok"):
                 raise VolumeError(
@@ -197,6 +193,33 @@ class KeyRelease:
                 f"{session_id}",
             )
         return [Released(v, vms) for v, vms in wanted.items()]
+
+    def _hand_over(
+        self, allowlist: Allowlist, session_id: str, login: Any, held: list[tuple[str, bytearray]]
+    ) -> dict[str, Any]:
+        if self.hold is not None:
+            r = self.hold(
+                uid=allowlist.uid,
+                user=allowlist.user,
+                session=session_id,
+                card_fingerprint=login.card.fingerprint,
+                card_serial=login.card.token_serial,
+                keys=dict(held),
+            )
+            return {"ok": r.ok, "reason": r.reason, "message": r.message}
+        # To svmmd in another process: JSON text on its root-only socket, the one copy Python
+        # cannot wipe (launcher_client drops the line at once).
+        return self.send(
+            {
+                "op": "hold_keys",
+                "uid": allowlist.uid,
+                "user": allowlist.user,
+                "session": session_id,
+                "card_fingerprint": login.card.fingerprint,
+                "card_serial": login.card.token_serial,
+                "volumes": [{"name": v, "passphrase": p.decode("ascii")} for v, p in held],
+            }
+        )
 
     def drop(self, uid: int, session_id: str) -> None:
         """Tell the launcher to forget this session's keys (best effort on a rollback)."""

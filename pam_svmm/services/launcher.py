@@ -335,6 +335,37 @@ def _parse_key_request(op: str, doc: Mapping[str, Any]) -> Request:
                    card_serial=serial, keys=keys)  # fmt: skip
 
 
+def checked_key_request(
+    uid: int,
+    user: str,
+    session: str,
+    card_fingerprint: str,
+    card_serial: str,
+    keys: Mapping[str, bytearray],
+) -> Request:
+    """A ``hold_keys`` Request from values (svmmd's own responder), held to the rules the
+    socket's JSON form is: the same names, sizes and patterns."""
+    doc = {"user": user, "session": session, "card_fingerprint": card_fingerprint,
+           "card_serial": card_serial}  # fmt: skip
+    if isinstance(uid, bool) or not isinstance(uid, int) or not 0 <= uid < 2**32 - 1:
+        raise _refuse("bad_request", "uid must be a non-negative integer")
+    if not 0 < len(keys) <= MAX_VOLUMES:
+        raise _refuse("bad_request", f"volumes must be 1 to {MAX_VOLUMES} entries")
+    for name, buf in keys.items():
+        check_volume_name(name)
+        if not isinstance(buf, bytearray) or not buf or 0 in buf:
+            raise _refuse("bad_request", f"volume {name}: passphrase must be non-empty, no NUL")
+    return Request(
+        "hold_keys",
+        uid=uid,
+        user=_text(doc, "user", USER_PATTERN),
+        session=_text(doc, "session", SESSION_PATTERN),
+        card_fingerprint=_text(doc, "card_fingerprint", HEX_PATTERN).lower(),
+        card_serial=_text(doc, "card_serial", SERIAL_PATTERN),
+        keys=dict(keys),
+    )
+
+
 def _passphrase(name: str, text: object) -> bytearray:
     """Volume ``name``'s passphrase as a buffer the launcher can wipe; messages never quote
     it. It is text: QEMU's LUKS driver takes the secret as a C string it checks for UTF-8."""
@@ -832,6 +863,25 @@ class Launcher:
             request.wipe()  # held keys are the store's own copies
 
     # --- the keys (root only: parse_request refused anyone else)
+
+    def hold_keys(
+        self,
+        *,
+        uid: int,
+        user: str,
+        session: str,
+        card_fingerprint: str,
+        card_serial: str,
+        keys: Mapping[str, bytearray],
+    ) -> Reply:
+        """``hold_keys`` from svmmd's own PAM responder: the keys stay bytearrays inside this
+        process (the socket's JSON form is for a PAM module in another process), checked as
+        a request from the socket is. The caller wipes ``keys``; the store keeps copies."""
+        try:
+            request = checked_key_request(uid, user, session, card_fingerprint, card_serial, keys)
+            return self._hold(0, request)
+        except SvmmError as e:
+            return Reply(False, e.reason, e.message)
 
     def _hold(self, peer: int, r: Request) -> Reply:
         if peer != 0 or r.uid is None or r.session is None:  # parse_request saw to it

@@ -88,6 +88,8 @@ class LoginService:
         self.config = config
         self.now = now
         self.card_helper = card_helper
+        # Inside svmmd: its Launcher. Requests go to it directly, never over its own socket.
+        self.local_launcher: Any = None
 
     # Collaborators are built on first use: a login needs all of them, `svmm card list`
     # needs only the module, and nothing is loaded at import time.
@@ -160,7 +162,11 @@ class LoginService:
     def audit(self) -> AuditLog:
         a = self.config.audit
         return AuditLog(
-            a.path, syslog_mirror=a.syslog, seal_key=a.seal_key, seal_every=a.seal_every
+            a.path,
+            syslog_mirror=a.syslog,
+            seal_key=a.seal_key,
+            seal_every=a.seal_every,
+            disk_full_action=a.disk_full_action,
         )
 
     @cached_property
@@ -336,6 +342,14 @@ class LoginService:
         return True
 
     def launcher_call(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.local_launcher is not None:
+            import json
+
+            from ..adapters.launcher_client import PROTOCOL
+
+            line = json.dumps({"version": PROTOCOL, **request}).encode()
+            reply = self.local_launcher.handle(0, line)
+            return dict(json.loads(reply.to_json()))
         from ..adapters.launcher_client import call
 
         return call(self.config.launcher.socket, request)
@@ -350,7 +364,8 @@ class LoginService:
             from .dmcrypt import DmcryptVolumes
 
             return DmcryptVolumes(self.config, now=self.now)
-        return KeyRelease(self.config, send=self.launcher_call)
+        hold = self.local_launcher.hold_keys if self.local_launcher is not None else None
+        return KeyRelease(self.config, send=self.launcher_call, hold=hold)
 
     @cached_property
     def policy(self) -> PolicyService:

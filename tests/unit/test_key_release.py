@@ -181,3 +181,47 @@ def test_no_volume_enrolled_for_the_card_hands_nothing_over(cfg: config.Config) 
     out, records = run(cfg, Login(), volumes, launcher)
     assert out == [] and launcher.requests == []
     assert {r[2] for r in records} == {"card_not_enrolled"}
+
+
+def test_inside_svmmd_the_keys_reach_the_launcher_as_bytearrays_not_over_a_socket(
+    cfg: config.Config, tmp_path: Path
+) -> None:
+    """svmmd's own PAM responder hands keys to its Launcher directly (hold=), never as JSON
+    text to its own socket; the store keeps its copies and the released buffers are wiped."""
+    from tests.unit.launcher_fixtures import make_launcher
+
+    launcher = make_launcher(tmp_path / "svmmd")
+
+    def hold(**kw: Any) -> Any:
+        assert all(type(b) is bytearray for b in kw["keys"].values())
+        return launcher.hold_keys(**kw)
+
+    socket_requests = Launcher()
+    volumes = Volumes()
+    kr = KeyRelease(cfg, send=socket_requests, volumes=volumes, hold=hold)
+    out = kr.release(allowlist(VMS), Login(), "s1", lambda *r: None)
+    assert sorted(r.volume for r in out) == ["db-disk", "db-logs", "web-disk"]
+    assert socket_requests.requests == []  # nothing went over the socket
+    assert launcher.keys.held(10001) == {"db-disk", "db-logs", "web-disk"}
+    assert all(set(b) == {0} for b in volumes.given)
+    copies = launcher.keys.borrow(10001, ["web-disk"])
+    assert copies == {"web-disk": bytearray(b"pass-web-disk")}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("session", "bad session id!"), ("user", ""), ("card_fingerprint", "zz"), ("uid", -1)],
+)
+def test_the_direct_hold_is_checked_as_the_sockets_is(
+    tmp_path: Path, field: str, value: Any
+) -> None:
+    from tests.unit.launcher_fixtures import make_launcher
+
+    launcher = make_launcher(tmp_path / "svmmd")
+    kw: dict[str, Any] = {"uid": 10001, "user": "alice", "session": "s1",
+                          "card_fingerprint": "ab" * 32, "card_serial": "tok-alice",
+                          "keys": {"web-disk": bytearray(b"pass")}}  # fmt: skip
+    kw[field] = value
+    reply = launcher.hold_keys(**kw)
+    assert not reply.ok and reply.reason == "bad_request"
+    assert launcher.keys.held(10001) == set()
