@@ -3,7 +3,8 @@
 Started by adapters/card_helper.py for one login (SSSD's p11_child is the model): its
 environment is the one the product set, not the caller's (su and sudo run PAM modules as
 root with the user's environment, and OpenSC, p11-kit and pcsc-lite read variables that
-name configuration files, modules and sockets); it has no capabilities and no_new_privs.
+name configuration files, modules and sockets); it has no capabilities, no_new_privs and
+a seccomp filter (adapters/seccomp.py: no programs, no network, no tracing or mounts).
 One helper is one PKCS#11 application, so the card's login state (per token per
 application) never carries over from another transaction. It reads requests on the
 socketpair it was given and ends when the other end closes; nothing else reaches it.
@@ -20,7 +21,7 @@ from typing import Any
 
 from ..domain.pkcs11_uri import Pkcs11Uri
 from ..errors import SvmmError, TokenError
-from . import card_wire
+from . import card_wire, seccomp
 from .token import CardCertificate, Pkcs11Module, TokenInfo, TokenSession
 
 _URI_FIELDS = {f.name for f in fields(Pkcs11Uri)}
@@ -146,11 +147,14 @@ def _secret(value: bytearray) -> bytes:
         value[:] = b"\0" * len(value)
 
 
-def serve(sock: socket.socket) -> None:
+def serve(sock: socket.socket, refusal: str = "") -> None:
+    """Answer requests until the other end hangs up; ``refusal``: answer each with it."""
     child = Child()
     try:
         while (req := card_wire.recv(sock)) is not None:
             try:
+                if refusal:
+                    raise TokenError(f"card helper: {refusal}", reason="card_helper_failed")
                 reply: dict[str, Any] = {"ok": child.handle(req)}
             except SvmmError as e:
                 reply = {"error": card_wire.error_doc(e)}
@@ -169,8 +173,13 @@ def main() -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     for n in (0, 1):
         os.dup2(devnull, n)  # vendor code printing to stdout must not reach the terminal
+    refusal = ""
     try:
-        serve(sock)
+        seccomp.install()  # before any vendor code is loaded
+    except seccomp.SeccompUnavailable as e:
+        refusal = str(e)  # fail closed: no filter, no card access
+    try:
+        serve(sock, refusal)
     except card_wire.WireError:
         return 1
     return 0

@@ -6,7 +6,8 @@ dlopen()s, p11-kit and pcsc-lite read variables that name modules and the reader
 the login paths (the PAM module in-process and svmmd) never load the module themselves:
 ``CardHelper`` starts ``/usr/bin/python3 -I`` (no PYTHON* variables, no user site) under
 ``setpriv`` with no capabilities (bounding and inheritable sets emptied, so root's exec
-gets none) and no_new_privs, optionally as ``[pkcs11] helper_user``, with an environment
+gets none) and no_new_privs, optionally as ``[pkcs11] helper_user``, under a seccomp filter
+it installs before loading the module (adapters/seccomp.py), with an environment
 the product sets: PATH, a C locale, and only the variables ``[pkcs11] pass_environment``
 names (empty by default; the demo lab names SoftHSM's, which is how its "readers" work).
 

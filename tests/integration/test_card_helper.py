@@ -57,12 +57,14 @@ def planted(tmp_path: Path) -> tuple[dict[str, str], Path]:
     subprocess.run(["gcc", "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(lib), str(src)],
                    check=True)  # fmt: skip
     conf = tmp_path / "opensc.conf"
-    conf.write_text(textwrap.dedent(f"""\
+    conf.write_text(
+        textwrap.dedent(f"""\
         app default {{
             card_drivers = evil, internal;
             card_driver evil {{ module = {lib}; }}
         }}
-    """))
+    """)
+    )
     return {"OPENSC_CONF": str(conf)}, marker
 
 
@@ -130,7 +132,7 @@ def test_a_wrong_and_a_right_pin_through_the_helper(card: SoftHsm) -> None:
                 s.login("000000")
             assert not s.logged_in
             s.login(USER_PIN)
-            scheme, signature = s.sign(cert.id, b"challenge")
+            _scheme, signature = s.sign(cert.id, b"challenge")
     public = cert.load().public_key()
     assert isinstance(public, ec.EllipticCurvePublicKey)
     public.verify(signature, b"challenge", ec.ECDSA(hashes.SHA256()))
@@ -171,3 +173,33 @@ def test_a_helper_that_hangs_is_cut_off_at_its_timeout(card: SoftHsm) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(helper.pid, 0)  # killed and reaped, not left stopped
 
+
+PLANTED_MODULE_C = """
+#include <stdlib.h>
+__attribute__((constructor)) static void planted(void) {
+    system("touch " MARKER);  /* a shell: fork + execve */
+}
+"""
+
+
+def test_a_module_that_runs_a_program_cannot_in_the_helper(tmp_path: Path) -> None:
+    """A module (or a driver it loads) that starts a program as root: in-process it would;
+    in the helper execve fails (seccomp), and loading it is a refusal."""
+    marker = tmp_path / "ran"
+    lib, src = tmp_path / "libplanted.so", tmp_path / "planted.c"
+    src.write_text(PLANTED_MODULE_C)
+    subprocess.run(["gcc", "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(lib), str(src)],
+                   check=True)  # fmt: skip
+    probe = f"import ctypes; ctypes.CDLL({str(lib)!r})"
+    subprocess.run([sys.executable, "-c", probe], check=True)
+    assert marker.exists()  # the probe: loaded in a plain process, it runs its program
+    marker.unlink()
+    with pytest.raises(TokenError):
+        CardHelper(str(lib))
+    assert not marker.exists(), "the planted module ran a program from the card helper"
+
+
+def test_the_helper_runs_under_its_seccomp_filter(card: SoftHsm) -> None:
+    with CardHelper(str(card.module_path), pass_environment=tuple(card.env())) as helper:
+        assert helper.tokens()
+        assert _status(helper.pid)["Seccomp"] == "2"  # SECCOMP_MODE_FILTER
