@@ -142,6 +142,21 @@ def _run_checks(args: argparse.Namespace, cfg: config_mod.Config, report: Report
         names = ", ".join(t.label for t in tokens) or "no card inserted"
         return f"{cfg.pkcs11.module} loads; tokens: {names}"
 
+    def card_helper() -> str:
+        """The card helper as logins start it: its module loads there too."""
+        p = cfg.pkcs11
+        helper = LoginService(cfg, card_helper=True).login_module()
+        try:
+            tokens = helper.tokens()
+        finally:
+            helper.close()
+        user = p.helper_user or "root without capabilities"
+        text = f"starts as {user} (seccomp, no_new_privs); sees {len(tokens)} token(s)"
+        if p.pass_environment:
+            passed = ", ".join(p.pass_environment)
+            return Warn(f"{text}; copies {passed} from the caller: a user chooses those")
+        return text
+
     def anchors() -> str:
         out = []
         for a in svc.anchors:
@@ -163,6 +178,7 @@ def _run_checks(args: argparse.Namespace, cfg: config_mod.Config, report: Report
         return f"{cfg.audit.path} (syslog mirror {'on' if cfg.audit.syslog else 'off'})"
 
     report.check("card module", module)
+    report.check("card helper", card_helper)
     report.check("trust anchors", anchors)
     report.check("intermediates", intermediates)
     report.check("audit log", audit)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pam_svmm import config as config_mod
 from svmm_lab.directory import Slapd
 from svmm_lab.lab import Lab
 from svmm_lab.userland import userland
@@ -144,8 +145,11 @@ class Host:
             "passwd: files systemd extrausers\ngroup:  files systemd extrausers\n"
         )
         bundle = lab.write_policy(POLICY, tmp / "policy.bundle")
+        # As README's host: the [pkcs11] module alone (no pass_environment, the lab's readers).
+        module = config_mod.load(lab.config_path).pkcs11.module
         self.config = lab.write_config(
-            lab.directory_overrides(slapd)
+            f'[pkcs11]\nmodule = "{module}"\n'
+            + lab.directory_overrides(slapd)
             + lab.policy_overrides(bundle, state=tmp / "policy-state")
             + f'\n[audit]\npath = "{tmp / "audit.jsonl"}"\nsyslog = false\n'
             f'seal_key = "{self.seal_key}"\n'
@@ -231,9 +235,9 @@ def lines(out: str) -> dict[str, tuple[str, str]]:
     return found
 
 
-CHECKS = ("configuration", "card module", "trust anchors", "intermediates", "audit log",
-          "audit seal key", "directory bind secret", "directory", "policy", "policy source",
-          "svmmd socket", "PAM module", "PAM profile", "nsswitch")  # fmt: skip
+CHECKS = ("configuration", "card module", "card helper", "trust anchors", "intermediates",
+          "audit log", "audit seal key", "directory bind secret", "directory", "policy",
+          "policy source", "svmmd socket", "PAM module", "PAM profile", "nsswitch")  # fmt: skip
 
 
 def test_doctor_on_a_host_set_up_as_readme_says_is_all_ok_and_exits_0(
