@@ -63,7 +63,13 @@ def helper_env(
 
 
 def helper_argv(fd: int, user: str | None = None) -> list[str]:
-    drop = [SETPRIV, "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all"]
+    drop = [SETPRIV, "--no-new-privs"]
+    if os.geteuid() != 0:
+        # A screen locker running as its user: that user has no capabilities to drop (and
+        # may not touch the bounding set), nor another user to become.
+        user = None
+    else:
+        drop += ["--inh-caps=-all", "--bounding-set=-all"]
     if user is not None:
         try:
             pw = pwd.getpwnam(user)

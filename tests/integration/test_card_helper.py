@@ -203,3 +203,41 @@ def test_the_helper_runs_under_its_seccomp_filter(card: SoftHsm) -> None:
     with CardHelper(str(card.module_path), pass_environment=tuple(card.env())) as helper:
         assert helper.tokens()
         assert _status(helper.pid)["Seccomp"] == "2"  # SECCOMP_MODE_FILTER
+
+
+def test_a_screen_locker_running_as_its_user_starts_its_helper_too(tmp_path: Path) -> None:
+    """Not root: no capabilities to drop, no bounding set to touch, no user to become; the
+    helper still starts (no_new_privs, seccomp) and reads the user's own software token."""
+    import pwd
+    import shutil
+    import tempfile
+
+    from svmm_lab.userland import userland
+
+    nobody = pwd.getpwnam("nobody")
+    top = Path(tempfile.mkdtemp(prefix="svmm-helper-", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        tokens = top / "tokens"
+        tokens.mkdir()
+        os.chown(tokens, nobody.pw_uid, nobody.pw_gid)
+        conf = top / "softhsm2.conf"
+        conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\n")
+        conf.chmod(0o644)
+        code = (
+            "from pam_svmm.adapters.card_helper import CardHelper\n"
+            f"with CardHelper({str(fixtures.SOFTHSM_MODULE)!r},"
+            " pass_environment=('SOFTHSM2_CONF',)) as h:\n"
+            "    status = open(f'/proc/{h.pid}/status').read()\n"
+            "    print(len(h.tokens()), status.count('Seccomp:\\t2'))\n"
+        )
+        u = userland()
+        p = subprocess.run(
+            ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+             *u.argv("-c", code)],
+            env=u.env(SOFTHSM2_CONF=str(conf)), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.split() == ["0", "1"]  # no initialized token; under its filter
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
