@@ -178,6 +178,9 @@ class CardHelper:
     def pid(self) -> int:
         return self._proc.pid
 
+    def alive(self) -> bool:
+        return self._sock is not None and self._proc.poll() is None
+
     def __enter__(self) -> CardHelper:
         return self
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,6 +35,9 @@ if TYPE_CHECKING:
     from .key_release import KeyRelease
     from .policy import PolicyService
     from .revocation import RevocationChecker
+
+
+SPARE_MAX_AGE = 60.0  # seconds a pre-started card helper waits; older ones start afresh
 
 
 def load_intermediates(folder: Path | None) -> list[x509.Certificate]:
@@ -90,6 +95,11 @@ class LoginService:
         self.card_helper = card_helper
         # Inside svmmd: its Launcher. Requests go to it directly, never over its own socket.
         self.local_launcher: Any = None
+        # Inside svmmd: keep one card helper started ahead of the next login (its interpreter
+        # start and module load, ~70 ms here, are then off that login's path).
+        self.prefork = False
+        self._spare: tuple[float, Any] | None = None
+        self._spare_lock = threading.Lock()
 
     # Collaborators are built on first use: a login needs all of them, `svmm card list`
     # needs only the module, and nothing is loaded at import time.
@@ -196,6 +206,19 @@ class LoginService:
         """The card access of one login: a new helper process, or this process's module."""
         if not self.card_helper:
             return self.module
+        if not self.prefork:
+            return self._new_helper()
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        self._start_spare()
+        if spare is not None:
+            started, helper = spare
+            if time.monotonic() - started < SPARE_MAX_AGE and helper.alive():
+                return helper
+            helper.close()
+        return self._new_helper()
+
+    def _new_helper(self) -> Any:
         from ..adapters.card_helper import CardHelper
 
         p = self.config.pkcs11
@@ -205,6 +228,25 @@ class LoginService:
             user=p.helper_user,
             timeout=self.config.auth.login_timeout,
         )
+
+    def _start_spare(self) -> None:
+        def start() -> None:
+            try:
+                helper = self._new_helper()
+            except SvmmError:
+                return  # the login that needs it starts its own and says why
+            with self._spare_lock:
+                old, self._spare = self._spare, (time.monotonic(), helper)
+            if old is not None:
+                old[1].close()
+
+        threading.Thread(target=start, name="svmm-card-spare", daemon=True).start()
+
+    def close_spare(self) -> None:
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare[1].close()
 
     def authenticator(self, module: Any = None) -> CardAuthenticator:
         return CardAuthenticator(

@@ -241,3 +241,31 @@ def test_a_screen_locker_running_as_its_user_starts_its_helper_too(tmp_path: Pat
         assert p.stdout.split() == ["0", "1"]  # no initialized token; under its filter
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_svmmd_takes_a_prestarted_helper_and_never_shares_one(card: SoftHsm) -> None:
+    """prefork (svmmd): each login takes a helper started ahead of it, a process of its own."""
+    import time
+
+    from pam_svmm import config as config_mod
+    from pam_svmm.services.login import LoginService
+
+    cfg = config_mod.parse(
+        {"pkcs11": {"module": str(card.module_path), "pass_environment": list(card.env())}}
+    )
+    svc = LoginService(cfg, card_helper=True)
+    svc.prefork = True
+    first = svc.login_module()  # none was ready: started now, and a spare behind it
+    deadline = time.monotonic() + 20
+    while svc._spare is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert svc._spare is not None
+    spare_pid = svc._spare[1].pid
+    second = svc.login_module()
+    try:
+        assert second.pid == spare_pid != first.pid
+        assert [t.label for t in second.tokens()] == ["alice"]
+    finally:
+        first.close()
+        second.close()
+        svc.close_spare()
