@@ -28,6 +28,7 @@ from .domain.settings import (  # noqa: F401 - re-exported: the vocabulary the f
     CertmapRule,
     Config,
     DirectoryConfig,
+    DiskFullAction,
     IssueConfig,
     LastLogoutAction,
     LauncherConfig,
@@ -153,7 +154,11 @@ class _Table:
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
-            raise ConfigError(self.key(unknown[0]), "unknown key")
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], sorted(self.seen), n=1, cutoff=0.6)
+            hint = f" (did you mean {self.key(close[0])!r}?)" if close else ""
+            raise ConfigError(self.key(unknown[0]), f"unknown key{hint}")
 
 
 def _template_problem(template: str, fields: tuple[str, ...]) -> str:
@@ -364,6 +369,7 @@ def _audit(t: _Table) -> AuditConfig:
         syslog=t.flag("syslog", d.syslog),
         seal_key=t.path("seal_key", d.seal_key) or d.seal_key,
         seal_every=t.integer("seal_every", d.seal_every, minimum=1, maximum=1_000_000),
+        disk_full_action=t.enum("disk_full_action", d.disk_full_action),
     )
     t.done()
     return cfg

@@ -34,7 +34,7 @@ def test_empty_file_gives_defaults() -> None:
 @pytest.mark.parametrize(
     ("text", "key", "words"),
     [
-        ('[pkcs11]\nmodul = "/x"', "pkcs11.modul", "unknown key"),
+        ('[pkcs11]\nmodul = "/x"', "pkcs11.modul", "did you mean 'pkcs11.module'?"),
         ('[pkcs11]\nmodule = "libx.so"', "pkcs11.module", "absolute"),
         ('[pkcs11]\nuri = "token=x"', "pkcs11.uri", "pkcs11:"),
         ('[pkcs11]\npin_prompt = "{pin}"', "pkcs11.pin_prompt", "{token}"),
