@@ -2,7 +2,9 @@
 
 `verify` checks the hash chain, every seal and the head file with the seal key and exits 0
 with a one-line summary, or 1 (AuditTampered) naming the first broken record: its seq, its
-line and what is wrong. `show` prints the records as a table (or JSON lines), filtered.
+line and what is wrong. A torn write (disk full) that the next record notes in a gap record
+is no tampering: the summary names it as a gap. `show` prints the records as a table (or
+JSON lines), filtered.
 """
 
 from __future__ import annotations
@@ -123,6 +125,11 @@ def verify_json(path: Path, result: audit_chain.VerifyResult) -> dict[str, Any]:
         "last_seq": result.last_seq,
         "sealed": result.sealed,  # seals and head checked with the key (not --no-key)
         "legacy": result.legacy,
+        # Torn writes (a failed write's remains, never a record) that a gap record names.
+        "gaps": [
+            {"line": g.line_no, "lines": g.lines, "bytes": g.torn_bytes, "seq": g.gap_seq}
+            for g in result.gaps
+        ],
         "problem": None
         if p is None
         else {"seq": p.seq, "line": p.line_no, "kind": p.kind.value, "detail": p.detail},
@@ -147,6 +154,11 @@ def summary(doc: dict[str, Any]) -> str:
         text += "; head verified"
     if doc["legacy"]:
         text += f"; {doc['legacy']} legacy lines before the chain are not protected"
+    for gap in doc["gaps"]:
+        text += (
+            f"; gap: {_count(gap['bytes'], 'byte')} of a failed write at line {gap['line']} "
+            f"(no record), noted by seq {gap['seq']}"
+        )
     return text
 
 
@@ -263,7 +275,9 @@ def show(args: argparse.Namespace) -> int:
     rows: list[tuple[str, ...]] = []
     for line_no, raw, rec in records(path):
         if rec is None:
-            print(f"svmm: line {line_no} of {path} is not a record", file=sys.stderr)
+            torn = raw.endswith(audit_chain.TORN_CLOSE)
+            what = "what a failed write left (no record)" if torn else "not a record"
+            print(f"svmm: line {line_no} of {path} is {what}", file=sys.stderr)
             continue
         if not keep(rec):
             continue

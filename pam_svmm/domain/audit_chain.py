@@ -37,6 +37,26 @@ write the file but not use the key, and makes any edit visible to a later verifi
 Legacy lines (audit records written before the chain existed: JSON objects with an
 ``event`` but no ``seq``) may precede the chain; the first chain line's ``prev`` then hashes
 the last legacy line. Only that last legacy line is protected; they are reported as such.
+
+A torn tail (a write that failed part way: disk full, I/O error) is never a record and never
+removed. The next writer closes it with ``TORN_CLOSE`` (so it can never parse, even when
+only its newline was lost) and chains a gap record (event ``audit_torn_tail``) to the last
+WHOLE line before it; the gap record binds the torn bytes, closing marks included, by their
+length and SHA-256 (``torn_bytes``, ``torn_sha256``)::
+
+    {..., "seq": 41}                       the last whole line (seq 41)
+    {"event":"auth","us ~torn              the torn region: one or more lines, each ending
+    {"event":"audit_torn_tail", ~torn      in TORN_CLOSE (a retry that tore too)
+    [a seal at seq 42, if its slot]        chained to seq 41
+    {"event":"audit_torn_tail", "seq": 42 or 43, "torn_bytes": n, "torn_sha256": h, ...}
+
+Verification accepts exactly that pattern and reports it as a noted gap; any other line
+that does not chain is still tampering. A gap cannot hide a deleted record: the gap record
+is a chain record like any other (the next line's ``prev``, the seals and the head cover
+it), so replacing a record by junk and a forged gap record means recomputing the chain,
+which the next seal or the head exposes. The writer, for its part, notes a torn region only
+when the head file agrees that the line before it is the last committed one (the head says
+no later seq), so it never blesses records cut away under it.
 """
 
 from __future__ import annotations
@@ -57,6 +77,14 @@ SEAL_LABEL = b"svmm-audit-seal/1"
 HEAD_LABEL = b"svmm-audit-head/1"
 HEAD_FORMAT = "svmm-audit-head/1"
 SEAL_EVENT = "seal"
+GAP_EVENT = "audit_torn_tail"  # the writer's note of a torn region (see above)
+RESERVED_EVENTS = (SEAL_EVENT, GAP_EVENT)
+# How the writer closes a torn fragment: not JSON whitespace, no quote or bracket, so a
+# closed fragment never parses, whatever byte the write stopped at.
+TORN_CLOSE = b" ~torn\n"
+# A torn region longer than this (several lines of junk ending in TORN_CLOSE) is not one
+# the writer made: a line is at most MAX_LINE_BYTES, and a retry adds a few closing marks.
+MAX_TORN_BYTES = 2 * (1 << 20)
 CHAIN_FIELDS = ("seq", "prev", "mac")  # the chain's own keys; a record may not carry them
 # A line past these bounds (an edit, junk) is no record: verify reports it by line number and
 # the writer hashes it and carries on, never a RecursionError that stops every login.
@@ -85,6 +113,15 @@ class Problem(NamedTuple):
     detail: str
 
 
+class Gap(NamedTuple):
+    """A noted torn region: its first line, its length in bytes, the seq of its gap record."""
+
+    line_no: int
+    lines: int
+    torn_bytes: int
+    gap_seq: int
+
+
 @dataclass(frozen=True)
 class VerifyResult:
     ok: bool
@@ -94,6 +131,7 @@ class VerifyResult:
     last_seq: int = 0
     legacy: int = 0  # unchained lines before the chain (only the last one is protected)
     sealed: bool = False  # seals and head were checked with the key
+    gaps: tuple[Gap, ...] = ()  # torn regions that a gap record names (not tampering)
 
 
 @dataclass(frozen=True)
@@ -121,9 +159,39 @@ def chain_line(fields: Mapping[str, Any], seq: int, prev: str) -> bytes:
     clash = [k for k in CHAIN_FIELDS if k in fields]
     if clash:
         raise ValueError(f"audit record may not carry the chain's own fields: {clash}")
-    if fields.get("event") == SEAL_EVENT:
-        raise ValueError("the event name 'seal' is reserved for seal records")
+    if fields.get("event") in RESERVED_EVENTS:
+        raise ValueError(f"the event name {fields['event']!r} is reserved for the chain")
     return _canonical({**fields, "seq": seq, "prev": prev})
+
+
+def gap_line(torn: bytes, after_seq: int, seq: int, prev: str, time: str, host: str) -> bytes:
+    """The gap record for the torn region ``torn`` (closing marks included) that follows the
+    whole line with seq ``after_seq``, chained to ``prev``."""
+    digest = hashlib.sha256(torn).hexdigest()
+    fields = {
+        "event": GAP_EVENT,
+        "outcome": "error",
+        "reason": "torn_write",
+        "time": time,
+        "host": host,
+        "torn_bytes": len(torn),
+        "torn_sha256": digest,
+        "detail": f"{len(torn)} bytes after seq {after_seq} are what is left of a write that "
+        "failed (disk full or I/O error): no record, and no decision stood on it",
+    }
+    return _canonical({**fields, "seq": seq, "prev": prev})
+
+
+def names_torn(gap: Mapping[str, Any], torn: bytes) -> bool:
+    """Whether gap record ``gap`` binds exactly the bytes ``torn``."""
+    digest = gap.get("torn_sha256")
+    return (
+        gap.get("event") == GAP_EVENT
+        and _is_int(gap.get("torn_bytes"))
+        and gap["torn_bytes"] == len(torn)
+        and isinstance(digest, str)
+        and hmac.compare_digest(digest, hashlib.sha256(torn).hexdigest())
+    )
 
 
 def _mac(label: bytes, key: bytes, seq: int, digest: str) -> str:
@@ -269,13 +337,47 @@ def verify(
     log with chain records must have one). ``seal_every``: if given (with a key), more
     records than that between two seals is a missing seal.
     """
-    it = iter(enumerate(lines, start=1))
+    it = _Ahead(enumerate(lines, start=1))
     v = _Verifier(key, seal_every)
     for line_no, raw in it:
-        problem = v.step(_Line.of(raw, line_no), it)
+        cur = _Line.of(raw, line_no)
+        if not v.fits(cur) and raw.endswith(TORN_CLOSE):
+            torn = v.noted_gap(cur, it)
+            if torn:  # cur and the torn lines after it: named by the gap record that follows
+                it.skip(torn - 1)
+                continue
+        problem = v.step(cur, it)
         if problem:
             return v.result(problem)
     return v.result(v.finish(head))
+
+
+class _Ahead:
+    """The numbered lines, with a look at those still to come."""
+
+    def __init__(self, items: Iterator[tuple[int, bytes]]) -> None:
+        self._it = items
+        self._buf: list[tuple[int, bytes]] = []
+
+    def __iter__(self) -> _Ahead:
+        return self
+
+    def __next__(self) -> tuple[int, bytes]:
+        return self._buf.pop(0) if self._buf else next(self._it)
+
+    def peek(self, i: int) -> _Line | None:
+        """The ``i``-th line still to come (0: the next), None past the end."""
+        while len(self._buf) <= i:
+            item = next(self._it, None)
+            if item is None:
+                return None
+            self._buf.append(item)
+        line_no, raw = self._buf[i]
+        return _Line.of(raw, line_no)
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            next(self, None)
 
 
 class _Verifier:
@@ -292,6 +394,40 @@ class _Verifier:
         self.since_seal = 0
         self.last_seal: _Line | None = None
         self.first_chain: _Line | None = None
+        self.gaps: list[Gap] = []
+        self.torn: Gap | None = None  # a torn region skipped, its gap record still to come
+
+    def fits(self, cur: _Line) -> bool:
+        """Whether ``cur`` is the next line of the chain (or a legacy line before it)."""
+        if not self.started and not cur.chained and cur.legacy:
+            return True
+        return cur.seq == self.expected_seq and cur.prev == self.expected_prev
+
+    def noted_gap(self, first: _Line, ahead: _Ahead) -> int:
+        """How many lines from ``first`` on are a torn region that the gap record after
+        them names (with a seal between when its slot came first); 0: none is."""
+        region, size, i = [first], len(first.raw), 0
+        while True:
+            if not region[-1].raw.endswith(TORN_CLOSE) or size > MAX_TORN_BYTES:
+                return 0
+            nxt = ahead.peek(i)
+            if nxt is None:
+                return 0
+            gap, seq, prev = nxt, self.expected_seq, self.expected_prev
+            if nxt.event == SEAL_EVENT and (nxt.seq, nxt.prev) == (seq, prev):
+                after = ahead.peek(i + 1)
+                if after is None:
+                    return 0
+                gap, seq, prev = after, seq + 1, line_hash(nxt.raw)
+            if gap.event == GAP_EVENT and (gap.seq, gap.prev) == (seq, prev):
+                torn = b"".join(ln.raw for ln in region)
+                if not names_torn(parse_line(gap.raw) or {}, torn):
+                    return 0
+                self.torn = Gap(first.line_no, len(region), len(torn), seq)
+                return len(region)
+            region.append(nxt)
+            size += len(nxt.raw)
+            i += 1
 
     def result(self, problem: Problem | None) -> VerifyResult:
         return VerifyResult(
@@ -302,6 +438,7 @@ class _Verifier:
             last_seq=self.expected_seq - 1 if self.started else 0,
             legacy=self.legacy,
             sealed=self.key is not None,
+            gaps=tuple(self.gaps),
         )
 
     def step(self, cur: _Line, rest: Iterator[tuple[int, bytes]]) -> Problem | None:
@@ -316,6 +453,14 @@ class _Verifier:
             problem = self._seal(cur)
             if problem:
                 return problem
+        elif cur.event == GAP_EVENT:
+            if self.torn is None or self.torn.gap_seq != cur.seq:
+                return Problem(
+                    cur.seq or 0, cur.line_no, Tamper.INSERTED, "a gap record with no torn write"
+                )
+            self.gaps.append(self.torn)
+            self.torn = None
+            self.since_seal += 1  # it takes a seq between two seals, as a record does
         else:
             self.records += 1
             self.since_seal += 1
@@ -384,7 +529,13 @@ class _Verifier:
             )
         if not cur.chained:
             if not cur.raw.endswith(b"\n"):
-                return Problem(e, p, Tamper.TRUNCATED, "the last line is cut off")
+                return Problem(
+                    e,
+                    p,
+                    Tamper.TRUNCATED,
+                    "the last line is cut off (a write that failed leaves this until the next "
+                    "record notes it)",
+                )
             if nxt and nxt.seq == e + 1:
                 return Problem(e, p, Tamper.EDITED, "the record is no longer a valid chain line")
             return Problem(e, p, Tamper.MALFORMED, "not a chain record (no seq/prev)")

@@ -147,7 +147,7 @@ def test_an_edit_is_found_by_verification(tmp_path: Path) -> None:
     assert (problem.seq, problem.line_no, problem.kind) == (4, 4, Tamper.EDITED)
 
 
-def test_a_torn_line_is_closed_off_and_reported(tmp_path: Path) -> None:
+def test_a_torn_line_is_closed_off_and_noted_as_a_gap(tmp_path: Path) -> None:
     log = sealed_log(tmp_path)
     for i in range(3):
         log.write(record(i))
@@ -155,8 +155,24 @@ def test_a_torn_line_is_closed_off_and_reported(tmp_path: Path) -> None:
         f.write(b'{"event":"auth","us')  # a write that failed half way
     log.write(record(3))
     log.write(record(4))
-    lines = log.path.read_bytes().splitlines()
-    assert len(lines) == 6 and json.loads(lines[4])["seq"] == 4  # the seq continues
+    lines = log.path.read_bytes().splitlines(keepends=True)
+    assert lines[3] == b'{"event":"auth","us' + audit_chain.TORN_CLOSE  # kept, closed off
+    gap = json.loads(lines[4])
+    assert gap["event"] == audit_chain.GAP_EVENT and gap["seq"] == 4
+    assert gap["prev"] == audit_chain.line_hash(lines[2])  # chained to the last whole line
+    assert [json.loads(line)["seq"] for line in lines[5:]] == [5, 6]  # the seq continues
+    result = verify(log)
+    assert result.ok, result.first_problem
+    assert result.records == 5 and result.gaps == (audit_chain.Gap(4, 1, len(lines[3]), 4),)
+
+
+def test_a_line_that_is_not_a_chain_line_is_still_reported(tmp_path: Path) -> None:
+    log = sealed_log(tmp_path)
+    for i in range(3):
+        log.write(record(i))
+    with open(log.path, "ab") as f:
+        f.write(b'{"event":"auth","us\n')  # whole, but no record: an edit, not a torn write
+    log.write(record(3))
     problem = verify(log).first_problem
     assert problem is not None
     assert (problem.line_no, problem.kind) == (4, Tamper.MALFORMED)
