@@ -126,6 +126,11 @@ class MutualConfig:
     card_anchor_label: str = "svmm-trust-anchor"
 
 
+class DiskFullAction(enum.Enum):
+    REFUSE = "refuse"  # local accounts: "could not decide" (pam/shim.py's table)
+    ALLOW = "allow"
+
+
 @dataclass(frozen=True)
 class AuditConfig:
     path: Path = Path("/var/log/svmm/audit.jsonl")
@@ -133,6 +138,9 @@ class AuditConfig:
     # Root-only key that seals the hash chain (created on first use if missing).
     seal_key: Path = Path("/etc/svmm/audit-seal.key")
     seal_every: int = 100  # records between seals
+    # A decision whose record cannot be written (disk full, I/O error): refused, or let
+    # stand with an alert to syslog (auditd's disk_full_action).
+    disk_full_action: DiskFullAction = DiskFullAction.REFUSE
 
 
 class TlsMode(enum.Enum):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import config as config_mod
+from ..adapters.audit_log import AuditWriteError
 from ..errors import ConfigError, ConversationFailed, NoCard
 from ..services.auth import LoginRequest
 from .codes import pam_code_name
@@ -170,6 +171,21 @@ def _config_broken(pamh: Any, where: str, error: BaseException) -> int:
     return shim.broken(pamh, where.removeprefix("pam_sm_"))
 
 
+UNAUDITED = "Smart-card login is unavailable on this host: its audit trail cannot be written."
+
+
+def _unaudited(pamh: Any, where: str, error: AuditWriteError) -> int:
+    """A decision that could not be audited is refused ([audit] disk_full_action = "refuse";
+    the writer has told syslog why), by shim.broken's table: a full disk never locks a
+    local account out (pam_unix decides), and never lets a directory user in."""
+    from . import shim
+
+    if where == "authenticate":
+        with contextlib.suppress(ConversationFailed):
+            PamPrompter(pamh).error(UNAUDITED)
+    return shim.broken(pamh, where)
+
+
 def _tell_user(pamh: Any, error: BaseException) -> None:
     from ..errors import SvmmError
 
@@ -201,6 +217,8 @@ def pam_sm_authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
         return int(pamh.PAM_SUCCESS)
     except ConfigError as error:
         return _config_broken(pamh, "authenticate", error)
+    except AuditWriteError as error:
+        return _unaudited(pamh, "authenticate", error)
     except Exception as error:
         _log_failure("authenticate", error)
         _tell_user(pamh, error)
@@ -227,6 +245,8 @@ def pam_sm_acct_mgmt(pamh: Any, flags: int, argv: list[str]) -> int:
         return int(pamh.PAM_SUCCESS if decided else pamh.PAM_IGNORE)
     except ConfigError as error:
         return _config_broken(pamh, "acct_mgmt", error)
+    except AuditWriteError as error:
+        return _unaudited(pamh, "acct_mgmt", error)
     except Exception as error:
         _log_failure("acct_mgmt", error)
         _tell_user(pamh, error)
@@ -436,6 +456,8 @@ def pam_sm_open_session(pamh: Any, flags: int, argv: list[str]) -> int:
         return int(pamh.PAM_SUCCESS)
     except ConfigError as error:
         return _config_broken(pamh, "open_session", error)
+    except AuditWriteError as error:
+        return _unaudited(pamh, "open_session", error)
     except Exception as error:
         _log_failure("open_session", error)
         return int(getattr(pamh, pam_code_name(error, session=True)))
@@ -569,6 +591,8 @@ def pam_sm_close_session(pamh: Any, flags: int, argv: list[str]) -> int:
         return int(pamh.PAM_SUCCESS)
     except ConfigError as error:
         return _config_broken(pamh, "close_session", error)
+    except AuditWriteError as error:
+        return _unaudited(pamh, "close_session", error)
     except Exception as error:
         _log_failure("close_session", error)
         return int(getattr(pamh, pam_code_name(error, session=True)))
