@@ -29,6 +29,7 @@ from pam_svmm.pam import entry, shim
 from pam_svmm.services.auth import LoginResult
 from pam_svmm.services.login import LoginService
 from tests.unit import cli_schemas
+from tests.unit.fakes import FakePamh
 
 T = dt.datetime(2026, 12, 3, 8, 0, tzinfo=dt.UTC)
 REAL_WRITE = os.write
@@ -342,33 +343,6 @@ def test_disk_full_action_decides_whether_an_unwritten_record_raises(
 # --- the callers: never a success for a refusal, never root locked out -----------------------
 
 
-class FakePamh:
-    PAM_SUCCESS = 0
-    PAM_SYSTEM_ERR = 4
-    PAM_AUTH_ERR = 7
-    PAM_AUTHINFO_UNAVAIL = 9
-    PAM_SESSION_ERR = 14
-    PAM_CRED_ERR = 17
-    PAM_IGNORE = 25
-    PAM_ERROR_MSG = 3
-
-    class exception(Exception):  # pam_python calls it so
-        pam_result = 19
-
-    class Message:
-        def __init__(self, style: int, msg: str) -> None:
-            self.msg_style, self.msg = style, msg
-
-    def __init__(self, user: str | None) -> None:
-        self.user = user
-        self.service, self.tty, self.rhost = "login", "tty1", ""
-        self.said: list[str] = []
-
-    def conversation(self, message: Any) -> Any:
-        self.said.append(message.msg)
-        return None
-
-
 class StubAuthenticator:
     def __init__(self, user: str, error: BaseException | None) -> None:
         self.user, self.error = user, error
@@ -403,7 +377,7 @@ def login_service(
 def authenticate(monkeypatch: pytest.MonkeyPatch, svc: LoginService, user: str) -> int:
     monkeypatch.setattr(entry, "_service", lambda args: svc)
     entry._logins.clear()
-    return entry.pam_sm_authenticate(FakePamh(user), 0, ["shim.py"])
+    return entry.pam_sm_authenticate(FakePamh(user, tty="tty1"), 0, ["shim.py"])
 
 
 def outcomes(svc: LoginService) -> list[str]:

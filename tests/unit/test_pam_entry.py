@@ -12,40 +12,7 @@ from pam_svmm import errors
 from pam_svmm.domain.audit_record import CardFacts
 from pam_svmm.pam import entry, shim
 from pam_svmm.services.auth import LoginResult
-
-
-class FakePamh:
-    """The parts of pam_python's handle the entry uses, with Linux-PAM's code values."""
-
-    PAM_SUCCESS = 0
-    PAM_SYSTEM_ERR = 4
-    PAM_AUTH_ERR = 7
-    PAM_AUTHINFO_UNAVAIL = 9
-    PAM_MAXTRIES = 11
-    PAM_IGNORE = 25
-    PAM_PROMPT_ECHO_OFF = 1
-    PAM_ERROR_MSG = 3
-    PAM_TEXT_INFO = 4
-
-    class exception(Exception):
-        pam_result = 19
-
-    @dataclass
-    class Message:
-        msg_style: int
-        msg: str
-
-    def __init__(self, user: str | None = "alice") -> None:
-        self.user = user
-        self.service = "login"
-        self.tty = "tty1"
-        self.rhost = ""
-        self.env: dict[str, str] = {}
-        self.said: list[str] = []
-
-    def conversation(self, message: Any) -> Any:
-        self.said.append(message.msg)
-        return None
+from tests.unit.fakes import FakePamh
 
 
 @dataclass
@@ -96,7 +63,7 @@ def test_failures_map_to_their_code_and_never_raise(
     service: FakeService, error: BaseException, code: int
 ) -> None:
     service.error = error
-    pamh = FakePamh()
+    pamh = FakePamh(tty="tty1")
     assert entry.pam_sm_authenticate(pamh, 0, ["shim.py"]) == code
     assert pamh.user == "alice"  # PAM_USER untouched on failure
     assert entry.pam_sm_acct_mgmt(pamh, 0, ["shim.py"]) == FakePamh.PAM_IGNORE
@@ -123,7 +90,7 @@ def test_a_broken_configuration_never_locks_local_accounts_out(
     monkeypatch.setattr(entry.syslog, "syslog", lambda _prio, text: logged.append(text))
     entry._services.clear()
     argv = ["shim.py", f"config={tmp_path}/missing.toml"]
-    pamh = FakePamh(user=user)
+    pamh = FakePamh(user=user, tty="tty1")
     pamh.PAM_SESSION_ERR = 14  # type: ignore[attr-defined]
     assert entry.pam_sm_authenticate(pamh, 0, argv) == auth
     assert entry.BROKEN in pamh.said  # the person is told
@@ -139,7 +106,7 @@ def test_a_broken_configuration_never_locks_local_accounts_out(
 
 def test_success_sets_pam_user_from_the_card(service: FakeService) -> None:
     service.result_user = "bob"
-    pamh = FakePamh(user=None)
+    pamh = FakePamh(user=None, tty="tty1")
     assert entry.pam_sm_authenticate(pamh, 0, ["shim.py"]) == FakePamh.PAM_SUCCESS
     assert pamh.user == "bob"
     assert service.calls[0].pam_user is None

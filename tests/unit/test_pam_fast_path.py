@@ -20,43 +20,9 @@ from pam_svmm.daemon import pam_responder
 from pam_svmm.daemon.server import serving
 from pam_svmm.pam import entry
 from pam_svmm.pam import shim as thin
+from tests.unit.fakes import FakePamh
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the client accepts only root's svmmd")
-
-
-class PamError(Exception):
-    def __init__(self, code: int) -> None:
-        self.pam_result = code
-
-
-class FakePamh:
-    """pam_python's handle, as much as thin.py uses of it."""
-
-    PAM_SUCCESS, PAM_SYSTEM_ERR, PAM_AUTH_ERR, PAM_SESSION_ERR, PAM_CONV_ERR = 0, 4, 7, 14, 19
-    PAM_IGNORE = 25
-    exception = PamError
-
-    def __init__(self, answers: list[str] | None = None, *, user: str | None = None) -> None:
-        self.service, self.user, self.tty, self.rhost = "login", user, "/dev/tty1", ""
-        self.xdisplay = None
-        self.env: dict[str, str] = {}
-        self.answers = list(answers or [])
-        self.shown: list[tuple[int, str]] = []
-        self.gate: threading.Event | None = None
-
-    class Message:
-        def __init__(self, style: int, text: str) -> None:
-            self.msg_style, self.msg = style, text
-
-    def conversation(self, m: Any) -> Any:
-        if self.gate is not None:
-            self.gate.wait(10)
-        self.shown.append((m.msg_style, m.msg))
-        if m.msg_style in (1, 2):
-            if not self.answers:
-                raise PamError(self.PAM_CONV_ERR)
-            return SimpleNamespace(resp=self.answers.pop(0))
-        return None
 
 
 def _authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
@@ -103,7 +69,7 @@ def svmmd(tmp_path: Path) -> Iterator[tuple[thin.ModuleOptions, pam_responder.Pa
 
 def test_a_login_runs_in_svmmd_and_its_state_carries_to_the_session(svmmd: Any) -> None:
     options, responder = svmmd
-    pamh = FakePamh(["123456"])
+    pamh = FakePamh(None, answers=["123456"])
     assert thin.call("authenticate", pamh, 0, options) == FakePamh.PAM_SUCCESS
     assert pamh.user == "alice" and pamh.shown == [(1, "PIN for card: ")]
     assert thin._token is not None and len(responder) == 1
@@ -116,20 +82,20 @@ def test_a_login_runs_in_svmmd_and_its_state_carries_to_the_session(svmmd: Any) 
 
 def test_wrong_pin_and_its_message_reach_the_application(svmmd: Any) -> None:
     options, _ = svmmd
-    pamh = FakePamh(["000000"])
+    pamh = FakePamh(None, answers=["000000"])
     assert thin.call("authenticate", pamh, 0, options) == FakePamh.PAM_AUTH_ERR
     assert pamh.shown[-1] == (3, "wrong PIN") and pamh.user is None
 
 
 def test_a_conversation_error_is_the_application_s_answer(svmmd: Any) -> None:
     options, _ = svmmd
-    pamh = FakePamh([])  # the application cannot prompt
+    pamh = FakePamh(None, answers=[])  # the application cannot prompt
     assert thin.call("authenticate", pamh, 0, options) == FakePamh.PAM_SYSTEM_ERR
 
 
 def test_a_token_of_another_process_is_not_its_transaction(svmmd: Any) -> None:
     options, responder = svmmd
-    assert thin.call("authenticate", FakePamh(["123456"]), 0, options) == 0
+    assert thin.call("authenticate", FakePamh(None, answers=["123456"]), 0, options) == 0
     token = thin._token
     held = responder._held[token]
     held.pid = 1  # as if init had authenticated: our pid no longer matches
@@ -144,7 +110,7 @@ def test_unknown_result_codes_fail_closed(svmmd: Any) -> None:
 
 def test_no_svmmd_means_run_in_process(tmp_path: Path) -> None:
     options = thin.ModuleOptions(["shim", f"socket={tmp_path / 'none.sock'}"])
-    assert thin.call("authenticate", FakePamh(), 0, options) is None
+    assert thin.call("authenticate", FakePamh(None), 0, options) is None
 
 
 def test_svmmd_without_a_responder_means_run_in_process(tmp_path: Path) -> None:
@@ -153,7 +119,7 @@ def test_svmmd_without_a_responder_means_run_in_process(tmp_path: Path) -> None:
     sock.listen()
     options = thin.ModuleOptions(["shim", f"socket={tmp_path / 's.sock'}"])
     with serving(SimpleNamespace(), sock):  # type: ignore[arg-type]
-        assert thin.call("authenticate", FakePamh(), 0, options) is None
+        assert thin.call("authenticate", FakePamh(None), 0, options) is None
 
 
 def test_a_broken_reply_mid_call_fails_closed(tmp_path: Path) -> None:
@@ -173,7 +139,7 @@ def test_a_broken_reply_mid_call_fails_closed(tmp_path: Path) -> None:
 
     t = threading.Thread(target=answer)
     t.start()
-    pamh = FakePamh(["123456"])
+    pamh = FakePamh(None, answers=["123456"])
     assert thin.call("authenticate", pamh, 0, thin.ModuleOptions(["s", f"socket={path}"])) == 4
     t.join(5)
     server.close()
@@ -181,7 +147,7 @@ def test_a_broken_reply_mid_call_fails_closed(tmp_path: Path) -> None:
 
 def test_a_slow_pin_entry_does_not_hold_up_other_logins(svmmd: Any) -> None:
     options, _ = svmmd
-    slow = FakePamh(["123456"])
+    slow = FakePamh(None, answers=["123456"])
     slow.gate = threading.Event()  # this person has not typed their PIN yet
     result: list[int | None] = []
     t = threading.Thread(target=lambda: result.append(thin.call("authenticate", slow, 0, options)))
@@ -189,7 +155,7 @@ def test_a_slow_pin_entry_does_not_hold_up_other_logins(svmmd: Any) -> None:
     time.sleep(0.2)
     other: list[int | None] = []
     t2 = threading.Thread(
-        target=lambda: other.append(thin.call("acct_mgmt", FakePamh(), 0, options))
+        target=lambda: other.append(thin.call("acct_mgmt", FakePamh(None), 0, options))
     )
     t2.start()
     t2.join(5)
@@ -269,7 +235,7 @@ def test_an_unknown_or_malformed_module_argument_is_refused_and_named(
     monkeypatch.setattr(thin, "_syslog", said.append)
     argv = ["shim", "daemon=off", *arg.split(" ")]
     assert not thin.ModuleOptions(argv).valid
-    pamh = FakePamh()
+    pamh = FakePamh(None)
     pamh.PAM_AUTHINFO_UNAVAIL = 9  # type: ignore[attr-defined]
     pamh.user = "root"  # type: ignore[attr-defined]
     # Could not decide (shim.broken's table): root's password, after us, still works.
@@ -303,7 +269,7 @@ def test_a_full_listen_backlog_is_busy_never_no_svmmd(tmp_path: Path) -> None:
                 break
             fillers.append(c)
         options = thin.ModuleOptions(["shim", f"socket={path}"])
-        assert thin.call("authenticate", FakePamh(), 0, options) == FakePamh.PAM_SYSTEM_ERR
+        assert thin.call("authenticate", FakePamh(None), 0, options) == FakePamh.PAM_SYSTEM_ERR
     finally:
         for c in fillers:
             c.close()
@@ -316,7 +282,7 @@ def test_a_socket_nobody_listens_on_is_no_svmmd(tmp_path: Path) -> None:
     stale.bind(str(path))
     stale.close()  # the file stays, nothing listens: ECONNREFUSED
     options = thin.ModuleOptions(["shim", f"socket={path}"])
-    assert thin.call("authenticate", FakePamh(), 0, options) is None
+    assert thin.call("authenticate", FakePamh(None), 0, options) is None
 
 
 def test_the_request_budget_refills_with_time(tmp_path: Path) -> None:

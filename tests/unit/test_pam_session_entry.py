@@ -20,26 +20,10 @@ from pam_svmm.errors import PolicyUnavailable
 from pam_svmm.pam import entry
 from pam_svmm.services.auth import LoginResult
 from pam_svmm.services.session import SessionManager
+from tests.unit.fakes import FakePamh
 from tests.unit.test_session_manager import POLICY, StubPolicy
 
 NOW = dt.datetime(2026, 3, 1, 9, 0, tzinfo=dt.UTC)
-
-
-class FakePamh:
-    PAM_SUCCESS = 0
-    PAM_SYSTEM_ERR = 4
-    PAM_SESSION_ERR = 14
-    PAM_IGNORE = 25
-
-    class exception(Exception):
-        pam_result = 19
-
-    def __init__(self, user: str = "alice") -> None:
-        self.user = user
-        self.service = "login"
-        self.tty = "/dev/tty1"
-        self.rhost = ""
-        self.env: dict[str, str] = {}
 
 
 class FakeService:
