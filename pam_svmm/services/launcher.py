@@ -1069,10 +1069,19 @@ class Launcher:
             log.error("forgetting the dead sessions of uid %d: %s", uid, e.message)
             return False
         dropped = self.keys.drop(uid)
+        self._sync_watch()  # their cards need no watching for these keys any more
         detail = (f"sessions {', '.join(gone) or '(none recorded)'} gone with their process; "
                   f"allowlist removed; {len(dropped)} key(s) dropped")  # fmt: skip
-        d = Decision(False, "session_lost", detail, user=user)
         try:
+            # Each key on record as it left memory, as a logout or a pulled card has them:
+            # every key_hold has its key_drop.
+            for k in dropped:
+                card = CardRef(k.card_fingerprint, k.card_serial) if k.card_fingerprint else None
+                kd = Decision(False, "session_lost", f"volume={k.volume}", user=k.user,
+                              card=card)  # fmt: skip
+                why = f"for uid={uid}; session={k.session}; its process is gone"
+                self._audited("key_drop", Outcome.SUCCESS, kd, 0, "sweep", detail=why)
+            d = Decision(False, "session_lost", detail, user=user)
             self._audited("session_lost", Outcome.SUCCESS, d, 0, "sweep")
         except SvmmError as e:
             log.error("session_lost: %s", e.message)
