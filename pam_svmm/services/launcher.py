@@ -730,6 +730,7 @@ class Launcher:
             syslog_mirror=ac.syslog if syslog_mirror is None else syslog_mirror,
             seal_key=ac.seal_key,
             seal_every=ac.seal_every,
+            disk_full_action=ac.disk_full_action,
         )
         return cls(config, policy=PolicyService(config), audit=audit)
 
