@@ -55,7 +55,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -608,6 +608,7 @@ class QemuVm:
         capture_stdout: bool = False,
         binary: str = QEMU_BINARY,
         taps: Mapping[str, int] | None = None,
+        on_started: Callable[[int], None] | None = None,
     ) -> QemuVm:
         """Start QEMU for ``spec`` with ``keys`` (node -> volume key; the caller keeps and
         wipes its buffers) and wait until QMP answers. ``taps``: network -> an open tap
@@ -616,7 +617,10 @@ class QemuVm:
         log. A refused key raises
         VolumeError(reason="volume_key_refused"); anything else that stops QEMU, VmError.
         ``capture_stdout``: keep a pipe from QEMU's stdout, which ``qemu_io`` needs (QEMU 7.2
-        prints qemu-io results there, not to the monitor); otherwise stdout goes to the log."""
+        prints qemu-io results there, not to the monitor); otherwise stdout goes to the log.
+        ``on_started(pid)``: called as soon as QEMU runs, before it answers (the registry
+        records the start there, so a launcher that dies meanwhile leaves no unknown QEMU);
+        if it raises, QEMU is killed."""
         if set(keys) != {d.node for d in spec.disks if isinstance(d, LuksDisk)}:
             raise VmError(
                 f"VM {spec.name}: keys must be given for exactly its LUKS disks",
@@ -695,6 +699,15 @@ class QemuVm:
             for fd in to_close:
                 os.close(fd)
         qmp: QmpSync | None = None
+        if on_started is not None:
+            try:
+                on_started(process.pid)
+            except BaseException:
+                if stdout_r is not None:
+                    os.close(stdout_r)
+                process.kill()
+                _reap(process)
+                raise
         try:
             qmp = QmpSync(spec.name, timeout=ready_timeout)
             qmp.connect(run_dir / QMP_SOCKET, timeout=ready_timeout)

@@ -27,9 +27,10 @@ from ..domain.bounded import loads_json
 from ..errors import SvmmError, VmError
 from .private_dir import open_private_dir, replace_file
 from .processes import start_time
-from .qemu import CONSOLE_SOCKET, NAME_PATTERN, QemuVm, QmpSync, RunAs, VmSpec
+from .qemu import CONSOLE_SOCKET, NAME_PATTERN, QMP_SOCKET, QemuVm, QmpSync, RunAs, VmSpec
 
 FORMAT = "svmm-vm/1"
+STARTING = ".starting"  # <vm>.starting: a start under way (QEMU runs, not yet answering)
 _RECORD_MODE = 0o600
 
 
@@ -213,6 +214,7 @@ class VmRegistry:
         self.key = key
         self._lock = threading.RLock()
         self._vms: dict[str, VmHandle] = {}
+        self._unfinished: list[VmRecord] = []
 
     def _dir(self) -> int:
         return open_private_dir(self.folder, key=self.key, private=True, check_parents=True)
@@ -259,32 +261,51 @@ class VmRegistry:
                 raise VmError(f"VM {spec.name} is already running", reason="vm_already_running")
             if vm_uids is not None:
                 run_as = RunAs.for_vm(free_uid(*vm_uids))
-            vm = QemuVm.launch(
-                spec, keys, run_dir=run_dir, run_as=run_as, ready_timeout=ready_timeout,
-                taps=taps,
-            )  # fmt: skip
-            start_time = proc_start_time(vm.pid)
-            record = VmRecord(
-                vm=spec.name,
-                uid=uid,
-                user=user,
-                pid=vm.pid,
-                start_time=start_time if start_time is not None else 0,
-                qmp_socket=str(vm.qmp_socket),
-                run_dir=str(run_dir),
-                card_fingerprint=card_fingerprint,
-                card_serial=card_serial,
-                started_at=(now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds"),
-                token_serial=token_serial,
-            )
+
+            def record_for(pid: int) -> VmRecord:
+                start_time = proc_start_time(pid)
+                return VmRecord(
+                    vm=spec.name,
+                    uid=uid,
+                    user=user,
+                    pid=pid,
+                    start_time=start_time if start_time is not None else 0,
+                    qmp_socket=str(run_dir / QMP_SOCKET),
+                    run_dir=str(run_dir),
+                    card_fingerprint=card_fingerprint,
+                    card_serial=card_serial,
+                    started_at=(now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds"),
+                    token_serial=token_serial,
+                )
+
+            # "Starting" is on disk before QEMU can answer: a launcher killed before the
+            # start is finished leaves a record the next one stops the QEMU by.
+            starting = lambda pid: self._save(record_for(pid), STARTING)  # noqa: E731
+            try:
+                vm = QemuVm.launch(
+                    spec, keys, run_dir=run_dir, run_as=run_as, ready_timeout=ready_timeout,
+                    taps=taps, on_started=starting,
+                )  # fmt: skip
+            except BaseException:
+                self._unlink(f"{spec.name}{STARTING}")
+                raise
+            record = record_for(vm.pid)
             handle = VmHandle(record, vm.qmp, vm.process)
             try:
                 self._save(record)
             except BaseException:
                 handle.stop(quit_timeout=2, term_timeout=2, kill_timeout=2)
                 raise
+            finally:
+                self._unlink(f"{spec.name}{STARTING}")
             self._vms[spec.name] = handle
             return record
+
+    def take_unfinished(self) -> list[VmRecord]:
+        """The starts ``reattach`` found unfinished (their QEMU killed), once."""
+        with self._lock:
+            out, self._unfinished = self._unfinished, []
+            return out
 
     def stop(
         self,
@@ -319,6 +340,7 @@ class VmRegistry:
         with self._lock:
             fd = self._dir()
             try:
+                self._stop_unfinished(fd)
                 names = sorted(n for n in os.listdir(fd) if n.endswith(".json"))
                 for name in names:
                     record = self._load(fd, name)
@@ -344,6 +366,35 @@ class VmRegistry:
 
     # --- records
 
+    def _stop_unfinished(self, fd: int) -> None:
+        """Starts a previous launcher did not live to finish: nobody was told of that QEMU
+        and no start was audited, so it goes (SIGKILL to its process group, the session
+        QEMU leads) unless the start did finish (its record is there too)."""
+        for name in sorted(n for n in os.listdir(fd) if n.endswith(STARTING)):
+            record = self._load(fd, name, suffix=STARTING)
+            finished = os.path.exists(self.folder / f"{name.removesuffix(STARTING)}.json")
+            if (
+                record is not None
+                and not finished
+                and record.start_time != 0
+                and (proc_start_time(record.pid) == record.start_time)
+            ):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(record.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(record.pid, signal.SIGKILL)
+                self._unfinished.append(record)
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=fd)
+
+    def _unlink(self, name: str) -> None:
+        fd = self._dir()
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
+
     def _attach(self, record: VmRecord, timeout: float) -> VmHandle | None:
         if record.start_time == 0 or proc_start_time(record.pid) != record.start_time:
             return None
@@ -355,7 +406,7 @@ class VmRegistry:
             return None
         return VmHandle(record, qmp)
 
-    def _load(self, fd: int, name: str) -> VmRecord | None:
+    def _load(self, fd: int, name: str, *, suffix: str = ".json") -> VmRecord | None:
         from .allowlist_store import read_file
 
         try:
@@ -365,12 +416,12 @@ class VmRegistry:
             # Tampered, torn or foreign: not a VM this launcher may act on (it is skipped,
             # never trusted); a bug of ours still raises.
             return None
-        return record if name == f"{record.vm}.json" else None
+        return record if name == f"{record.vm}{suffix}" else None
 
-    def _save(self, record: VmRecord) -> None:
+    def _save(self, record: VmRecord, suffix: str = ".json") -> None:
         fd = self._dir()
         try:
-            replace_file(fd, f"{record.vm}.json", record.to_json(), mode=_RECORD_MODE)
+            replace_file(fd, f"{record.vm}{suffix}", record.to_json(), mode=_RECORD_MODE)
         except OSError as e:
             raise VmError(f"cannot record VM {record.vm}: {e.strerror}") from None
         finally:

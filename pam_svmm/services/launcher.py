@@ -123,6 +123,7 @@ volume_close) with user, uid, VM, the card fingerprint and the reason.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -1141,6 +1142,13 @@ class Launcher:
     def sweep_sessions(self) -> list[int]:
         """Every uid with an allowlist or session records but no live session: forgotten
         (svmmd runs this at start and then every few seconds). The uids forgotten."""
+        for record in self.registry.take_unfinished():
+            # A start the previous svmmd did not live to answer: its QEMU was stopped.
+            d = Decision(False, "start_unfinished", f"vm={record.vm}; pid={record.pid}",
+                         record.vm, record.user, card=_card_of(record))  # fmt: skip
+            with contextlib.suppress(SvmmError):
+                self._audited("vm_stop", Outcome.SUCCESS, d, 0, "reattach",
+                              detail="QEMU of a start svmmd did not finish, killed")  # fmt: skip
         found: set[int] = set()
         for folder in (self.config.session.allowlist_dir, self.config.session.state_dir):
             try:

@@ -15,8 +15,9 @@ session held keys they are dropped (audited ``session_lost``, with the count).
 3. svmmd SIGKILLed with a VM running; the login ends while svmmd is down; the restarted
    svmmd reattaches the VM and applies ``launcher.on_session_lost`` (default pause). And the
    other side: restarted under a live login, the VM and the grant stay, the keys do not.
-   And killed in the middle of a VM start (QEMU spawned, not yet recorded): a known bug,
-   marked xfail(strict) with its reason, so the test fails the day it is fixed.
+   And killed in the middle of a VM start (QEMU spawned, not yet answering): the registry's
+   "starting" record lets the restarted svmmd kill that QEMU (audited vm_stop,
+   start_unfinished) instead of leaving an unknown VM holding the key.
 4. The PAM application SIGKILLed mid-session with a VM running: svmmd's own sweeper (no
    request needed) forgets the session, drops its keys and pauses the VM.
 
@@ -479,14 +480,6 @@ def qemu_child(parent: int, vm: str) -> int | None:
     return None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: QEMU spawned by a start that svmmd did not live to finish is in no registry "
-    "record (VmRegistry.launch saves it only once QMP answered), so the restarted svmmd "
-    "never reattaches or stops it: an unaudited VM holding the volume key stays, and the "
-    "next start runs a second QEMU on the same disk",
-)
 def test_svmmd_killed_during_a_vm_start_leaves_no_orphan_vm(host: Host) -> None:
     """svmmd has spawned alice's QEMU (held with SIGSTOP by the test, so it cannot answer
     QMP and svmmd cannot have recorded it) when svmmd is SIGKILLed. The start was never
@@ -515,9 +508,14 @@ def test_svmmd_killed_during_a_vm_start_leaves_no_orphan_vm(host: Host) -> None:
         host.restart()
         code, listed = host.vm("list")
         assert code == 0 and listed["data"]["running"] == [], listed
-        # Fixed, the restarted svmmd stops (or takes back) the QEMU nobody answers for.
-        gone_or_ours = lambda: start_time(child) != started or registry.exists()  # noqa: E731
-        wait_for("the orphaned QEMU gone or reattached", gone_or_ours, SWEEP_TIMEOUT)
+        # The restarted svmmd stops the QEMU nobody answers for, and says so.
+        wait_for("the orphaned QEMU gone", lambda: start_time(child) != started, SWEEP_TIMEOUT)
+        stops = wait_for(
+            "the unfinished start audited",
+            lambda: [r for r in host.records(event="vm_stop") if r["reason"] == "start_unfinished"],
+            SWEEP_TIMEOUT,
+        )
+        assert stops[0]["vm"] == "vm-web" and stops[0]["user"] == "alice", stops
 
 
 # --- 4. the PAM application killed mid-session -------------------------------------------
