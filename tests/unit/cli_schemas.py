@@ -55,6 +55,24 @@ def parse(out: str, schema: Schema) -> dict[str, Any]:
     return doc
 
 
+# `svmm crl refresh --json` (pam_svmm/cli/crl.py, refresh_json): one entry per CRL source.
+CRL_REFRESH: Schema = {
+    "cache_dir": str,
+    "ok": bool,  # every source indexed, fresh or skipped (exit 0); else exit 3
+    "sources": [
+        {
+            "source": str,  # file:/path or the URL
+            "origin": str,  # crl_files, ca_certificate, cache, command_line
+            "issuer": OPT_STR,
+            "action": str,  # fetched, indexed, unchanged, fresh, skipped, failed
+            "detail": str,
+            "this_update": OPT_STR,
+            "next_update": OPT_STR,
+            "entries": OPT_INT,
+        }
+    ],
+}
+
 AUDIT_VERIFY: Schema = {
     "path": str,
     "intact": bool,
@@ -63,6 +81,7 @@ AUDIT_VERIFY: Schema = {
     "last_seq": int,
     "sealed": bool,
     "legacy": int,
+    "gaps": [{"line": int, "lines": int, "bytes": int, "seq": int}],
     "problem": ({"seq": int, "line": int, "kind": str, "detail": str}, NONE),
 }
 
@@ -221,4 +240,50 @@ POLICY_LOAD: Schema = {
     "version": OPT_INT,  # in force after the load
     "previous_version": OPT_INT,
     "refused": OPT_STR,  # why the candidate was not accepted
+}
+
+# `svmm card list --json` (pam_svmm/cli/card.py, card_list_json): each token with the verdict a
+# login would give each certificate on it, and the one a login would use.
+CARD_CERTIFICATE: Schema = {
+    "label": str,
+    "id": str,  # CKA_ID in hex ("" when the object has none)
+    "readable": bool,  # false: the DER does not parse (subject ... not_after are null)
+    "ca": bool,  # a CA certificate on the card: never a login candidate
+    "subject": OPT_STR,
+    "key": OPT_STR,  # RSA-2048, EC P-256, ...
+    "not_before": OPT_STR,  # ISO 8601, UTC
+    "not_after": OPT_STR,
+    "sha256": str,
+    "stage": str,  # how far it got: parse, chain, mapping, user, revocation, passed
+    "usable": bool,  # a login would accept it
+    "user": OPT_STR,  # whom it maps to
+    "rule": OPT_STR,
+    "reason": OPT_STR,  # why not: the error's reason token, and its message
+    "message": OPT_STR,
+}
+CARD_LIST: Schema = {
+    "module": str,
+    "user": OPT_STR,  # --user
+    "tokens": [
+        {
+            "label": str,
+            "serial": str,
+            "slot": int,
+            "manufacturer": str,
+            "model": str,
+            "login_required": bool,
+            "pin_tries": str,  # unknown, count_low, final_try, locked
+            "pin_pad": bool,
+            "skipped": OPT_STR,  # why the listing passed the token over
+            "problem": ({"reason": str, "message": str}, NONE),  # the token could not be read
+            "certificates": [CARD_CERTIFICATE],
+        }
+    ],
+    "chosen": (
+        {"token": str, "token_serial": str, "certificate": str, "sha256": str, "user": str},
+        NONE,
+    ),
+    "ok": bool,  # a login would find a certificate (exit 0)
+    "reason": OPT_STR,  # why not (exit 1; no_card with no token at all: exit 3)
+    "message": OPT_STR,
 }
