@@ -24,8 +24,8 @@ from pam_svmm.adapters.token import Pkcs11Module
 from pam_svmm.errors import PinIncorrect, TokenError
 from svmm_lab.lab import Lab, Reader
 from tests.integration import softhsm as fixtures
+from tests.integration.logins import PIN
 from tests.integration.softhsm import USER_PIN, SoftHsm
-from tests.integration.test_login import PIN
 
 pytestmark = [
     pytest.mark.integration,

@@ -22,7 +22,7 @@ from svmm_lab.directory import Slapd
 from svmm_lab.lab import Lab, Reader
 from svmm_lab.volumes import make_volume
 from tests.integration import ldap_fixtures
-from tests.integration.test_login import PIN
+from tests.integration.logins import PIN
 from tests.integration.test_volume_session import (  # noqa: F401
     ALICE_UID,
     ROOT,

@@ -24,7 +24,7 @@ from pam_svmm.errors import DirectoryUnavailable
 from svmm_lab.directory import Slapd
 from svmm_lab.lab import Lab
 from tests.integration import ldap_fixtures
-from tests.integration.test_login import login
+from tests.integration.logins import login
 
 pytestmark = pytest.mark.integration
 slapd_factory, replicated_slapd = ldap_fixtures.slapd_factory, ldap_fixtures.replicated_slapd

@@ -26,7 +26,7 @@ from svmm_lab.svmmd import SvmmdProcess
 from svmm_lab.userland import userland
 from svmm_lab.volumes import make_volume
 from tests.integration import ldap_fixtures
-from tests.integration.test_login import PIN
+from tests.integration.logins import PIN
 
 pytestmark = [
     pytest.mark.integration,

@@ -3,13 +3,11 @@ a real `openssl ocsp` responder and CRL server. Each login is a fresh PAM proces
 
 from __future__ import annotations
 
-import json
 import datetime as dt
+import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
@@ -17,43 +15,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from pam_svmm.domain.certpolicy import fingerprint
 from svmm_lab.lab import SO_PIN, Lab
-from svmm_lab.pamclient import PamReport
 from svmm_lab.responders import CrlServer, free_port
+from tests.integration.logins import PIN, card_list, login, refused
 
 pytestmark = pytest.mark.integration
-PIN = "123456"
-
-
-@dataclass
-class Attempt:
-    report: PamReport
-    audit: list[dict[str, Any]]
-
-    @property
-    def record(self) -> dict[str, Any]:
-        """The attempt's one authentication record."""
-        auth = [r for r in self.audit if r["event"] == "auth"]
-        assert len(auth) == 1, f"expected one auth record, got {self.audit}"
-        return auth[0]
-
-    @property
-    def events(self) -> list[str]:
-        return [r["event"] for r in self.audit]
-
-
-def login(
-    lab: Lab, *cards: str, pin: str = PIN, user: str = "", service: str = "svmm-login"
-) -> Attempt:
-    before = len(lab.audit_records())
-    report = lab.login(lab.insert(*cards), pin=pin, user=user, service=service)
-    return Attempt(report, lab.audit_records()[before:])
-
-
-def refused(a: Attempt, code: str, reason: str) -> None:
-    assert a.report.name == code, a.report
-    assert a.record["reason"] == reason, a.record
-    assert a.record["outcome"] in ("failure", "undecided", "error")
-    assert a.events == ["auth"]  # no account phase after a refusal
 
 
 # --- good cards -----------------------------------------------------------------------------
@@ -545,18 +510,6 @@ def test_the_embedded_interpreter_ignores_the_callers_python_variables(
 
 
 # --- `svmm card list` gives every certificate the verdict a login would ---------------------
-
-
-def card_list(lab: Lab, card: str | tuple[str, ...], *args: str, config: Path | None = None) -> Any:
-    import os
-    import subprocess
-
-    cards = (card,) if isinstance(card, str) else card
-    env = dict(os.environ, SVMM_CONFIG=str(config or lab.config_path), **lab.insert(*cards).env)
-    return subprocess.run(
-        [sys.executable, "-m", "pam_svmm.cli.main", "card", "list", *args],
-        capture_output=True, text=True, env=env, timeout=60, check=False,
-    )  # fmt: skip
 
 
 def test_card_list_never_offers_a_revoked_card(lab: Lab) -> None:

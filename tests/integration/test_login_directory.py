@@ -12,7 +12,7 @@ import pytest
 from svmm_lab.directory import Slapd
 from svmm_lab.lab import PAM_PYTHON, SHIM, Lab
 from tests.integration import ldap_fixtures
-from tests.integration.test_login import card_list, login, refused
+from tests.integration.logins import card_list, login, refused
 
 pytestmark = pytest.mark.integration
 slapd, slapd_factory = ldap_fixtures.slapd, ldap_fixtures.slapd_factory

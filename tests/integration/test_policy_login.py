@@ -10,7 +10,7 @@ import pytest
 from svmm_lab.directory import Slapd
 from svmm_lab.lab import Lab
 from tests.integration import ldap_fixtures
-from tests.integration.test_login import login
+from tests.integration.logins import login
 
 pytestmark = pytest.mark.integration
 slapd = ldap_fixtures.slapd
