@@ -1,6 +1,11 @@
 """The end-to-end test (`tools/run e2e`): build or reuse the offline guest (guest.py), boot
 it, and play the scenario of issue 7 on its serial consoles, printing a step-by-step report.
 
+The guest has the product from its Debian package (pam-svmm, installed with apt as README
+says; the demo lab beside it, never in its venv): the scenario checks the install, upgrades
+the package in place to a second build (V+e2e1) while alice's session is live, and purges it
+at the end, checking what the package promises for each (debian/).
+
 ttyS0 is the guest's serial login (agetty, /bin/login, the PAM stack pam-auth-update wrote):
 the scenario types user names and the card's PIN there, as a person would. ttyS1 is a root
 shell of the test guest only: it swaps the cards in the demo reader, pulls a card, reads the
@@ -21,6 +26,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -30,8 +36,14 @@ from serial_console import ExpectTimeout, RootShell, SerialConsole
 PIN = "123456"  # the demo cards' PIN (svmm_lab/lab.py)
 WRONG_PIN = "000000"
 UIDS = {"alice": 10001, "bob": 10002, "mallory": 10006, "scl": 10007}
-SVMM = "/opt/svmm/venv/bin/svmm"
+# On the guest's PATH: the package's svmm (/usr/bin, a link into the venv; checked), and
+# svmm-lab (/usr/local/bin, provision.sh): `svmm lab` with the demo lab from the source tree.
+SVMM = "svmm"
+LAB = "svmm-lab"
+VENV = "/opt/svmm/venv"
+SEAL_KEY = "/etc/svmm/audit-seal.key"
 DEMO = "/var/lib/svmm/demo"
+VOLUMES = f"{DEMO}/volumes"  # the demo's LUKS volumes (svmm_lab/host.py)
 AUDIT = "/var/log/svmm/audit.jsonl"
 CONFIG = "/etc/svmm/svmm.toml"
 REPO = Path(__file__).resolve().parent.parent
@@ -230,8 +242,7 @@ class Guest:
         process, so svmmd (which answers logins and watches the cards) starts again, as a
         real reader's hot-plug would have told it; a stopped svmmd is left stopped."""
         self.root.check(
-            f"{SVMM} lab reader --dir {DEMO} {' '.join(cards)} && "
-            "systemctl try-restart svmmd.service",
+            f"{LAB} reader --dir {DEMO} {' '.join(cards)} && systemctl try-restart svmmd.service",
             timeout=120,
         )
 
@@ -273,7 +284,7 @@ def refused(g: Guest, user: str, pin: str | None, *, reason: str) -> Callable[[l
 # --- the scenario -------------------------------------------------------------------------
 
 
-def scenario(g: Guest, report: Report, mode: str) -> None:
+def scenario(g: Guest, report: Report, mode: str, debs: dict[str, str]) -> None:
     c, root = g.console, g.root
     alice = UIDS["alice"]
     allowlist = f"/run/svmm/allowlist/{alice}.json"
@@ -296,6 +307,11 @@ def scenario(g: Guest, report: Report, mode: str) -> None:
             any(r.get("event") == "auth" and r.get("outcome") == "success" for r in recs),
             "no successful auth record",
         )
+
+    with report.step("alice's first login made her home directory (pam_mkhomedir)") as n:
+        code, out = c.run("pwd; stat -c '%U %a' \"$HOME\"")
+        n.append(out.replace("\n", "; "))
+        check(code == 0 and out.split() == ["/home/alice", "alice", "700"], f"home: {out!r}")
 
     with report.step("the allowlist exists, root-owned, with alice's VMs") as n:
         code, out = root.run(f"stat -c '%U %a' {allowlist} && cat {allowlist}")
@@ -334,6 +350,9 @@ def scenario(g: Guest, report: Report, mode: str) -> None:
         n.append(out.replace("\n", " ")[:200])
         check(code == 1, f"exit {code}, not a refusal by the launcher (1)")
 
+    # The upgrade while alice's session is live: her volumes open, vm-web running (prelaunch).
+    package_upgrade(g, report, debs, dm)
+
     with report.step("card removal pauses alice's VM") as n:
         try:
             # svmmd starts a VM stopped (QEMU -S); the user lets it run.
@@ -341,7 +360,7 @@ def scenario(g: Guest, report: Report, mode: str) -> None:
             check(code == 0, f"resume: exit {code}: {out[-200:]}")
             status = c.run(f"{SVMM} vm --json status vm-web")[1]
             check(re.search(r'"status":\s*"running"', status), f"not running: {status[-200:]}")
-            root.check(f"{SVMM} lab reader --dir {DEMO} --pull alice")
+            root.check(f"{LAB} reader --dir {DEMO} --pull alice")
             try:
                 status = ""
                 deadline = time.monotonic() + 30
@@ -360,7 +379,7 @@ def scenario(g: Guest, report: Report, mode: str) -> None:
                     n.append(f"svmm-web-disk attr {attr.strip()}")
                     check(attr.strip()[2:3] == "s", "svmm-web-disk not suspended")
             finally:
-                root.check(f"{SVMM} lab reader --dir {DEMO} --back alice")
+                root.check(f"{LAB} reader --dir {DEMO} --back alice")
         finally:
             code, out = c.run(f"{SVMM} vm stop vm-web", timeout=90)
             n.append(f"stop: {out.strip()[:100]}")
@@ -393,6 +412,10 @@ def scenario(g: Guest, report: Report, mode: str) -> None:
         code, out, asked = c.interactive("su - alice -c 'id -un'", PIN)
         n.append(f"asked PIN: {asked}; out: {out.strip()[-80:]}")
         check(asked and code == 0 and out.strip().endswith("alice"), f"su exit {code}")
+        check("cannot change directory" not in out, "su - alice found no home")
+        home = root.run("stat -c '%U %a' /home/scl")[1].strip()
+        n.append(f"/home/scl: {home}")
+        check(home == "scl 700", "scl's first login made no home directory")
 
     with report.step("sudo is limited to the engineering role: scl is refused") as n:
         code, out, asked = c.interactive("sudo -u alice id -un", PIN)
@@ -440,6 +463,184 @@ def scenario(g: Guest, report: Report, mode: str) -> None:
 
     if dm:
         dm_tests(g, report)
+    package_purge(g, report)
+
+
+# --- the Debian package -------------------------------------------------------------------
+
+
+def dpkg_status(g: Guest) -> str:
+    """dpkg's "Status Version" of pam-svmm ("" when dpkg does not know it any more)."""
+    return g.root.run("dpkg-query -W -f='${Status} ${Version}' pam-svmm 2>/dev/null")[1].strip()
+
+
+def package_installed(g: Guest, report: Report, debs: dict[str, str]) -> None:
+    with report.step(f"pam-svmm {debs['version']} installed from its .deb with apt") as n:
+        status = dpkg_status(g)
+        n.append(status)
+        check(status == f"install ok installed {debs['version']}", f"dpkg says {status!r}")
+        out = g.root.check(
+            f'readlink -f "$(command -v {SVMM})"; {SVMM} --version; '
+            f'dpkg -S "$(command -v {SVMM})" /usr/lib/svmm/pam_svmm.py | cut -d: -f1 | uniq; '
+            f'test "$(command -v {LAB})" != "" && echo lab; '
+            f'ls {VENV}/lib/python3*/site-packages | grep -c "^svmm_lab" || true; '
+            "systemctl is-enabled svmmd.socket; systemctl is-active svmmd.socket; "
+            "grep -c pam_svmm.py /etc/pam.d/common-auth"
+        )
+        lines = out.splitlines()
+        n.append(" | ".join(lines))
+        check(lines[0] == f"{VENV}/bin/{SVMM}", f"{SVMM} is not the venv's")
+        check(lines[2] == "pam-svmm", "svmm or the PAM shim is not the package's")
+        check(lines[3] == "lab", f"no {LAB} (provision.sh's demo lab)")
+        check(lines[4] == "0", "the package's venv has the demo lab")
+        check(lines[5:7] == ["enabled", "active"], "svmmd.socket not enabled and listening")
+        check(int(lines[7]) >= 1, "the profile is not enabled (pam-auth-update --enable svmm)")
+
+    with report.step(
+        "packaged host: svmm lab demo and --demo-ca say the lab is not installed"
+    ) as n:
+        for command in (f"{SVMM} lab demo --dir /tmp/lab", f"{SVMM} card revoke --serial 01 "
+                        "--demo-ca /tmp/ca"):  # fmt: skip
+            code, out = g.root.run(f"cd /tmp && {command} 2>&1")
+            n.append(f"exit {code}: {out.strip()[:110]}")
+            check(code == 6, f"{command}: exit {code}, not 6 (an SvmmError)")
+            check("needs the demo lab (svmm_lab)" in out, f"{command}: no clear message")
+            check("Traceback" not in out, f"{command}: a traceback")
+
+
+def _svmmd_state(g: Guest) -> tuple[str, str]:
+    out = g.root.check(
+        "systemctl show -p MainPID --value svmmd.service; "
+        "systemctl show -p InvocationID --value svmmd.service"
+    )
+    pid, invocation = [*out.split(), "", ""][:2]
+    return pid, invocation
+
+
+def _held(g: Guest) -> list[str]:
+    """What svmmd holds for the console's user (svmm vm list, asked as alice): the volume
+    keys it keeps, in dm-crypt mode the session's open volumes (their keys are in the
+    kernel, under svmmd's control), and the user's running VMs."""
+    code, out = g.console.run(f"{SVMM} vm --json list", timeout=120)
+    check(code == 0, f"vm list: exit {code}: {out[-200:]}")
+    data = json.loads(out[out.index("{") :]).get("data", {})
+    held = [f"key:{k}" for k in data.get("keys_held", [])]
+    held += [f"open:{v}" for v in data.get("volumes_open", [])]
+    return sorted(held + [f"running:{vm}" for vm in data.get("running", [])])
+
+
+def _kept(g: Guest) -> dict[str, str]:
+    """What upgrade and purge must keep: the configuration (upgrade only), the seal key, the
+    audit trail (its records so far: their count and hash) and the volumes."""
+
+    def out(command: str) -> str:
+        return g.root.run(command)[1].strip()
+
+    def sha(path: str) -> str:
+        return out(f"if [ -e {path} ]; then sha256sum < {path} | cut -c1-16; else echo absent; fi")
+
+    return {
+        "config": sha(CONFIG),
+        "seal": sha(SEAL_KEY),
+        "audit": sha(AUDIT),
+        "audit_lines": out(f"wc -l < {AUDIT}"),
+        "volumes": out(f"stat -c '%n %s %Y' {VOLUMES}/*"),
+    }
+
+
+def _trail_kept(g: Guest, before: dict[str, str]) -> bool:
+    """The audit trail still begins with the records it had (it may have more now)."""
+    n = int(before["audit_lines"])
+    head = g.root.run(f"head -n {n} {AUDIT} | sha256sum | cut -c1-16")[1].strip()
+    return before["audit"] != "absent" and head == before["audit"]
+
+
+def package_upgrade(g: Guest, report: Report, debs: dict[str, str], dm: bool) -> None:
+    """In place, while alice is logged in: the package promises (debian/rules, README.Debian)
+    that an upgrade neither stops nor restarts svmmd (it holds the session's keys), and
+    keeps the conffile, the seal key and the audit trail."""
+    before: dict[str, Any] = {}
+    upgrade = f"{guest.GUEST_DEBS}/{debs['upgrade_deb']}"
+    with report.step(
+        f"upgrade in place to {debs['upgrade_version']} (apt install ./….deb), alice logged in"
+    ) as n:
+        before.update(svmmd=_svmmd_state(g), held=_held(g), files=_kept(g))
+        n.append(f"svmmd pid {before['svmmd'][0]}, keys held {before['held']}")
+        check(before["svmmd"][0] not in ("", "0"), "svmmd is not running before the upgrade")
+        check(
+            any(h.startswith(("key:", "open:")) for h in before["held"]),
+            "svmmd holds no key or volume for alice before the upgrade",
+        )
+        code, out = g.root.run(
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
+            f"{upgrade} > /tmp/upgrade.log 2>&1; rc=$?; "
+            "grep -iE 'unpacking|setting up|warn|error' /tmp/upgrade.log | cut -c1-160; (exit $rc)",
+            timeout=900,
+        )
+        n.append(out.replace("\n", " | ")[:300])
+        check(code == 0, f"apt-get install exit {code}")
+        status = dpkg_status(g)
+        check(status == f"install ok installed {debs['upgrade_version']}", f"dpkg: {status!r}")
+        before["upgraded"] = True
+
+    with report.step("the upgrade left svmmd running (same pid), holding alice's session") as n:
+        check(before.get("upgraded"), "the upgrade did not run")
+        after = _svmmd_state(g)
+        held = _held(g)
+        n.append(f"svmmd pid {before['svmmd'][0]} -> {after[0]}; keys held {held}")
+        check(after == before["svmmd"], "svmmd was restarted (another pid or invocation)")
+        check(held == before["held"], "svmmd no longer holds alice's keys or volumes")
+        if dm:
+            check("svmm-web-disk" in g.mappings(), "alice's volume was closed")
+
+    with report.step("the upgrade kept the conffile, the seal key and the audit trail") as n:
+        check(before.get("upgraded"), "the upgrade did not run")
+        old, new = before["files"], _kept(g)
+        n.append(f"audit lines {old['audit_lines']} -> {new['audit_lines']}")
+        check(new["config"] == old["config"], f"{CONFIG} changed (not kept as a conffile)")
+        check(new["seal"] == old["seal"] != "absent", "the seal key changed")
+        check(_trail_kept(g, old), "the audit trail lost or changed records")
+        check(new["volumes"] == old["volumes"], "a volume changed")
+        code, out = g.root.run(f"{SVMM} audit verify; grep -c pam_svmm.py /etc/pam.d/common-auth")
+        n.append(out.strip().replace("\n", " | ")[-160:])
+        check(code == 0, "audit verify fails, or the profile left common-auth")
+
+
+def package_purge(g: Guest, report: Report) -> None:
+    """apt-get purge, and what postrm promises: the audit trail, the volumes and the seal key
+    stay; /opt/svmm goes; pam-auth-update takes the profile out of /etc/pam.d."""
+    kept = _kept(g)
+    with report.step("apt-get purge pam-svmm") as n:
+        code, out = g.root.run(
+            "DEBIAN_FRONTEND=noninteractive apt-get purge -y -q pam-svmm > /tmp/purge.log 2>&1;"
+            " rc=$?; grep -iE 'removing|purging|warn|error' /tmp/purge.log | cut -c1-160; "
+            "(exit $rc)",
+            timeout=600,
+        )
+        n.append(out.replace("\n", " | ")[:400])
+        check(code == 0, f"apt-get purge exit {code}")
+        status = dpkg_status(g)
+        check(not status or "not-installed" in status, f"dpkg still has it: {status!r}")
+
+    with report.step("purge kept the audit trail, the volumes and the seal key") as n:
+        now = _kept(g)
+        n.append(f"audit lines {kept['audit_lines']} -> {now['audit_lines']}; volumes:")
+        n.append(now["volumes"].replace("\n", ", ").replace(f"{VOLUMES}/", "")[:200])
+        check(now["seal"] == kept["seal"] != "absent", "the seal key changed or went")
+        check(_trail_kept(g, kept), "the audit trail lost or changed records")
+        check(now["volumes"] == kept["volumes"] and "No such" not in now["volumes"], "volumes")
+        check(now["config"] == "absent", f"the conffile {CONFIG} was not purged")
+
+    with report.step("purge removed /opt/svmm and the PAM profile (pam-auth-update)") as n:
+        out = g.root.run(
+            "ls -d /opt/svmm /usr/bin/svmm /usr/lib/svmm/pam_svmm.py "
+            "/usr/share/pam-configs/svmm 2>/dev/null; grep -l 'pam_svmm\\|pam_mkhomedir' "
+            "/etc/pam.d/* 2>/dev/null; systemctl is-active svmmd.socket svmmd.service"
+        )[1]
+        n.append(out.replace("\n", " | "))
+        left = [ln for ln in out.splitlines() if ln.startswith("/")]
+        check(not left, f"still there: {left}")
+        check("active" not in out.replace("inactive", ""), "svmmd still runs")
 
 
 def dm_tests(g: Guest, report: Report) -> None:
@@ -456,7 +657,8 @@ def dm_tests(g: Guest, report: Report) -> None:
 
 # The tests that need device-mapper, run in the guest by its test venv (provision.sh tests).
 DM_TESTS = (
-    "cd /opt/svmm/src && /opt/svmm/test-venv/bin/python -m pytest -q -p no:cacheprovider "
+    f"cd {guest.GUEST_SRC} && {guest.GUEST_E2E}/test-venv/bin/python -m pytest -q "
+    "-p no:cacheprovider "
     "-rf --tb=short tests/unit/test_dmcrypt_session.py tests/integration/test_dmcrypt.py "
     "> /tmp/dmcrypt-tests.log 2>&1; rc=$?; "
     "grep -E '^(E  |FAILED|ERROR|tests/.*Error)' /tmp/dmcrypt-tests.log | cut -c1-240 "
@@ -516,6 +718,9 @@ def run_e2e(args: argparse.Namespace) -> int:
             timings.add("boot to login prompt", time.monotonic() - t0, "(KVM)" if kvm else "(TCG)")
             with report.step("root control shell on ttyS1", fatal=True):
                 g.root.setup(120)
+            debs = json.loads((image / "debs.json").read_text())
+            if not args.dm_tests_only:
+                package_installed(g, report, debs)
             with report.step("device-mapper: modprobe dm_crypt, /dev/mapper/control") as n:
                 code, out = g.root.run(
                     "modprobe dm_crypt; modprobe loop; ls -l /dev/mapper/control"
@@ -531,14 +736,15 @@ def run_e2e(args: argparse.Namespace) -> int:
                     "systemctl start svmm-nss-sync.service; sleep 1; done; getent passwd alice",
                     timeout=300,
                 )
-                n.append(g.root.check("getent passwd alice scl | cut -d: -f1,3,7 | tr '\\n' ' '"))
+                n.append(g.root.check("getent passwd alice scl | cut -d: -f1,3,6 | tr '\\n' ' '"))
+                check(not g.exists("/home/alice"), "/home/alice exists before her first login")
             if mode != "vmm":
                 g.root.check(f'sed -i \'s/^mode = "vmm"/mode = "{mode}"/\' {CONFIG}')
             t1 = time.monotonic()
             if args.dm_tests_only:
                 dm_tests(g, report)
             else:
-                scenario(g, report, mode)
+                scenario(g, report, mode, debs)
             timings.add("scenario", time.monotonic() - t1)
         except Exception as e:
             print(f"e2e: stopped: {type(e).__name__}: {e}", flush=True)

@@ -9,12 +9,17 @@ Stages are cached under the cache folder, each keyed by a hash of what goes into
 
     base-KEY/      debootstrap (minbase, systemd, the Debian kernel and initramfs)
     pkgs-KEY/      + the product's Debian packages (provision.sh --phase packages)
-    image-KEY/     disk.img (ext4, made with mke2fs -d), vmlinuz, initrd.img: + the product,
-                   the system configuration and the demo organisation (provision.sh)
+    deb-KEY/       on the host: pam-svmm_V_amd64.deb built from the tree with debian/ (as
+                   `tools/run deb` builds it, pip fetching the venv's wheels), and a second
+                   build, V+e2e1 (a changelog entry in the copy), that the e2e upgrades to
+    image-KEY/     disk.img (ext4, made with mke2fs -d), vmlinuz, initrd.img: + the package
+                   installed with apt as README says, the demo organisation and the system
+                   configuration (provision.sh), both .debs in /opt/svmm-e2e/debs
 
-A change to the repository rebuilds only the image; a change to the package list rebuilds
-from the packages stage. Each run boots a qcow2 overlay on the cached image, so runs start
-clean. Standard library only (runs with Debian's /usr/bin/python3 as root).
+A change to the repository rebuilds the image (and the .debs when it touches what they are
+built from); a change to the package list rebuilds from the packages stage. Each run boots
+a qcow2 overlay on the cached image, so runs start clean. Standard library only (runs with
+Debian's /usr/bin/python3 as root).
 """
 
 from __future__ import annotations
@@ -55,13 +60,29 @@ BASE_INCLUDE = (
 # What the image is made from (its cache key); tests/: the device-mapper tests run in it.
 PRODUCT_PATHS = (
     "pam_svmm",
+    "svmm_lab",
     "config",
     "tests",
     "vagrant/provision.sh",
     "pyproject.toml",
     "README.md",
 )
-GUEST_SRC = "/opt/svmm/src"  # where the repository is copied inside the guest
+# What the Debian package is built from (debian/rules and its install lists name these).
+PACKAGE_PATHS = (
+    "pam_svmm",
+    "config",
+    "debian",
+    "man",
+    "completion",
+    "pyproject.toml",
+    "README.md",
+    "LICENSE",
+)
+UPGRADE_SUFFIX = "+e2e1"  # the second build's version: V+e2e1 sorts after V (dpkg)
+# The e2e's own files in the guest, outside /opt/svmm (the package's, gone after a purge).
+GUEST_E2E = "/opt/svmm-e2e"
+GUEST_SRC = f"{GUEST_E2E}/src"  # where the repository is copied inside the guest
+GUEST_DEBS = f"{GUEST_E2E}/debs"  # the two .debs and debs.json
 HOST_CA = "/etc/ssl/certs/ca-certificates.crt"
 BUILD_CA = "/root/.svmm-build-ca.crt"  # the host's CA bundle, for pip in the chroot only
 
@@ -104,6 +125,7 @@ def provision_packages(script: Path = PROVISION) -> list[str]:
 class Keys:
     base: str
     pkgs: str
+    deb: str
     image: str
 
     @classmethod
@@ -114,8 +136,102 @@ class Keys:
         pkgs = digest(
             {"base": base, "packages": provision_packages(repo / "vagrant" / "provision.sh")}
         )
-        image = digest({"pkgs": pkgs, "tree": tree_digest(repo, PRODUCT_PATHS)})
-        return cls(base, pkgs, image)
+        deb = digest({"tree": tree_digest(repo, PACKAGE_PATHS), "upgrade": UPGRADE_SUFFIX})
+        image = digest({"pkgs": pkgs, "deb": deb, "tree": tree_digest(repo, PRODUCT_PATHS)})
+        return cls(base, pkgs, deb, image)
+
+
+# --- the Debian package ---------------------------------------------------------------------
+
+
+CHANGELOG_TOP = re.compile(
+    r"(?P<package>\S+) \((?P<version>[^)]+)\) (?P<dist>[^;]+); (?P<urgency>.+)"
+)
+
+
+def changelog_version(text: str) -> str:
+    """The version of the newest entry of a debian/changelog."""
+    m = CHANGELOG_TOP.match(text)
+    if m is None:
+        raise ValueError("debian/changelog does not start with an entry")
+    return m.group("version")
+
+
+def bumped_changelog(text: str, version: str, when: str) -> str:
+    """debian/changelog with an entry for ``version`` on top (same package, distribution,
+    urgency and maintainer as the newest entry)."""
+    m = CHANGELOG_TOP.match(text)
+    maint = re.search(r"^ -- (.+?>)  ", text, re.M)
+    if m is None or maint is None:
+        raise ValueError("debian/changelog does not start with an entry")
+    return (
+        f"{m.group('package')} ({version}) {m.group('dist')}; {m.group('urgency')}\n\n"
+        f"  * e2e only (vagrant/guest.py): the tree of {m.group('version')} under a newer\n"
+        f"    version, to upgrade a host over it. Never published.\n\n"
+        f" -- {maint.group(1)}  {when}\n\n{text}"
+    )
+
+
+def build_debs(repo: Path, out: Path, build_log: Path) -> dict[str, str]:
+    """pam-svmm built twice with debian/ (dpkg-buildpackage -b, as `tools/run deb` does; its
+    lintian check is that command's), in a copy of ``PACKAGE_PATHS``: as the changelog says
+    (V), then with an entry V+e2e1 on top. The .debs go to ``out``; returns debs.json's
+    content: {"version", "deb", "upgrade_version", "upgrade_deb"}."""
+    with tempfile.TemporaryDirectory(prefix="svmm-deb-") as d, build_log.open("w") as blog:
+        src = Path(d) / "src"
+        copy_paths(repo, src, PACKAGE_PATHS)
+        changelog = src / "debian" / "changelog"
+        version = changelog_version(changelog.read_text())
+        upgrade = version + UPGRADE_SUFFIX
+        for v in (version, upgrade):
+            if v == upgrade:
+                when = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
+                changelog.write_text(bumped_changelog(changelog.read_text(), upgrade, when))
+            t0 = time.monotonic()
+            proc = subprocess.run(
+                ["dpkg-buildpackage", "-b", "--no-sign"],
+                cwd=src,
+                stdin=subprocess.DEVNULL,
+                stdout=blog,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+            if proc.returncode != 0:
+                blog.flush()
+                tail = build_log.read_text().splitlines()[-30:]
+                raise RuntimeError(
+                    f"dpkg-buildpackage of {v} failed ({build_log}):\n" + "\n".join(tail)
+                )
+            log(f"[guest] pam-svmm {v}: built in {time.monotonic() - t0:.0f} s")
+        names = {}
+        for v in (version, upgrade):
+            (deb,) = Path(d).glob(f"pam-svmm_{v}_*.deb")
+            shutil.move(deb, out / deb.name)
+            names[v] = deb.name
+    return {
+        "version": version,
+        "deb": names[version],
+        "upgrade_version": upgrade,
+        "upgrade_deb": names[upgrade],
+    }
+
+
+def copy_paths(repo: Path, dst: Path, paths: Sequence[str]) -> None:
+    """The files under ``paths`` of ``repo`` into ``dst`` (caches, byte code, builds and
+    dot files left out)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for top in paths:
+        src = repo / top
+        if src.is_dir():
+            shutil.copytree(
+                src,
+                dst / top,
+                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", ".*"),
+                dirs_exist_ok=True,
+            )
+        else:
+            (dst / top).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / top)
 
 
 # --- timing -----------------------------------------------------------------------------
@@ -245,6 +361,10 @@ class Guest:
         return self.cache / f"pkgs-{self.keys.pkgs}"
 
     @property
+    def deb_dir(self) -> Path:
+        return self.cache / f"deb-{self.keys.deb}"
+
+    @property
     def image_dir(self) -> Path:
         return self.cache / f"image-{self.keys.image}"
 
@@ -258,10 +378,19 @@ class Guest:
             self._packages()
         else:
             self.timings.add("packages", 0.0, "(cached)")
+        if not (self.deb_dir / "debs.json").exists():
+            self._debs()
+        else:
+            self.timings.add("deb build (2 versions)", 0.0, "(cached)")
         if not (self.image_dir / "disk.img").exists():
             self._image()
         else:
-            for name in ("copy rootfs", "product install", "system + demo org", "disk image"):
+            for name in (
+                "copy rootfs",
+                "apt install .deb + tests",
+                "demo org + system",
+                "disk image",
+            ):
                 self.timings.add(name, 0.0, "(cached)")
         self._prune()
         return self.image_dir
@@ -295,6 +424,15 @@ class Guest:
             finish_chroot(tmp)
         tmp.rename(self.pkgs_dir)
 
+    def _debs(self) -> None:
+        tmp = self.cache / f"deb-{self.keys.deb}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        with self.timings.stage("deb build (2 versions)"):
+            manifest = build_debs(REPO, tmp, tmp / "build.log")
+        (tmp / "debs.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        tmp.rename(self.deb_dir)
+
     def _image(self) -> None:
         work = self.cache / f"image-{self.keys.image}.root"
         out = self.cache / f"image-{self.keys.image}.tmp"
@@ -303,30 +441,37 @@ class Guest:
         with self.timings.stage("copy rootfs"):
             copy_tree(self.pkgs_dir, work)
         self._copy_source(work)
+        debs = work / GUEST_DEBS.lstrip("/")
+        debs.mkdir(parents=True)
+        manifest = json.loads((self.deb_dir / "debs.json").read_text())
+        for name in (manifest["deb"], manifest["upgrade_deb"], "debs.json"):
+            shutil.copy(self.deb_dir / name, debs / name)
         prepare_chroot(work)
         try:
             with chroot_mounts(work):
-                with self.timings.stage("product install"):
+                with self.timings.stage("apt install .deb + tests"):
                     in_chroot(
                         work,
                         [
                             f"{GUEST_SRC}/vagrant/provision.sh",
                             "--phase",
                             "product",
+                            "--deb",
+                            f"{GUEST_DEBS}/{manifest['deb']}",
                             "--phase",
                             "tests",
                         ],
                         env=pip_env(work),
                     )
-                with self.timings.stage("system + demo org"):
+                with self.timings.stage("demo org + system"):
                     in_chroot(
                         work,
                         [
                             f"{GUEST_SRC}/vagrant/provision.sh",
                             "--phase",
-                            "system",
-                            "--phase",
                             "demo",
+                            "--phase",
+                            "system",
                             "--phase",
                             "guest",
                             "--no-start",
@@ -334,6 +479,7 @@ class Guest:
                     )
             finish_chroot(work)
             out.mkdir()
+            shutil.copy(self.deb_dir / "debs.json", out / "debs.json")
             with self.timings.stage("disk image"):
                 self._kernel(work, out)
                 make_ext4(work, out / "disk.img")
@@ -346,18 +492,7 @@ class Guest:
     def _copy_source(root: Path) -> None:
         dst = root / GUEST_SRC.lstrip("/")
         shutil.rmtree(dst, ignore_errors=True)
-        dst.mkdir(parents=True)
-        for top in PRODUCT_PATHS:
-            src = REPO / top
-            if src.is_dir():
-                shutil.copytree(
-                    src,
-                    dst / top,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", ".*"),
-                )
-            else:
-                (dst / top).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, dst / top)
+        copy_paths(REPO, dst, PRODUCT_PATHS)
 
     @staticmethod
     def _kernel(root: Path, out: Path) -> None:
@@ -372,9 +507,9 @@ class Guest:
 
     def _prune(self) -> None:
         """Drop stages of other keys (a cache holds one generation of each)."""
-        keep = {self.base_dir.name, self.pkgs_dir.name, self.image_dir.name}
+        keep = {self.base_dir.name, self.pkgs_dir.name, self.deb_dir.name, self.image_dir.name}
         for p in self.cache.iterdir():
-            if p.name.split("-")[0] in ("base", "pkgs", "image") and p.name not in keep:
+            if p.name.split("-")[0] in ("base", "pkgs", "deb", "image") and p.name not in keep:
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 else:

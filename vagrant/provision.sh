@@ -5,14 +5,16 @@
 #   vagrant/provision.sh                       everything, then start the services (Vagrant)
 #   vagrant/provision.sh --phase P [...]       only these phases, in the order given:
 #       packages   the product's Debian dependencies (apt)
-#       product    /opt/svmm/venv (from /usr/bin/python3), pip install of this repository,
-#                  compileall, the pam_python shim as /usr/lib/svmm/pam_svmm.py
-#       system     pam-auth-update profile, nsswitch (extrausers), systemd units, sudoers
-#                  rule for the engineering role, the QEMU account
-#       demo       the demo organisation in /var/lib/svmm/demo and /etc/svmm/svmm.toml
+#       product    the Debian package, as README says: apt install ./pam-svmm_*.deb (--deb
+#                  FILE, else the newest in SRC/dist/, which `tools/run deb` builds)
+#       demo       the demo organisation in /var/lib/svmm/demo and /etc/svmm/svmm.toml (the
+#                  edit README asks for), the demo lab beside the package (svmm-lab)
+#       system     what README leaves to the site: nsswitch (extrausers), the NSS timer, a
+#                  sudoers rule for the engineering role, pam-auth-update --enable svmm
 #       guest      the offline test guest's own bits (serial getty, a root shell on ttyS1)
-#       tests      the test guest's test runner: /opt/svmm/test-venv, pam_wrapper (the
+#       tests      the test guest's test runner: /opt/svmm-e2e/test-venv, pam_wrapper (the
 #                  device-mapper tests run in the guest; tools/run e2e)
+#   vagrant/provision.sh --deb FILE ...        the package to install (product phase)
 #   vagrant/provision.sh --no-start ...        do not start services (a chroot, an image)
 #   vagrant/provision.sh --src DIR ...         the repository is DIR (Vagrant copies this
 #                                              script alone to the box; default: ..)
@@ -21,8 +23,12 @@
 set -euo pipefail
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VENV=/opt/svmm/venv
-TEST_VENV=/opt/svmm/test-venv
+TEST_VENV=/opt/svmm-e2e/test-venv
+# The demo lab is no part of the package (its venv never has it): it runs from the source
+# tree, by the package's Python, with only svmm_lab on PYTHONPATH (a link to SRC/svmm_lab,
+# which finds config/ beside it); svmm-lab is `svmm lab` with it.
+LAB_PATH=/usr/local/lib/svmm-lab
+DEB=
 DEMO=/var/lib/svmm/demo
 CONFIG=/etc/svmm/svmm.toml
 
@@ -51,49 +57,29 @@ phase_packages() {
 }
 
 phase_product() {
-  say "product: $VENV from /usr/bin/python3, pip install $SRC"
-  if [ ! -x "$VENV/bin/python" ]; then
-    /usr/bin/python3 -m venv "$VENV"
+  local deb=$DEB f
+  if [ -z "$deb" ]; then
+    for f in "$SRC"/dist/pam-svmm_*.deb; do
+      if [ -e "$f" ] && { [ -z "$deb" ] || [ "$f" -nt "$deb" ]; }; then deb=$f; fi
+    done
   fi
-  "$VENV/bin/pip" install -q --upgrade pip
-  # A copy of the tree: pip builds in it, and the source folder stays as it was.
-  local build
-  build=$(mktemp -d)
-  cp -a "$SRC/pam_svmm" "$SRC/pyproject.toml" "$SRC/README.md" "$build/"
-  "$VENV/bin/pip" install -q "$build"
-  rm -rf "$build"
-  # PAM processes may run with PYTHONDONTWRITEBYTECODE: compile once, as root.
-  "$VENV/bin/python" -m compileall -q "$VENV/lib" >/dev/null
-  install -D -m 0644 "$SRC/pam_svmm/pam/shim.py" /usr/lib/svmm/pam_svmm.py
-  ln -sf "$VENV/bin/svmm" /usr/local/bin/svmm
-  ln -sf "$VENV/bin/svmmd" /usr/local/bin/svmmd
+  if [ -z "$deb" ] || [ ! -f "$deb" ]; then
+    echo "provision.sh: no package: build it with tools/run deb (dist/), or give --deb FILE" >&2
+    exit 2
+  fi
+  deb=$(realpath "$deb")
+  say "product: apt install $deb"
+  # As README says: the package's venv, shim, units (svmmd.socket enabled), tmpfiles, the
+  # seal key and the pam-auth-update profile (registered, not enabled).
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$deb"
 }
 
 phase_system() {
-  say "system: PAM profile, nsswitch, systemd units, sudoers, QEMU account"
-  install -d -m 0755 /etc/svmm
-  if [ ! -e "$CONFIG" ]; then
-    install -m 0644 "$SRC/config/svmm.toml" "$CONFIG"
-  fi
-  install -D -m 0644 "$SRC/config/pam-configs/svmm" /usr/share/pam-configs/svmm
-  pam-auth-update --package --enable svmm
+  say "system: nsswitch (extrausers), the NSS timer, sudoers, pam-auth-update --enable svmm"
   # The identity bridge after the local files (local accounts always win).
   sed -i -E \
     -e '/^(passwd|group):/{/extrausers/!s/$/ extrausers/}' /etc/nsswitch.conf
   install -d -m 0755 /var/lib/extrausers
-  for unit in svmmd.socket svmmd.service svmm-nss-sync.service svmm-nss-sync.timer; do
-    install -m 0644 "$SRC/config/systemd/$unit" "/etc/systemd/system/$unit"
-  done
-  # The shipped svmmd.service runs /usr/bin/python3 -m ...; here the product is in the venv.
-  install -d /etc/systemd/system/svmmd.service.d
-  cat > /etc/systemd/system/svmmd.service.d/venv.conf <<EOF
-[Service]
-ExecStart=
-ExecStart=$VENV/bin/python -m pam_svmm.daemon.server
-EOF
-  # svmmd's unit names these in ReadWritePaths: they must exist before it starts.
-  install -d -m 0700 /var/log/svmm /var/lib/svmm
-  install -d -m 0755 /var/cache/svmm
   # No VM account: svmmd runs every VM's QEMU as a uid of its own ([launcher] vm_uid_min..max).
   # sudo for one role: the directory's engineering group (a POSIX group through the bridge,
   # and a role of its members), authenticated with the card through PAM.
@@ -102,17 +88,32 @@ EOF
 %engineering ALL=(ALL:ALL) ALL
 EOF
   visudo -cq
-  systemctl enable svmmd.socket svmm-nss-sync.timer >/dev/null 2>&1 || true
+  systemctl enable svmm-nss-sync.timer >/dev/null 2>&1 || true
+  # Last, once the configuration is in place (README: after `svmm doctor`, which needs the
+  # demo organisation's services running; the e2e guest checks the logins themselves).
+  pam-auth-update --enable svmm
 }
 
 phase_demo() {
   say "demo organisation in $DEMO, configuration $CONFIG"
   # The lab builds the organisation from the repository (config/ldap, config/policy, the
-  # card interposer's C source), so it runs from the source tree; the product it configures
-  # is the installed one.
-  PYTHONPATH="$SRC" "$VENV/bin/python" -m pam_svmm.cli.main lab provision \
-    --dir "$DEMO" --config-out "$CONFIG" --reader alice
+  # card interposer's C source), so it runs from the source tree; the product it runs with
+  # and configures is the package's (/usr/bin/svmm, /opt/svmm/venv).
+  install -d "$LAB_PATH"
+  ln -sfn "$SRC/svmm_lab" "$LAB_PATH/svmm_lab"
+  install -m 0755 /dev/stdin /usr/local/bin/svmm-lab <<EOF
+#!/bin/sh
+# svmm lab, with the demo lab from $SRC (vagrant/provision.sh; not in the package)
+PYTHONPATH=$LAB_PATH exec /usr/bin/svmm lab "\$@"
+EOF
+  /usr/local/bin/svmm-lab provision --dir "$DEMO" --config-out "$CONFIG" --reader alice
   install -m 0644 "$SRC/config/systemd/svmm-demo-org.service" /etc/systemd/system/
+  install -d /etc/systemd/system/svmm-demo-org.service.d
+  cat > /etc/systemd/system/svmm-demo-org.service.d/lab.conf <<'EOF'
+[Service]
+ExecStart=
+ExecStart=/usr/local/bin/svmm-lab serve --dir /var/lib/svmm/demo --directory
+EOF
   # The account sync waits for the demo directory and also runs at boot.
   install -d /etc/systemd/system/svmm-nss-sync.service.d
   cat > /etc/systemd/system/svmm-nss-sync.service.d/demo.conf <<'EOF'
@@ -125,7 +126,7 @@ EOF
   # The Debian slapd service is not configured (the demo runs its own): keep it off.
   systemctl disable slapd.service >/dev/null 2>&1 || true
   install -d /etc/systemd/system/multi-user.target.wants
-  ln -sf /etc/systemd/system/svmm-nss-sync.service \
+  ln -sf /lib/systemd/system/svmm-nss-sync.service \
     /etc/systemd/system/multi-user.target.wants/svmm-nss-sync.service
 }
 
@@ -231,9 +232,10 @@ while [ $# -gt 0 ]; do
     --phase) phases+=("$2"); shift 2 ;;
     --no-start) start=0; shift ;;
     --src) SRC=$(cd "$2" && pwd); shift 2 ;;
+    --deb) DEB=$2; shift 2 ;;
     --build-guest)
       exec /usr/bin/python3 "$SRC/vagrant/guest.py" build --cache "$2" ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "provision.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -242,7 +244,7 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 2
 fi
 if [ ${#phases[@]} -eq 0 ]; then
-  phases=(packages product system demo)
+  phases=(packages product demo system)
 fi
 for p in "${phases[@]}"; do
   case "$p" in

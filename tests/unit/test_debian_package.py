@@ -291,3 +291,16 @@ def test_purge_never_removes_an_audit_log_or_a_volume() -> None:
     # Only rmdir may name /var/lib/svmm itself (it fails unless the folder is empty).
     postrm = (DEBIAN / "pam-svmm.postrm").read_text()
     assert "rm -rf /var/lib/svmm\n" not in postrm and "rmdir /var/lib/svmm " in postrm
+
+
+def test_the_package_depends_on_every_pam_module_its_profile_names() -> None:
+    """The profile's session runs pam_mkhomedir (a directory user's home at first login):
+    libpam-modules has it, and the package says it needs it."""
+    profile = (REPO / "config" / "pam-configs" / "svmm").read_text()
+    modules = set(re.findall(r"\b(pam_\w+)\.so\b", profile))
+    assert modules == {"pam_python", "pam_mkhomedir"}
+    control = (DEBIAN / "control").read_text()
+    depends = re.search(r"^Package: pam-svmm$.*?^Depends:(.*?)^\S", control, re.S | re.M)
+    assert depends
+    names = {d.strip().split()[0] for d in depends.group(1).split(",") if d.strip()}
+    assert {"libpam-python", "libpam-modules", "libpam-runtime"} <= names

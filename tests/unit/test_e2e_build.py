@@ -24,11 +24,12 @@ serial_console = importlib.import_module("serial_console")
 
 # Packages tools/run installs only for the tests and the lab's PAM harness, not for a host.
 # The rest builds and checks (shellcheck, git, debootstrap, e2fsprogs; the .deb's debhelper,
-# lintian, groff-base) or is in the guest's base already (systemd, mount).
+# lintian, groff-base), measures (strace, for bench/) or is in the guest's base already
+# (systemd, mount).
 TEST_ONLY = {
     "libpam-wrapper", "libnss-wrapper", "libpam-pkcs11",
     "shellcheck", "git", "debootstrap", "e2fsprogs", "systemd", "mount",
-    "debhelper", "lintian", "groff-base",
+    "debhelper", "lintian", "groff-base", "strace",
 }  # fmt: skip
 
 
@@ -96,7 +97,7 @@ def test_pam_profile_names_the_shim_for_auth_account_and_session() -> None:
     assert int(f["Priority"][0]) > 256  # before pam_unix (card, else password)
     assert f["Auth-Type"] == ["Primary"]
     for kind in ("Auth", "Auth-Initial", "Account", "Session"):
-        (line,) = f[kind]
+        line = f[kind][-1]  # Session: pam_mkhomedir first (below)
         m = re.match(r"(\[[^\]]*\]|\S+)\s+(\S+)\s+(\S+)", line)
         assert m, line
         assert m.group(2, 3) == ("pam_python.so", "/usr/lib/svmm/pam_svmm.py"), kind
@@ -105,31 +106,86 @@ def test_pam_profile_names_the_shim_for_auth_account_and_session() -> None:
     assert "authinfo_unavail=ignore" in auth_control and "default=die" in auth_control
     # Fail closed: a module error is never ignored in account or session.
     for kind in ("Account", "Session"):
-        assert "default=bad" in f[kind][0].split("]")[0], kind
+        assert "default=bad" in f[kind][-1].split("]")[0], kind
+    for kind in ("Auth", "Auth-Initial", "Account", "Account-Initial"):
+        assert len(f[kind]) == 1, kind
+
+
+def test_pam_profile_makes_a_home_directory_at_first_login() -> None:
+    """A directory user has no home until their first interactive login: pam_mkhomedir, in
+    the profile's session before the module, makes it (mode 0700) and never refuses."""
+    f = _profile()
+    assert f["Session-Interactive-Only"] == ["yes"]
+    for kind in ("Session", "Session-Initial"):
+        assert len(f[kind]) == 2, kind
+        control, module, *args = f[kind][0].split()
+        assert (control, module, args) == ("optional", "pam_mkhomedir.so", ["umask=0077"]), kind
 
 
 def test_cache_keys_follow_their_inputs(tmp_path: Path) -> None:
     keys = guest.Keys.compute()
     assert keys == guest.Keys.compute()  # stable
-    assert len({keys.base, keys.pkgs, keys.image}) == 3
-    # A copy of the repository with one product file changed: only the image key moves.
+    assert len({keys.base, keys.pkgs, keys.deb, keys.image}) == 4
+    # A copy of the repository with one product file changed: the .debs and the image move.
     copy = tmp_path / "repo"
-    for top in (*guest.PRODUCT_PATHS, "tools"):
-        src = REPO / top
-        if src.is_dir():
-            shutil.copytree(src, copy / top, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (copy / top).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, copy / top)
+    guest.copy_paths(REPO, copy, (*guest.PRODUCT_PATHS, *guest.PACKAGE_PATHS, "tools"))
     same = guest.Keys.compute(copy)
     (copy / "pam_svmm" / "errors.py").write_text("# changed\n")
     changed = guest.Keys.compute(copy)
     assert (changed.base, changed.pkgs) == (same.base, same.pkgs)
-    assert changed.image != same.image
+    assert changed.deb != same.deb and changed.image != same.image
+    # The lab and the tests are not in the package: only the image moves.
+    (copy / "svmm_lab" / "ports.py").write_text("# changed\n")
+    lab = guest.Keys.compute(copy)
+    assert lab.deb == changed.deb and lab.image != changed.image
+    # debian/ is what the package is built from.
+    (copy / "debian" / "rules").write_text("# changed\n")
+    rules = guest.Keys.compute(copy)
+    assert rules.deb != lab.deb and rules.image != lab.image and rules.pkgs == lab.pkgs
     script = copy / "vagrant" / "provision.sh"
     script.write_text(script.read_text().replace("PACKAGES=(\n", "PACKAGES=(\n  extra-pkg\n"))
     more = guest.Keys.compute(copy)
     assert more.base == same.base and more.pkgs != same.pkgs and more.image != changed.image
+
+
+def test_the_upgrade_build_gets_a_newer_changelog_entry() -> None:
+    text = (REPO / "debian" / "changelog").read_text()
+    version = guest.changelog_version(text)
+    bumped = guest.bumped_changelog(
+        text, version + guest.UPGRADE_SUFFIX, "Thu, 03 Dec 2026 08:00:00 +0000"
+    )
+    assert guest.changelog_version(bumped) == version + "+e2e1"
+    assert bumped.endswith(text)  # the old entries, unchanged, below
+    entry = bumped[: len(bumped) - len(text)]
+    assert entry.splitlines()[0].startswith(f"pam-svmm ({version}+e2e1) ")
+    assert re.search(r"^ -- .+> {2}Thu, 03 Dec 2026 08:00:00 \+0000$", entry, re.M)
+    if shutil.which("dpkg-parsechangelog"):
+        changelog = REPO / "debian" / "changelog"
+        parsed = subprocess.run(
+            ["dpkg-parsechangelog", "-l-", "-S", "Version"],
+            input=bumped, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert parsed.stdout.strip() == version + "+e2e1", changelog
+    if shutil.which("dpkg"):  # dpkg takes it for newer: an upgrade, not a downgrade
+        newer = [version + guest.UPGRADE_SUFFIX, "gt", version]
+        assert subprocess.run(["dpkg", "--compare-versions", *newer]).returncode == 0
+
+
+def test_the_debs_are_built_from_what_debian_names() -> None:
+    """PACKAGE_PATHS (the .debs' cache key and the build copy) holds what debian/rules copies
+    and every source its install lists name."""
+    rules = (REPO / "debian" / "rules").read_text()
+    copied = re.search(r"^\tcp -a (.+) \$\(SRC\)/$", rules, re.M)
+    assert copied
+    named = copied.group(1).split()
+    for name in ("pam-svmm.install", "pam-svmm.manpages", "pam-svmm.examples"):
+        for line in (REPO / "debian" / name).read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                named.append(line.split()[0])
+    tops = {Path(p).parts[0] for p in named}
+    assert tops <= set(guest.PACKAGE_PATHS), tops - set(guest.PACKAGE_PATHS)
+    assert "debian" in guest.PACKAGE_PATHS and "svmm_lab" not in guest.PACKAGE_PATHS
+    assert "svmm_lab" in guest.PRODUCT_PATHS  # the demo organisation comes from the tree
 
 
 def test_pip_in_the_chroot_uses_the_host_settings_and_ca(tmp_path: Path) -> None:
