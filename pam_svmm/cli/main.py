@@ -60,7 +60,7 @@ def exit_code(error: BaseException) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import audit, card, cert, certmap, doctor, lab, nss, policy, vm, volume
+    from . import audit, card, cert, certmap, crl, doctor, lab, nss, policy, vm, volume
 
     parser = argparse.ArgumentParser(
         prog="svmm", description="Smart-card identity for a secure VMM host."
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"svmm {version()}")
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
-    for module in (cert, certmap, card, doctor, lab, nss, audit, policy, volume, vm):
+    for module in (cert, certmap, card, crl, doctor, lab, nss, audit, policy, volume, vm):
         module.register(sub)
     return parser
 
