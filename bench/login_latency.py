@@ -2,15 +2,20 @@
 
 Run from the repository root:
 
-    /tmp/v/bin/python bench/login_latency.py                 # 30 runs per row, a table
-    /tmp/v/bin/python bench/login_latency.py --runs 100 --json > latency.json
-    /tmp/v/bin/python bench/login_latency.py --rows anchor,pkcs11-sig --runs 10
-    /tmp/v/bin/python bench/login_latency.py --shim /usr/lib/svmm/pam_svmm.py --venv /opt/svmm/venv
+    .venv/bin/python bench/login_latency.py                 # 30 runs per row, a table
+    .venv/bin/python bench/login_latency.py --runs 100 --json > latency.json
+    .venv/bin/python bench/login_latency.py --rows anchor,pkcs11-sig --runs 10
+    .venv/bin/python bench/login_latency.py --shim /usr/lib/svmm/pam_svmm.py --venv /opt/svmm/venv
 
-Each login is one fresh `pamtester SERVICE alice OPS...` process under pam_wrapper
+Each login is one fresh `pamtimer SERVICE alice OPS...` process under pam_wrapper
 (LD_PRELOAD=libpam_wrapper.so PAM_WRAPPER=1 PAM_WRAPPER_SERVICE_DIR=<tmp>), the PIN fed on
 its stdin, timed from spawn to exit; OPS is `authenticate`, or for the session rows
-`authenticate acct_mgmt open_session close_session` (one PAM handle, one process). Every
+`authenticate acct_mgmt open_session close_session` (one PAM handle, one process).
+pamtimer (bench/pamtimer.c, built into --cache-dir with gcc) does what pamtester does and
+also reports when its conversation function handed the PIN back and when each PAM call
+returned (CLOCK_MONOTONIC): the post-PIN latency, PIN answered -> pam_authenticate's
+result, what a person waits for after typing the PIN (issue 17). --pamtester uses
+Debian's pamtester instead (no post-PIN figures). Every
 module logs in against the same SoftHSM2 token, provisioned in a tmp dir (SOFTHSM2_CONF
 points at the bench's own softhsm2.conf) with the lab PKI's user certificate (CN alice, UPN
 alice@demo.example) and RSA key. Rows:
@@ -29,12 +34,15 @@ alice@demo.example) and RSA key. Rows:
     svmm-crl-warm     pam_svmm, the same, cache kept (filled by the warm-up logins)
     svmm-ocsp         pam_svmm, OCSP against `openssl ocsp` on loopback (cache emptied before
                       every login, so each login queries the responder)
-    svmm-full         pam_svmm in the PAM process (daemon=off), the full login with the
+    svmm-full         (warm) pam_svmm in the PAM process (daemon=off), the full login with the
                       session OPS: chain, the padded CRL (end entity), roles from a slapd the
                       bench starts (svmm_lab.directory.Slapd, config/ldap/example-org.ldif,
                       StartTLS, certmap by UPN), config/policy.example.toml signed by a policy
                       signer of the bench lab's CA (the bench's services added to lab-host's
                       login services), open_session writing the allowlist
+    svmm-full-cold    the same with its caches emptied before every login (the CRL index,
+                      so the 100k CRL is parsed and indexed again; the directory entries; the
+                      policy state): the first login after a CRL changes
     svmm-fast-crl     the same full login through svmmd (daemon=required), CRL
     svmm-fast-ocsp    the same through svmmd with OCSP instead of the CRL, ocsp_reuse = 0:
                       svmmd asks the responder at every login
@@ -73,11 +81,19 @@ The svmm-ocsp and svmm-fast-ocsp rows are errors if the responder saw fewer requ
 their logins (counted per login, warm-up included); the table's footer says how often each
 OCSP row asked.
 
-Output: median, p90 and min in ms over --runs logins, and each median over the anchor's
-and over pam_pkcs11 ca,signature's; under it, the issue 6 ratios of the svmmd full-login rows
-(and svmm-full for comparison): median over anchor-session's and over pkcs11-crl's, each
-against its target. --json prints all of it (with the raw samples and the x_anchor_session /
-x_pkcs11_crl ratios) instead. Progress goes to stderr.
+After the timed rounds, --breakdown N (default 3) logins of svmm-full and of svmm-fast-crl
+run under strace, and bench/_stages.py prints where their time goes, stage by stage, found
+from the syscalls alone (nothing in the product is instrumented; strace is in tools/run's
+DEBIAN_PACKAGES). The table's footer gives svmmd's resident size (VmRSS) after each
+svmmd row.
+
+Output: median, p90 and min in ms over --runs logins, each median over the anchor's, over
+pam_pkcs11 ca,signature's and over anchor-session's, and the post-PIN median (and over
+anchor-session's whole login); issue 17's targets with this run's ratios; the issue 6
+ratios of the svmmd full-login rows (and svmm-full for comparison): median over
+anchor-session's and over pkcs11-crl's, each against its target. --json prints all of
+it (with the raw samples and the x_anchor_session / x_pkcs11_crl ratios) instead. Progress
+goes to stderr.
 """
 
 from __future__ import annotations
@@ -183,14 +199,16 @@ class Row:
     label: str
     plan: Plan | None = None
     samples_ms: list[float] = field(default_factory=list)
+    post_pin_ms: list[float] = field(default_factory=list)  # PIN answered -> auth result
     error: str | None = None
     logins: int = 0  # right-PIN logins in measure() (warm-up included)
     ocsp_requests: int = 0  # requests the bench's OCSP responder got during them
 
-    def stats(self) -> dict[str, float] | None:
-        if not self.samples_ms:
+    def stats(self, samples: list[float] | None = None) -> dict[str, float] | None:
+        samples = self.samples_ms if samples is None else samples
+        if not samples:
             return None
-        s = sorted(self.samples_ms)
+        s = sorted(samples)
         p90 = statistics.quantiles(s, n=10, method="inclusive")[8] if len(s) > 1 else s[0]
         return {"median": statistics.median(s), "p90": p90, "min": s[0]}
 
@@ -203,6 +221,11 @@ class Login:
     ok: bool
     ms: float
     output: str
+    # PIN answered (the client's conversation function returned it) -> pam_authenticate's
+    # result, from bench/pamtimer.c's timestamps; None when no PIN was asked (or pamtester).
+    post_pin_ms: float | None = None
+    # The client's timeline: ("spawn" 0.0, then its events), ms since the bench spawned it.
+    timeline: tuple[tuple[str, float], ...] = ()
 
 
 class Bench:
@@ -222,6 +245,7 @@ class Bench:
         self.policy: Path | None = None
         self.daemons: list[SvmmdProcess] = []
         self.env: dict[str, str] = {}
+        self.client = PAMTESTER  # main() builds bench/pamtimer.c and puts it here
 
     def service(self, name: str, line: str) -> str:
         (self.services / name).write_text(line + "\n")
@@ -233,11 +257,15 @@ class Bench:
         user: str = fx.USER,
         pin: str = PIN,
         ops: tuple[str, ...] = AUTH_OPS,
+        *,
+        wrap: tuple[str, ...] = (),
     ) -> Login:
-        t0 = time.perf_counter()
+        """One login in a fresh client process (``wrap``: a command it runs under, strace)."""
+        client = [self.client, service, user, *ops]
+        t0 = time.monotonic_ns()
         try:
             proc = subprocess.run(
-                [PAMTESTER, service, user, *ops],
+                [*wrap, *client],
                 input=pin + "\n",
                 capture_output=True,
                 text=True,
@@ -247,8 +275,12 @@ class Bench:
             )
         except subprocess.TimeoutExpired:
             return Login(False, LOGIN_TIMEOUT * 1000, f"timed out after {LOGIN_TIMEOUT:.0f} s")
-        ms = (time.perf_counter() - t0) * 1000
-        return Login(proc.returncode == 0, ms, _tidy(proc.stderr + proc.stdout))
+        ms = (time.monotonic_ns() - t0) / 1e6
+        out = proc.stdout
+        post_pin, timeline = None, ()
+        if self.client != PAMTESTER:
+            out, post_pin, timeline = _client_times(proc.stdout, t0)
+        return Login(proc.returncode == 0, ms, _tidy(proc.stderr + out), post_pin, timeline)
 
     # --- fixtures shared by rows (made on first use, so a broken one fails only its rows)
 
@@ -325,6 +357,31 @@ class Bench:
             self.ocsp.stop()
         if self.slapd is not None:
             self.slapd.stop()
+
+
+Timeline = tuple[tuple[str, float], ...]
+
+
+def _client_times(stdout: str, t0: int) -> tuple[str, float | None, Timeline]:
+    """bench/pamtimer.c's JSON line: (the rest of stdout, post-PIN ms, the timeline)."""
+    lines = stdout.splitlines()
+    try:
+        doc = json.loads(lines[-1])
+        events = [(str(e["what"]) + (f":{e['op']}" if "op" in e else ""), int(e["t"]))
+                  for e in doc["events"]]  # fmt: skip
+        main_ns, end_ns = int(doc["main"]), int(doc["end"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return stdout, None, ()
+    answered = [t for what, t in events if what == "answered"]
+    auth = [t for what, t in events if what == "op:authenticate"]
+    post_pin = (auth[0] - answered[-1]) / 1e6 if answered and auth else None
+    timeline = (
+        ("spawn", 0.0),
+        ("main", (main_ns - t0) / 1e6),
+        *((what, (t - t0) / 1e6) for what, t in events),
+        ("end", (end_ns - t0) / 1e6),
+    )
+    return "\n".join(lines[:-1]), post_pin, timeline
 
 
 def _tidy(text: str) -> str:
@@ -429,7 +486,13 @@ def _svmm_toml(
     inter.mkdir(exist_ok=True)
     shutil.copy(lab.intermediate_pem, inter / "intermediate.pem")
     doc: TomlDoc = {
-        "pkcs11": {"module": token.module, "uri": f"pkcs11:token={token.label}"},
+        # The card helper gets only the variables named here (adapters/card_helper.py): the
+        # bench's token is SOFTHSM2_CONF's, as the lab's readers are.
+        "pkcs11": {
+            "module": token.module,
+            "uri": f"pkcs11:token={token.label}",
+            "pass_environment": ["SOFTHSM2_CONF"],
+        },
         "trust": {"anchors": [str(lab.root_pem)], "intermediates_dir": str(inter)},
         "revocation": {"cache_dir": str(b.workdir / f"{key}-cache"), **revocation},
         "auth": {"host_name": "bench", "login_timeout": 30},
@@ -615,7 +678,14 @@ def plan_svmm_ocsp(b: Bench) -> Plan:
 # through svmmd. Each row's revocation has one method: the first method that answers
 # decides, so a second one would never be asked.
 
-FULL_ROWS = ("svmm-full", "svmm-fast-crl", "svmm-fast-ocsp", "svmm-fast-ocsp-reuse")
+FULL_ROWS = (
+    "svmm-full",
+    "svmm-full-cold",
+    "svmm-fast-crl",
+    "svmm-fast-ocsp",
+    "svmm-fast-ocsp-reuse",
+)
+IN_PROCESS_FULL = ("svmm-full", "svmm-full-cold")
 
 
 def _full_sections(b: Bench, key: str) -> TomlDoc:
@@ -694,6 +764,23 @@ def plan_svmm_full(b: Bench) -> Plan:
     return _plan_svmm(b, "svmm-full", _crl_revocation(b), full=True)
 
 
+def plan_svmm_full_cold(b: Bench) -> Plan:
+    """The in-process full login with every cache of its own emptied before each login: the
+    CRL index (so the 100k CRL is parsed and indexed again), the directory entries and the
+    policy state. The first login after a CRL changes, a reboot with /var/cache cleared."""
+    key = "svmm-full-cold"
+    plan = _plan_svmm(b, key, _crl_revocation(b), full=True)
+    caches = [b.workdir / f"{key}-cache", b.workdir / f"{key}-identity"]
+    caches.append(b.workdir / f"{key}-policy-state")
+
+    def empty_caches() -> None:
+        for folder in caches:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    plan.before_each = empty_caches
+    return plan
+
+
 def plan_svmm_fast_crl(b: Bench) -> Plan:
     return _plan_svmm(b, "svmm-fast-crl", _crl_revocation(b), full=True, daemon="required")
 
@@ -729,7 +816,8 @@ ROWS: dict[str, tuple[str, Callable[[Bench], Plan]]] = {
     "svmm-crl-cold": ("pam_svmm CRL file, cold cache", plan_svmm_crl_cold),
     "svmm-crl-warm": ("pam_svmm CRL file, warm cache", plan_svmm_crl_warm),
     "svmm-ocsp": ("pam_svmm OCSP (loopback responder)", plan_svmm_ocsp),
-    "svmm-full": ("pam_svmm full login, CRL, in-process", plan_svmm_full),
+    "svmm-full": ("in-process: full login, CRL, warm", plan_svmm_full),
+    "svmm-full-cold": ("in-process: full login, CRL, cold caches", plan_svmm_full_cold),
     "svmm-fast-sig": ("svmmd: chain+signature, revocation off", plan_svmm_fast_sig),
     "svmm-fast-crl": ("svmmd: full login, CRL", plan_svmm_fast_crl),
     "svmm-fast-ocsp": ("svmmd: full login, OCSP every login", plan_svmm_fast_ocsp),
@@ -798,6 +886,8 @@ def measure(b: Bench, rows: list[Row], runs: int, warmup: int) -> None:
             row.logins += 1
             if i >= warmup:
                 row.samples_ms.append(res.ms)
+                if res.post_pin_ms is not None:
+                    row.post_pin_ms.append(res.post_pin_ms)
         b.log(f"  round {i + 1}/{warmup + runs}" + (" (warm-up)" if i < warmup else ""))
     # An OCSP row is meant to query the responder on every login, not answer from a cache.
     for row in live:
@@ -810,6 +900,23 @@ def measure(b: Bench, rows: list[Row], runs: int, warmup: int) -> None:
 
 
 # --- machine, versions, output -------------------------------------------------------------
+
+
+def _svmmd_rss(b: Bench) -> dict[str, int]:
+    """VmRSS (KiB) of each svmmd the bench started, after its row's logins."""
+    out = {}
+    for daemon in b.daemons:
+        proc = daemon.proc
+        if proc is None or proc.poll() is not None:
+            continue
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                out[daemon.log.name.removesuffix("-svmmd.log")] = int(line.split()[1])
+    return out
 
 
 def machine() -> dict[str, object]:
@@ -870,9 +977,12 @@ def _ratio(x: float | None, base: float | None) -> float | None:
 def report(rows: list[Row]) -> list[dict[str, object]]:
     base = {r.key: (r.stats() or {}).get("median") for r in rows}
     out = []
+    floor = base.get(ANCHOR_SESSION)
     for r in rows:
         st = r.stats()
         med = st["median"] if st else None
+        pp = r.stats(r.post_pin_ms)
+        pp_med = pp["median"] if pp else None
         out.append(
             {
                 "key": r.key,
@@ -886,12 +996,17 @@ def report(rows: list[Row]) -> list[dict[str, object]]:
                 # Issue 6's two ratios (its targets are for the full logins through svmmd).
                 "x_anchor_session": _ratio(med, base.get(ANCHOR_SESSION)),
                 "x_pkcs11_crl": _ratio(med, base.get(PKCS11_CRL)),
-                "target_row": r.key in FULL_ROWS and r.key != "svmm-full",
+                "target_row": r.key in FULL_ROWS and r.key not in IN_PROCESS_FULL,
                 "reference_ms": REFERENCE_MS.get(r.key),
                 "error": r.error,
                 "logins": r.logins,
                 "ocsp_requests": r.ocsp_requests,
                 "samples_ms": [round(x, 3) for x in r.samples_ms],
+                # Issue 17: what the person feels, PIN answered -> pam_authenticate's result.
+                "post_pin_median_ms": pp_med,
+                "post_pin_p90_ms": pp["p90"] if pp else None,
+                "post_pin_x_anchor_session": _ratio(pp_med, floor),
+                "post_pin_samples_ms": [round(x, 3) for x in r.post_pin_ms],
             }
         )
     return out
@@ -901,7 +1016,7 @@ def table(result: dict[str, object]) -> str:
     m, v, lab = result["machine"], result["versions"], result["lab"]
     assert isinstance(m, dict) and isinstance(v, dict) and isinstance(lab, dict)
     lines = [
-        f"login latency: one pamtester process per login under pam_wrapper, "
+        f"login latency: one {result['client']} process per login under pam_wrapper, "
         f"{result['runs']} timed runs per row (after {result['warmup']} warm-up), interleaved",
         f"machine: {m['nproc']} CPU, {m['cpu']}, Linux {m['kernel']}, {m['os']}",
         "versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
@@ -912,7 +1027,10 @@ def table(result: dict[str, object]) -> str:
             f"({lab['crl_bytes']} bytes DER), built by cryptography in "
             f"{lab['build_seconds']:.1f} s{' (cached)' if lab['cached'] else ''}; {lab['folder']}"
         )
-    head = f"{'row':<44}{'median':>8}{'p90':>8}{'min':>8}{'x anchor':>10}{'x pkcs11':>10}{'ref':>6}"
+    head = (
+        f"{'row':<44}{'median':>8}{'p90':>8}{'min':>8}{'x anchor':>10}{'x pkcs11':>10}"
+        f"{'x a-sess':>10}{'post-PIN':>10}{'x a-sess':>10}"
+    )
     lines += ["", head, "-" * len(head)]
 
     def num(x: object, fmt: str) -> str:
@@ -921,20 +1039,34 @@ def table(result: dict[str, object]) -> str:
     rows = result["rows"]
     assert isinstance(rows, list)
     for r in rows:
-        ref = num(r["reference_ms"], ".0f")
         if r["error"]:
             lines.append(f"{r['label']:<44}{'ERROR':>8}  {r['error']}")
             continue
         lines.append(
             f"{r['label']:<44}{num(r['median_ms'], '.1f'):>8}{num(r['p90_ms'], '.1f'):>8}"
             f"{num(r['min_ms'], '.1f'):>8}{num(r['x_anchor'], '.2f'):>10}"
-            f"{num(r['x_pkcs11'], '.2f'):>10}{ref:>6}"
+            f"{num(r['x_pkcs11'], '.2f'):>10}{num(r['x_anchor_session'], '.2f'):>10}"
+            f"{num(r['post_pin_median_ms'], '.1f'):>10}"
+            f"{num(r['post_pin_x_anchor_session'], '.2f'):>10}"
         )
     lines.append(
-        "times in ms; x anchor / x pkcs11: median over the anchor's / pam_pkcs11 "
-        "ca,signature's median; ref: reference median on this kind of machine"
+        "times in ms, whole process (spawn to exit); x anchor / x pkcs11 / x a-sess: median "
+        "over the anchor's / pam_pkcs11 ca,signature's / anchor-session's median; post-PIN: "
+        "median from the PIN handed to the module to pam_authenticate's result (pamtimer's "
+        "conversation timestamps; - : no PIN asked), and over anchor-session's whole login"
     )
-    lines += ["", *_targets(rows)]
+    lines += ["", *_targets(rows), "", *_targets_17(rows)]
+    breakdown = result.get("breakdown")
+    if isinstance(breakdown, dict) and breakdown:
+        from bench import _stages
+
+        lines += ["", *_stages.table(breakdown)]
+    daemons = result.get("svmmd_rss_kib")
+    if isinstance(daemons, dict) and daemons:
+        lines.append(
+            "svmmd resident size at the end of its row (VmRSS, KiB): "
+            + ", ".join(f"{k} {v}" for k, v in daemons.items())
+        )
     asked = [r for r in rows if r["ocsp_requests"] and not r["error"]]
     if asked:
         lines.append(
@@ -944,10 +1076,37 @@ def table(result: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+# Issue 17's targets, each a ratio to the do-nothing module making the same PAM calls.
+TARGETS_17 = (
+    ("svmm-fast-crl", "x_anchor_session", 1.2, "full login through svmmd"),
+    ("svmm-fast-crl", "post_pin_x_anchor_session", 0.5, "post-PIN through svmmd"),
+    ("svmm-full", "x_anchor_session", 4.0, "full login in the PAM process (warm)"),
+    ("svmm-full", "x_pkcs11_crl", 1.0, "the same, below pam_pkcs11 with the CRL"),
+    ("svmm-full-cold", "x_anchor_session", 4.0, "the same with cold caches"),
+)
+
+
+def _targets_17(rows: list[dict[str, object]]) -> list[str]:
+    by_key = {str(r["key"]): r for r in rows}
+    lines = [f"issue 17 targets (ratios to {ANCHOR_SESSION} / {PKCS11_CRL}, this run):"]
+    for key, ratio, limit, what in TARGETS_17:
+        r = by_key.get(key)
+        x = r.get(ratio) if r and not r["error"] else None
+        if not isinstance(x, float):
+            lines.append(f"  {what:<44} -      (row {key} not run or failed)")
+            continue
+        ok = x < limit if ratio == "x_pkcs11_crl" else x <= limit
+        sign = "<" if ratio == "x_pkcs11_crl" else "<="
+        lines.append(
+            f"  {what:<44} {x:5.2f}x  {sign} {limit:<4}  {'met' if ok else 'MISSED'}  ({key})"
+        )
+    return lines
+
+
 def _targets(rows: list[dict[str, object]]) -> list[str]:
     """Issue 6: a full login through svmmd at most 1.2 x the do-nothing module making the
     same PAM calls (anchor-session), and below pam_pkcs11 crl_offline (pkcs11-crl)."""
-    if not any(r["target_row"] or r["key"] == "svmm-full" for r in rows):
+    if not any(r["target_row"] or r["key"] in IN_PROCESS_FULL for r in rows):
         return []
     lines = [
         f"issue 6 targets: svmmd row median / {ANCHOR_SESSION} median <= "
@@ -961,7 +1120,7 @@ def _targets(rows: list[dict[str, object]]) -> list[str]:
         return f"{x:6.2f}  {'met' if ok else 'MISSED':<6}"
 
     for r in rows:
-        if not r["target_row"] and r["key"] != "svmm-full":
+        if not r["target_row"] and r["key"] not in IN_PROCESS_FULL:
             continue
         if r["error"]:
             lines.append(f"  {r['label']:<42}  ERROR (see above)")
@@ -999,6 +1158,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--pam-python", default=PAM_PYTHON, help="path of pam_python.so")
 
+    p.add_argument(
+        "--pamtester",
+        action="store_true",
+        help="log in with pamtester (no post-PIN figures) instead of bench/pamtimer.c",
+    )
+    p.add_argument(
+        "--breakdown",
+        type=int,
+        default=3,
+        metavar="N",
+        help="after timing, N logins per path under strace for the per-stage breakdown "
+        "(0: none; default 3)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--keep", action="store_true", help="keep the tmp dir and say where")
     args = p.parse_args(argv)
@@ -1033,7 +1205,18 @@ def main(argv: list[str] | None = None) -> int:
         # pam_python's embedded interpreter finds pam_svmm in this checkout.
         "PYTHONPATH": str(REPO),
     }
+    if not args.pamtester:
+        from svmm_lab.cbuild import build_c
+
+        try:
+            source, bin_dir = REPO / "bench" / "pamtimer.c", Path(args.cache_dir) / "bin"
+            bench.client = str(build_c(source, bin_dir, suffix="", libs=["-lpam"]))
+        except (RuntimeError, OSError) as e:
+            log(f"cannot build bench/pamtimer.c (gcc, libpam0g-dev): {e}")
+            return 2
     rows = [Row(k, ROWS[k][0]) for k in args.rows.split(",")]
+    rss: dict[str, int] = {}
+    breakdown: dict[str, object] = {}
     try:
         for row in rows:
             log(f"preparing {row.key}...")
@@ -1042,6 +1225,11 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  {row.key}: ERROR {row.error}")
         log(f"timing {args.runs} runs per row...")
         measure(bench, rows, args.runs, args.warmup)
+        rss = _svmmd_rss(bench)
+        if args.breakdown:
+            from bench import _stages
+
+            breakdown = _stages.run(bench, rows, args.breakdown, log)
     finally:
         bench.close()
         if args.keep:
@@ -1066,6 +1254,9 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "lab": lab,
         "rows": report(rows),
+        "client": "pamtester" if args.pamtester else "bench/pamtimer.c",
+        "svmmd_rss_kib": rss,
+        "breakdown": breakdown,
     }
     print(json.dumps(result, indent=1) if args.json else table(result))
     return 0
