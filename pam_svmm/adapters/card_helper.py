@@ -187,13 +187,21 @@ class CardHelper:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
-        """Hang up: the helper closes its sessions (logging the card out) and exits."""
+    def close(self, *, wait: bool = False) -> None:
+        """Hang up: the helper closes its sessions (logging the card out) and exits. It is
+        reaped by a thread of its own (killed after 5 s), so the login's answer does not
+        wait for it; ``wait``: reap it here."""
         with self._lock:
             sock, self._sock = self._sock, None
         if sock is None:
             return
         sock.close()
+        if wait:
+            self._reap()
+        else:
+            threading.Thread(target=self._reap, name="svmm-card-reap", daemon=True).start()
+
+    def _reap(self) -> None:
         try:
             self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
