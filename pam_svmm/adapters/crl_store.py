@@ -452,6 +452,9 @@ class CrlStore:
             return self._dir_fd
         # Readable by others is fine for CRLs (public data); writable is not.
         fd = open_private_dir(self.cache_dir, key=_CONFIG_KEY, private=False, check_parents=True)
+        if self._dir_fd is not None:  # another thread (svmmd's logins) opened it meanwhile
+            os.close(fd)
+            return self._dir_fd
         self._dir_fd = fd
         return fd
 
@@ -477,7 +480,7 @@ class CrlStore:
                     return cached
             except OSError:
                 pass
-            del self._mem[name]  # replaced on disk (by another process): reopen
+            self._mem.pop(name, None)  # replaced on disk (by another process): reopen
         fd = self._open_file(name)
         if fd is None:
             return None

@@ -29,6 +29,7 @@ import datetime as dt
 import os
 import ssl
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -184,9 +185,35 @@ class DirectoryClient:
         self.role_base = config.role_groups_base or self.groups_base
         self._tls = self._make_tls()
         self._servers = [_Server(self._make_server(u)) for u in config.uris]
-        self._conn: ldap3.Connection | None = None  # the service connection ...
-        self._conn_server: _Server | None = None  # ... and the server it is to
-        self._call: _Call | None = None
+        # The service connection, the server it is to and the running call's budget are
+        # each thread's own: svmmd's workers share this client, and an ldap3 Connection
+        # (or a call's deadline) shared by two threads would mix their requests. What is
+        # learnt of a server (left aside after a failure) is everyone's.
+        self._local = threading.local()
+
+    @property
+    def _conn(self) -> ldap3.Connection | None:
+        return getattr(self._local, "conn", None)
+
+    @_conn.setter
+    def _conn(self, conn: ldap3.Connection | None) -> None:
+        self._local.conn = conn
+
+    @property
+    def _conn_server(self) -> _Server | None:
+        return getattr(self._local, "conn_server", None)
+
+    @_conn_server.setter
+    def _conn_server(self, server: _Server | None) -> None:
+        self._local.conn_server = server
+
+    @property
+    def _call(self) -> _Call | None:
+        return getattr(self._local, "call", None)
+
+    @_call.setter
+    def _call(self, call: _Call | None) -> None:
+        self._local.call = call
 
     @classmethod
     def from_config(cls, config: DirectoryConfig) -> DirectoryClient:

@@ -31,29 +31,43 @@ pam_python's process-wide state in the in-process path. A token presented by ano
 is ignored (a fresh transaction). Transactions go when their process has gone, or after
 ``IDLE_SECONDS`` unused.
 
-svmmd serves one PAM call at a time (``_lock``) except while a call waits for the person at
-the keyboard: the conversation releases the lock, so a slow PIN entry never holds up anyone.
+PAM calls run side by side, each on a worker of svmmd's pool (daemon/server.py). No lock is
+held across card, network or directory I/O: the transaction table has a short lock of its
+own; one PAM application's calls run one at a time (a lock per transaction); each call
+into a card (svmmd's module handle or a login's card helper) holds that card's lock for the
+call only, never while waiting; with svmmd's own handle a card also stays with one login
+from C_Login until its session closes (a lease per token serial, waited for at most
+``CARD_WAIT``: then C_Login answers card_busy as before). The other
+collaborators (directory connections per thread, revocation and CRL caches, the audit
+log's flock) are safe to share: see ``SharedModule`` and adapters/directory.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..adapters.processes import start_time
+from ..adapters.token import TokenSession
 from ..pam.shim import ENV_NAMES, ITEMS, encode, read_frame
 
 PROTOCOL = "svmm-pam/1"
 CALLS = ("authenticate", "setcred", "acct_mgmt", "open_session", "close_session")
 SESSION_CALLS = ("open_session", "close_session")
 IDLE_SECONDS = 900.0  # a transaction unused this long (and its kept card session) goes
+SWEEP_EVERY = 1.0  # seconds between looks for transactions whose process has gone
+# How long a login waits for another login that has the same card logged in (the other
+# one's C_Login to C_Logout is milliseconds, unless it keeps the card for its session).
+CARD_WAIT = 5.0
 log = logging.getLogger(__name__)
 
 # Linux-PAM's numbers (security/_pam_types.h): the handle this module gives pam/entry.py has
@@ -159,7 +173,7 @@ class _Env:
 
 class RemoteHandle:
     """The PAM handle pam/entry.py sees in svmmd: the client's items, its environment, and a
-    conversation that goes back over the connection (releasing ``unlock`` while it waits)."""
+    conversation that goes back over the connection (inside ``waiting`` while it waits)."""
 
     exception = RemotePamError
     Message = Message
@@ -171,7 +185,7 @@ class RemoteHandle:
         items: dict[str, str],
         env: dict[str, str],
         transaction: Any,
-        waiting: Callable[[], contextlib.AbstractContextManager[None]],
+        waiting: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
         self._channel = channel
         self._waiting = waiting
@@ -237,12 +251,203 @@ class _Held:
     pid: int
     started: str  # the process's start time (/proc/PID/stat field 22): pids get reused
     used: float
+    # One call of a PAM application at a time: its calls share the transaction's state.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def process_start(pid: int) -> str | None:
     """The start time of ``pid`` in clock ticks since boot; None when it is gone."""
     t = start_time(pid)
     return None if t is None else str(t)
+
+
+class CardLocks:
+    """A lock per token serial, made on first use."""
+
+    def __init__(self, make: Callable[[], Any] = threading.Lock) -> None:
+        self._make = make
+        self._lock = threading.Lock()
+        self._cards: dict[str, Any] = {}
+
+    def __call__(self, serial: str) -> Any:
+        with self._lock:
+            lock = self._cards.get(serial)
+            if lock is None:
+                lock = self._cards[serial] = self._make()
+            return lock
+
+
+# svmmd's, for every module handle and card helper its logins use. CARDS: with svmmd's own
+# module handle, a card stays with one login from C_Login until that login's session closes
+# (two at once collide: C_Login answers "already logged in", card_busy). CARD_CALLS: one
+# call at a time into a card, from whichever process (a helper per login): SoftHSM2's file
+# store, for one, answers CKR_GENERAL_ERROR to a read while another process's C_Login
+# rewrites the token.
+CARDS = CardLocks()
+CARD_CALLS = CardLocks(threading.RLock)
+
+
+def _serial(args: tuple[Any, ...]) -> str | None:
+    """The token serial a module call is about (its TokenInfo argument), if any."""
+    for a in args:
+        serial = getattr(a, "serial", None)
+        if isinstance(serial, str) and hasattr(a, "slot_id"):
+            return serial
+    return None
+
+
+class SharedSession:
+    """A token session of a SharedModule: each call into it under the module's lock, and
+    its card kept for this login from C_Login until close (``CardLocks``)."""
+
+    def __init__(self, shared: SharedModule, session: Any) -> None:
+        self._shared = shared
+        self._session = session
+        self._release: weakref.finalize[Any, Any] | None = None
+
+    def login(self, pin: str | None) -> None:
+        if not self._shared.lease:  # a helper: a PKCS#11 application of its own
+            with self._calls():
+                self._session.login(pin)
+            return
+        card = CARDS(str(getattr(self._session.token, "serial", "")))
+        # Another login of this card that has not finished: wait for it a while; after
+        # that C_Login says so (card_busy), never a success without a PIN check.
+        mine = card.acquire(timeout=CARD_WAIT)
+        try:
+            with self._calls():
+                self._session.login(pin)
+        except BaseException:
+            if mine:
+                card.release()
+            raise
+        if mine:  # released at close, or when the session is dropped without one
+            self._release = weakref.finalize(self, card.release)
+
+    def _calls(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(CARD_CALLS(str(getattr(self._session.token, "serial", ""))))
+        stack.enter_context(self._shared.lock)
+        return stack
+
+    def close(self) -> None:
+        try:
+            with self._calls():
+                self._session.close()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
+
+    def __enter__(self) -> SharedSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._session, name)
+        if not callable(target):
+            return target
+
+        @functools.wraps(target)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._calls():
+                return target(*args, **kwargs)
+
+        return call
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:  # e.g. login.py's owns_helper: the session's own
+            setattr(self._session, name, value)
+
+
+class SharedModule:
+    """A PKCS#11 module handle (or a card helper) shared by logins that run side by side.
+
+    Loaded on first use. Every call into it, and into its sessions, holds ``lock`` for
+    that call only; waiting for a card polls outside it. A call into a PKCS#11 module is
+    local card I/O, never network or directory I/O."""
+
+    def __init__(self, load: Callable[[], Any], *, lease: bool = True) -> None:
+        self._load = load
+        self._module: Any = None
+        self.lock = threading.RLock()
+        # svmmd's own handle is one PKCS#11 application for every login: a card logged in
+        # for one is "already logged in" for all, so each login leases the card (CARDS).
+        # A card helper is an application of its own: no lease, only CARD_CALLS.
+        self.lease = lease
+
+    def _target(self) -> Any:
+        with self.lock:
+            if self._module is None:
+                self._module = self._load()
+            return self._module
+
+    def locked(self, target: Any) -> Any:
+        if not callable(target):
+            return target
+
+        @functools.wraps(target)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            serial = _serial(args)
+            with contextlib.ExitStack() as stack:
+                if serial is not None:
+                    stack.enter_context(CARD_CALLS(serial))
+                stack.enter_context(self.lock)
+                result = target(*args, **kwargs)
+            return SharedSession(self, result) if _is_session(result) else result
+
+        return call
+
+    def wait_for_token(
+        self, uri: Any = None, timeout: float = 0.0, *, interval: float = 0.1
+    ) -> Any:
+        """Pkcs11Module.wait_for_token, polling without holding the lock while it waits."""
+        from ..errors import NoCard
+
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            found = self.locked(self._target().tokens)(uri)
+            if found:
+                return found[0]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" within {timeout:g} s" if timeout > 0 else ""
+                raise NoCard(f"no card matching the configured URI is present{waited}")
+            time.sleep(min(interval, left))
+
+    def __getattr__(self, name: str) -> Any:
+        return self.locked(getattr(self._target(), name))
+
+
+def _is_session(value: Any) -> bool:
+    """A token session (this process's or a helper's): what ``session()`` returns."""
+    return isinstance(value, TokenSession) or all(
+        hasattr(value, a) for a in ("token", "login", "sign", "close")
+    )
+
+
+def share_service(svc: Any) -> None:
+    """Make a LoginService safe for svmmd's concurrent calls, once: its PKCS#11 module
+    becomes a SharedModule (built by LoginService's own ``module`` when first used), and
+    so does each login's card access (``login_module``: a helper process per login)."""
+    if svc.__dict__.get("_svmmd_shared"):
+        return
+    prop = type(svc).__dict__.get("module")
+    if isinstance(prop, functools.cached_property) and "module" not in svc.__dict__:
+        svc.__dict__["module"] = SharedModule(functools.partial(prop.func, svc))
+    per_login = getattr(svc, "login_module", None)
+    if callable(per_login) and "login_module" not in svc.__dict__:
+
+        def login_module() -> Any:
+            m = per_login()
+            return m if isinstance(m, SharedModule) else SharedModule(lambda: m, lease=False)
+
+        svc.__dict__["login_module"] = login_module
+    svc.__dict__["_svmmd_shared"] = True
 
 
 class PamResponder:
@@ -256,17 +461,10 @@ class PamResponder:
         self._entry = entry
         self._argv = ["svmmd"] + ([f"config={config_path}"] if config_path else [])
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the table of transactions, never across I/O
+        self._wiring = threading.Lock()  # finding (or building) the LoginService
         self._held: dict[str, _Held] = {}
-
-    @contextlib.contextmanager
-    def _waiting(self) -> Any:
-        """Held while the person answers: others' PAM calls may run meanwhile."""
-        self._lock.release()
-        try:
-            yield
-        finally:
-            self._lock.acquire()
+        self._swept = float("-inf")
 
     def serve(self, uid: int, pid: int, channel: Channel) -> None:
         """One PAM call on a connection whose MAGIC was read (the caller's uid and pid are
@@ -283,16 +481,19 @@ class PamResponder:
         env = {k: first[f"env.{k}"] for k in ENV_NAMES if f"env.{k}" in first}
         flags = int(first["flags"]) if first.get("flags", "").isdigit() else 0
         session = call in SESSION_CALLS
+        self._sweep()
         with self._lock:
-            self._sweep()
             token, held = self._transaction(first.get("tx"), pid)
-            handle = RemoteHandle(channel, items, env, held.transaction, self._waiting)
+        with held.lock:
+            self._wire()
+            handle = RemoteHandle(channel, items, env, held.transaction)
             try:
                 code = getattr(self._entry, f"pam_sm_{call}")(handle, flags, self._argv)
             except ProtocolError as e:
                 log.warning("PAM %s for pid %d: %s", call, pid, e)
                 return
-            held.used = self._clock()
+            finally:
+                held.used = self._clock()
         result = _NAMES.get(code, "PAM_SESSION_ERR" if session else "PAM_SYSTEM_ERR")
         reply: dict[str, object] = {"result": result, "tx": token}
         if handle.user_changed and handle.user:
@@ -303,7 +504,23 @@ class PamResponder:
         with contextlib.suppress(ProtocolError, ValueError):
             channel.send(reply)
 
+    def _wire(self) -> None:
+        """The LoginService pam/entry.py will use, made safe to share (a configuration that
+        does not load is left for the call itself to report)."""
+        from ..errors import ConfigError
+
+        find = getattr(self._entry, "_service", None)
+        if find is None:  # stand-ins for pam/entry.py (tests)
+            return
+        with self._wiring:
+            try:
+                svc = find(self._entry.ModuleArgs.parse(self._argv))
+            except ConfigError:
+                return
+            share_service(svc)
+
     def _transaction(self, token: object, pid: int) -> tuple[str, _Held]:
+        """Under ``_lock``."""
         if isinstance(token, str):
             held = self._held.get(token)
             if held is not None and held.pid == pid and held.started == process_start(pid):
@@ -315,18 +532,33 @@ class PamResponder:
         return token, held
 
     def _sweep(self) -> None:
+        """Forget transactions whose process has gone or that went unused: their kept card
+        sessions are logged out outside the table's lock, and never under a running call."""
         now = self._clock()
-        for token, held in list(self._held.items()):
-            gone = process_start(held.pid) != held.started
-            if gone or now - held.used > IDLE_SECONDS:
+        with self._lock:
+            if now - self._swept < SWEEP_EVERY:
+                return
+            self._swept = now
+            gone = [
+                (token, held)
+                for token, held in self._held.items()
+                if now - held.used > IDLE_SECONDS or process_start(held.pid) != held.started
+            ]
+            gone = [(t, h) for t, h in gone if h.lock.acquire(blocking=False)]
+            for token, _held in gone:
                 del self._held[token]
+        for _token, held in gone:
+            try:
                 _forget(held.transaction)
+            finally:
+                held.lock.release()
 
     def close(self) -> None:
         with self._lock:
-            for held in self._held.values():
-                _forget(held.transaction)
+            helds = list(self._held.values())
             self._held.clear()
+        for held in helds:
+            _forget(held.transaction)
 
     def __len__(self) -> int:
         return len(self._held)

@@ -144,7 +144,7 @@ class RevocationChecker:
             reuse = dt.timedelta(seconds=self.config.ocsp_reuse)
             if until is not None and fetched <= at <= min(until, fetched + reuse):
                 return replace(answer, detail=f"{answer.detail}; asked {fetched.isoformat()}")
-            del self._ocsp_answers[key]
+            self._ocsp_answers.pop(key, None)  # another login may have dropped it too
         r = self._ask_ocsp(cert, issuer, at, deadline)
         if r.status is not RevocationStatus.UNKNOWN and self.config.ocsp_reuse > 0:
             self._ocsp_answers[key] = (r, at)
