@@ -403,7 +403,7 @@ def _launcher(lab: Lab) -> Iterator[Any]:
     """svmmd's wiring, served from a thread of the demo (the demo reads the VM's QMP)."""
     import os
 
-    from pam_svmm.adapters.token import Pkcs11Module
+    from pam_svmm.adapters.card_helper import WatchHelper
     from pam_svmm.config import load
     from pam_svmm.daemon.pam_responder import PamResponder
     from pam_svmm.daemon.server import bind_socket, serving
@@ -415,9 +415,11 @@ def _launcher(lab: Lab) -> Iterator[Any]:
     # tokens; pulling a card marks it removed by serial, see pinguard.c).
     for name, value in lab.insert("alice").env.items():
         os.environ[name] = value
-    launcher.start_card_watch(Pkcs11Module(config.pkcs11.module))
+    launcher.start_card_watch(
+        WatchHelper(config.pkcs11.module, pass_environment=config.pkcs11.pass_environment)
+    )
     # It answers PAM calls too (the fast path): with the same reader, as svmmd would.
-    pam = PamResponder(lab.config_path)
+    pam = PamResponder(lab.config_path, launcher=launcher)
     try:
         with serving(launcher, bind_socket(config.launcher.socket), pam):
             yield launcher

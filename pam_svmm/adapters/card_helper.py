@@ -362,3 +362,42 @@ class RemoteSession:
         if label is None and object_id is None:
             raise ValueError("read_secret needs a label or an id")
         return self._secret(self._op("read_secret", label=label, object_id=object_id))
+
+
+class WatchHelper:
+    """svmmd's card watch's card access (adapters/card_watch.py ``TokenLister``): one
+    long-lived helper, started again at the next poll after it failed, so vendor code that
+    crashes or wedges costs one poll's "could not see", never the watch (or svmmd) for good.
+    A software token that reads its folder once per process is read anew then too."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        pass_environment: tuple[str, ...] = (),
+        user: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.path = path
+        self._args: dict[str, Any] = {
+            "pass_environment": pass_environment, "user": user, "timeout": timeout,
+        }  # fmt: skip
+        self._lock = threading.Lock()
+        self._helper: CardHelper | None = CardHelper(path, **self._args)  # fails loudly once
+
+    def tokens(self) -> list[TokenInfo]:
+        with self._lock:
+            if self._helper is None or not self._helper.alive():
+                self._helper = CardHelper(self.path, **self._args)
+            try:
+                return self._helper.tokens()
+            except WireError:
+                self._helper.close()
+                self._helper = None
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            helper, self._helper = self._helper, None
+        if helper is not None:
+            helper.close(wait=True)

@@ -454,11 +454,19 @@ class PamResponder:
     """Runs pam/entry.py's calls for PAM applications connected to svmmd."""
 
     def __init__(
-        self, config_path: str | Path | None, *, clock: Callable[[], float] = time.monotonic
+        self,
+        config_path: str | Path | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        launcher: Any = None,
     ):
+        """``launcher``: svmmd's Launcher. The logins' requests to it (their volume keys
+        above all, as bytearrays) go to it directly, never over svmmd's own socket, and a
+        card helper is kept started ahead of the next login (LoginService.prefork)."""
         from ..pam import entry
 
         self._entry = entry
+        self._launcher = launcher
         self._argv = ["svmmd"] + ([f"config={config_path}"] if config_path else [])
         self._clock = clock
         self._lock = threading.Lock()  # the table of transactions, never across I/O
@@ -518,6 +526,9 @@ class PamResponder:
             except ConfigError:
                 return
             share_service(svc)
+            if self._launcher is not None and getattr(svc, "local_launcher", True) is None:
+                svc.local_launcher = self._launcher
+                svc.prefork = True
 
     def _transaction(self, token: object, pid: int) -> tuple[str, _Held]:
         """Under ``_lock``."""

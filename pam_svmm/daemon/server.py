@@ -31,8 +31,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..adapters.card_helper import WatchHelper
 from ..adapters.private_dir import open_private_dir
-from ..adapters.token import Pkcs11Module
+from ..config import Config
 from ..pam.shim import MAGIC as PAM_MAGIC
 from ..services.launcher import MAX_REQUEST_BYTES, Launcher, Reply
 from .pam_responder import Channel, PamResponder, ProtocolError
@@ -600,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Reconcile with the sessions that are alive, now and every few seconds after: a grant
     # whose login process died goes, with its keys (invariant 12).
     sweeper = _start_sweeper(launcher)
-    module = _card_module(config.pkcs11.module)
+    module = _card_module(config)
     if module is None:
         launcher.audit_card_watch_unavailable(config.pkcs11.module)
     else:
@@ -609,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sock = systemd_socket() or bind_socket(config.launcher.socket)
     # The fast login path: PAM calls run here, against the loaded module, CRL indexes,
     # directory connection and policy (daemon/pam_responder.py).
-    pam = PamResponder(args.config)
+    pam = PamResponder(args.config, launcher=launcher)
     server = serve(launcher, sock, pam)
 
     def _stop(_sig: int, _frame: object) -> None:
@@ -666,13 +667,16 @@ def _start_sweeper(launcher: Launcher, every: float = SWEEP_EVERY) -> Any:
     return stop
 
 
-def _card_module(path: str) -> Pkcs11Module | None:
-    """The PKCS#11 module the card watch polls; None (logged) when it cannot be loaded:
-    the service still stops VMs on request, but card removal goes unnoticed."""
+def _card_module(config: Config) -> WatchHelper | None:
+    """What the card watch polls: the PKCS#11 module in a card helper of its own (never in
+    svmmd, which holds every session's keys), started again after a failure. None (logged)
+    when it cannot be loaded: the service still stops VMs on request, but card removal
+    goes unnoticed."""
     from ..errors import SvmmError
 
+    p = config.pkcs11
     try:
-        return Pkcs11Module(path)
+        return WatchHelper(p.module, pass_environment=p.pass_environment, user=p.helper_user)
     except SvmmError as e:
         log.error("card removal is not watched: %s", e.message)
         return None

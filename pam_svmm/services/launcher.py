@@ -881,11 +881,11 @@ class Launcher:
         a request from the socket is. The caller wipes ``keys``; the store keeps copies."""
         try:
             request = checked_key_request(uid, user, session, card_fingerprint, card_serial, keys)
-            return self._hold(0, request)
+            return self._hold(0, request, via="svmmd's PAM responder")
         except SvmmError as e:
             return Reply(False, e.reason, e.message)
 
-    def _hold(self, peer: int, r: Request) -> Reply:
+    def _hold(self, peer: int, r: Request, *, via: str = "socket") -> Reply:
         if peer != 0 or r.uid is None or r.session is None:  # parse_request saw to it
             raise _refuse("not_permitted", "hold_keys is root's only")
         card = CardRef(r.card_fingerprint, r.card_serial) if r.card_fingerprint else None
@@ -893,7 +893,7 @@ class Launcher:
         for name in sorted(r.keys):
             d = Decision(True, "ok", f"volume={name}", user=r.user, card=card)
             self._audited("key_hold", Outcome.SUCCESS, d, peer, "hold_keys",
-                          detail=f"for uid={r.uid}; session={r.session}")  # fmt: skip
+                          detail=f"for uid={r.uid}; session={r.session}; via {via}")  # fmt: skip
         copies = {name: bytearray(buf) for name, buf in r.keys.items()}
         self.keys.hold(r.uid, r.session, copies, user=r.user,
                        card_fingerprint=r.card_fingerprint, card_serial=r.card_serial)  # fmt: skip

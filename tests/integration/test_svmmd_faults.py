@@ -550,6 +550,9 @@ def test_the_pam_application_killed_mid_session(host: Host) -> None:
     ], dropped
     holds = host.records(0, "key_hold")
     assert {r["card"]["fingerprint"] for r in dropped} == {r["card"]["fingerprint"] for r in holds}
+    # The login ran in svmmd: its keys reached the launcher inside the process, as
+    # bytearrays, not as JSON text over svmmd's own socket.
+    assert holds and all("via svmmd's PAM responder" in r["detail"] for r in holds), holds
     logout = wait_for("the on_session_lost action",
                       lambda: host.records(before, "last_logout"))  # fmt: skip
     assert [(r["vm"], r["reason"]) for r in logout] == [("vm-web", "paused")], logout
