@@ -31,7 +31,8 @@ from pam_svmm.errors import (
 )
 from svmm_lab.pki import Issued, LabCA, new_key
 
-NOW = dt.datetime.now(dt.UTC)
+NOW = dt.datetime.now(dt.UTC)  # at collection: the certificates below are valid from before it
+SINCE = NOW - dt.timedelta(hours=1)
 
 
 def policy_text(version: int, extra: str = "") -> bytes:
@@ -56,12 +57,17 @@ class Pki:
         for kind in ("p256", "p384", "rsa"):
             key = new_key(kind)
             self.signers[kind] = Issued(
-                self.ca.issue_policy_signer(f"Policy {kind}", key.public_key()), key
+                self.ca.issue_policy_signer(f"Policy {kind}", key.public_key(), not_before=SINCE),
+                key,
             )
         key = new_key("p256")
-        self.no_eku = Issued(self.ca.issue_user("not a signer", key.public_key()), key)
+        self.no_eku = Issued(
+            self.ca.issue_user("not a signer", key.public_key(), not_before=SINCE), key
+        )
         key = new_key("p256")
-        self.foreign = Issued(self.other.issue_policy_signer("Policy Evil", key.public_key()), key)
+        self.foreign = Issued(
+            self.other.issue_policy_signer("Policy Evil", key.public_key(), not_before=SINCE), key
+        )
         key = new_key("p256")
         self.expired = Issued(
             self.ca.issue_policy_signer(
