@@ -71,6 +71,11 @@ NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,30}")
 MAX_KEY_BYTES = 4096  # below PIPE_BUF: the whole key fits the pipe before QEMU starts
 KEY_REFUSED_TEXT = "Invalid password, cannot unlock any keyslot"
 QMP_SOCKET = "qmp.sock"
+GATE_SHELL = "/bin/sh"
+# The gate is the shell's stdin. One line "go" lets the command run (in this process: the
+# pid the launcher recorded), with /dev/null as its stdin; end of file (the launcher died)
+# ends it before it started.
+GATE_SCRIPT = 'IFS= read -r go || exit 75; [ "$go" = go ] || exit 75; exec "$@" </dev/null'
 LOG_FILE = "qemu.log"
 _KVM_GET_API_VERSION = 0xAE00
 _KVM_API_VERSION = 12
@@ -674,11 +679,18 @@ class QemuVm:
                 command = argv
                 if ids:
                     user_kw = {"user": ids[0], "group": ids[1], "extra_groups": list(ids[2])}
+            gate: tuple[int, int] | None = None
+            if on_started is not None:
+                # QEMU does not start before on_started has recorded it: a shell in front
+                # waits for "go" on a pipe, and exits instead if the launcher died first.
+                gate = os.pipe2(os.O_CLOEXEC)
+                to_close.append(gate[0])  # the write end is closed once "go" is written
+                command = [GATE_SHELL, "-c", GATE_SCRIPT, "svmm-gate", *command]
             started = time.monotonic()
             process = subprocess.Popen(
                 command,
                 pass_fds=fds.all(),
-                stdin=subprocess.DEVNULL,
+                stdin=gate[0] if gate else subprocess.DEVNULL,
                 stdout=out_fd,
                 stderr=log_fd,
                 env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"},  # C: error texts we can match
@@ -689,6 +701,8 @@ class QemuVm:
         except BaseException:
             if stdout_r is not None:
                 os.close(stdout_r)
+            if gate is not None:
+                os.close(gate[1])
             raise
         finally:
             # Only QEMU keeps these: a dead QEMU then resets our pending QMP connection.
@@ -702,12 +716,17 @@ class QemuVm:
         if on_started is not None:
             try:
                 on_started(process.pid)
+                assert gate is not None
+                os.write(gate[1], b"go\n")
             except BaseException:
                 if stdout_r is not None:
                     os.close(stdout_r)
                 process.kill()
                 _reap(process)
                 raise
+            finally:
+                if gate is not None:
+                    os.close(gate[1])
         try:
             qmp = QmpSync(spec.name, timeout=ready_timeout)
             qmp.connect(run_dir / QMP_SOCKET, timeout=ready_timeout)
