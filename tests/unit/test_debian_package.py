@@ -26,7 +26,8 @@ DEBIAN = REPO / "debian"
 MAN_PAGES = ("man/svmm.1", "man/svmmd.8", "man/pam_svmm.8", "man/svmm.toml.5")
 COMPLETION = REPO / "completion" / "svmm"
 SCRIPTS = ("pam-svmm.postinst", "pam-svmm.prerm", "pam-svmm.postrm")
-UNITS = ("svmmd.socket", "svmmd.service", "svmm-nss-sync.service", "svmm-nss-sync.timer")
+UNITS = ("svmmd.socket", "svmmd.service", "svmm-nss-sync.service", "svmm-nss-sync.timer",
+         "svmm-crl-refresh.service", "svmm-crl-refresh.timer")  # fmt: skip
 
 
 def _lines(name: str) -> list[str]:
