@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cache
@@ -119,6 +119,26 @@ def pin_tries_from_flags(flags: int) -> PinTries:
     if flags & pk.CKF_USER_PIN_COUNT_LOW:
         return PinTries.COUNT_LOW
     return PinTries.UNKNOWN
+
+
+def poll_for_token(
+    tokens: Callable[[Pkcs11Uri | None], list[TokenInfo]],
+    uri: Pkcs11Uri | None,
+    timeout: float,
+    interval: float = 0.1,
+) -> TokenInfo:
+    """The first token ``tokens(uri)`` lists, asking every ``interval`` seconds for up to
+    ``timeout``; NoCard after that."""
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        found = tokens(uri)
+        if found:
+            return found[0]
+        left = deadline - time.monotonic()
+        if left <= 0:
+            waited = f" within {timeout:g} s" if timeout > 0 else ""
+            raise NoCard(f"no card matching the configured URI is present{waited}")
+        time.sleep(min(interval, left))
 
 
 class Pkcs11Module:
@@ -279,16 +299,7 @@ class Pkcs11Module:
         the bounded login time (invariant 7); many modules also only notice new readers when
         the slot list is re-read.
         """
-        deadline = time.monotonic() + max(0.0, timeout)
-        while True:
-            found = self.tokens(uri)
-            if found:
-                return found[0]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                waited = f" within {timeout:g} s" if timeout > 0 else ""
-                raise NoCard(f"no card matching the configured URI is present{waited}")
-            time.sleep(min(interval, left))
+        return poll_for_token(self.tokens, uri, timeout, interval)
 
     def certificates(self, token: TokenInfo, uri: Pkcs11Uri | None = None) -> list[CardCertificate]:
         """Public X.509 certificate objects on ``token`` matching ``uri``; no login needed."""

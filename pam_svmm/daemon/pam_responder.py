@@ -406,18 +406,10 @@ class SharedModule:
         self, uri: Any = None, timeout: float = 0.0, *, interval: float = 0.1
     ) -> Any:
         """Pkcs11Module.wait_for_token, polling without holding the lock while it waits."""
-        from ..errors import NoCard
+        from ..adapters.token import poll_for_token
 
-        deadline = time.monotonic() + max(0.0, timeout)
-        while True:
-            found = self.locked(self._target().tokens)(uri)
-            if found:
-                return found[0]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                waited = f" within {timeout:g} s" if timeout > 0 else ""
-                raise NoCard(f"no card matching the configured URI is present{waited}")
-            time.sleep(min(interval, left))
+        return poll_for_token(lambda u: self.locked(self._target().tokens)(u), uri, timeout,
+                              interval)  # fmt: skip
 
     def __getattr__(self, name: str) -> Any:
         return self.locked(getattr(self._target(), name))
