@@ -176,7 +176,7 @@ def test_busy_never_falls_back_to_the_pam_process(lab: Lab, svmmd: Svmmd) -> Non
             held.append(s)
         before = len(lab.audit_records())
         report = lab.login(lab.insert("alice"), pin=PIN, user="alice", service=svmmd.auto)
-        assert report.code == PAM_SYSTEM_ERR, report
+        assert report.code == PAM_SYSTEM_ERR, (report, len(held), lab.audit_records()[before:])
         records = lab.audit_records()[before:]
         assert not [r for r in records if r["event"] == "auth"], records  # never in-process
         busy = [r for r in _audit_until(lab, before, "busy") if r.get("reason") == "busy"]
