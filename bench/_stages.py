@@ -45,6 +45,7 @@ import re
 import signal
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -410,26 +411,32 @@ def run(b: Any, rows: list[Any], n: int, log: Callable[[str], None]) -> dict[str
         for i in range(n):
             if row.plan.before_each:
                 row.plan.before_each()
-            client_log = b.workdir / f"{key}-strace-{i}.client"
-            daemon_log = b.workdir / f"{key}-strace-{i}.svmmd"
-            tracer = None
-            if daemon is not None and daemon.proc is not None:
-                tracer = _attach(daemon.proc.pid, daemon_log)
-            try:
-                res = b.login(
-                    row.plan.service,
-                    ops=row.plan.ops,
-                    wrap=(STRACE, *STRACE_ARGS, "-o", str(client_log)),
-                )
-            finally:
-                if tracer is not None:
-                    _detach(tracer)
+            # The traces hold the first bytes of every read and write, the PIN's among them
+            # (stdin, the conversation, the card helper's request): they live in a folder
+            # only root may enter, for as long as it takes to parse them, never longer.
+            with tempfile.TemporaryDirectory(prefix="svmm-strace-") as tmp:
+                client_log = Path(tmp) / "client"
+                daemon_log = Path(tmp) / "svmmd"
+                tracer = None
+                if daemon is not None and daemon.proc is not None:
+                    tracer = _attach(daemon.proc.pid, daemon_log)
+                try:
+                    res = b.login(
+                        row.plan.service,
+                        ops=row.plan.ops,
+                        wrap=(STRACE, *STRACE_ARGS, "-o", str(client_log)),
+                    )
+                finally:
+                    if tracer is not None:
+                        _detach(tracer)
+                calls = parse(client_log.read_text()) if res.ok else []
+                if res.ok and tracer is not None:
+                    calls += parse(daemon_log.read_text())
             if not res.ok:
                 problems.append(f"traced login {i + 1} failed: {res.output}")
                 continue
-            calls = parse(client_log.read_text())
             if tracer is not None:
-                calls = sorted(calls + parse(daemon_log.read_text()), key=lambda c: c.start)
+                calls = sorted(calls, key=lambda c: c.start)
                 # The client's own clock starts the timeline (its execve is the first call).
                 first = next((c.start for c in calls if c.name == "execve"), calls[0].start)
                 calls = [c for c in calls if c.start >= first]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -32,6 +33,7 @@ from .qemu import CONSOLE_SOCKET, NAME_PATTERN, QMP_SOCKET, QemuVm, QmpSync, Run
 FORMAT = "svmm-vm/1"
 STARTING = ".starting"  # <vm>.starting: a start under way (QEMU runs, not yet answering)
 _RECORD_MODE = 0o600
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,20 @@ _FIELDS = frozenset(VmRecord.__dataclass_fields__)
 _OPTIONAL = frozenset(("card_fingerprint", "card_serial", "started_at", "token_serial"))
 _TEXT = ("vm", "user", "qmp_socket", "run_dir", "card_fingerprint", "card_serial", "started_at",
          "token_serial")  # fmt: skip
+
+
+def _kill_started(record: VmRecord, timeout: float = 5.0) -> bool:
+    """SIGKILL the process group an unfinished start's QEMU leads (and the process itself);
+    True once that process is gone (or is another process now)."""
+    for kill in (os.killpg, os.kill):
+        with contextlib.suppress(ProcessLookupError):
+            kill(record.pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while proc_start_time(record.pid) == record.start_time:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -379,10 +395,12 @@ class VmRegistry:
                 and record.start_time != 0
                 and (proc_start_time(record.pid) == record.start_time)
             ):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(record.pid, signal.SIGKILL)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(record.pid, signal.SIGKILL)
+                if not _kill_started(record):
+                    # Still there: the record stays, so the next reattach tries again and
+                    # nothing is said to have stopped it.
+                    log.error("cannot stop the QEMU (pid %d) of %s's unfinished start",
+                              record.pid, record.vm)  # fmt: skip
+                    continue
                 self._unfinished.append(record)
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=fd)

@@ -123,7 +123,6 @@ volume_close) with user, uid, VM, the card fingerprint and the reason.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -1146,9 +1145,12 @@ class Launcher:
             # A start the previous svmmd did not live to answer: its QEMU was stopped.
             d = Decision(False, "start_unfinished", f"vm={record.vm}; pid={record.pid}",
                          record.vm, record.user, card=_card_of(record))  # fmt: skip
-            with contextlib.suppress(SvmmError):
+            try:
                 self._audited("vm_stop", Outcome.SUCCESS, d, 0, "reattach",
                               detail="QEMU of a start svmmd did not finish, killed")  # fmt: skip
+            except SvmmError as e:  # the QEMU is gone either way; the log says what is missing
+                log.error("vm_stop of %s's unfinished start not audited: %s", record.vm,
+                          e.message)  # fmt: skip
         found: set[int] = set()
         for folder in (self.config.session.allowlist_dir, self.config.session.state_dir):
             try:
