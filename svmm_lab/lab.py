@@ -411,6 +411,8 @@ card_required_roles = ["vm-admins"]
             f'run_dir = "{run / "vms"}"\nregistry_dir = "{run / "registry"}"\n{poll}'
             # The lab's VMs run no guest OS: nobody answers the ACPI power button.
             "powerdown_timeout = 1\n"
+            # Under TCG (nested in the e2e guest) QEMU can take over 10 s to answer QMP.
+            "start_timeout = 120\n"
             # The example policy's networks, on QEMU's isolated user stack (no bridge here).
             '\n[launcher.networks.dmz]\nkind = "user"\n'
             '\n[launcher.networks.internal]\nkind = "user"\n'

@@ -46,6 +46,9 @@ needs_qemu = pytest.mark.skipif(
     shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed"
 )
 SIZE = 32 << 20  # LUKS2's header alone takes 16 MiB
+# In the e2e guest QEMU runs under TCG inside a TCG guest: its QMP greeting took over 10 s
+# there once (the default ready timeout), so these data-path tests wait longer for it.
+QEMU_READY = 120.0
 slapd = ldap_fixtures.slapd
 
 
@@ -184,7 +187,9 @@ def test_qemu_reads_the_mapping_as_a_raw_disk(host: Host, tmp_path: Path) -> Non
     spec = VmSpec(
         "testvm", disks=(RawDisk("disk0", mapping_path(name)),), accel=detect_accel(), console=False
     )
-    vm = QemuVm.launch(spec, {}, run_dir=tmp_path / "run", capture_stdout=True)
+    vm = QemuVm.launch(
+        spec, {}, run_dir=tmp_path / "run", capture_stdout=True, ready_timeout=QEMU_READY
+    )
     try:
         assert vm.read_matches("disk0", 0x5A, 0, 4096)
         assert str(mapping_path(name)).encode() not in Path(f"/proc/{vm.pid}/cmdline").read_bytes()
@@ -208,7 +213,9 @@ def test_qemu_reads_a_raw_disk_by_descriptor(tmp_path: Path) -> None:
     spec = VmSpec(
         "testvm", disks=(RawDisk("disk0", plain, block=False),), accel=detect_accel(), console=False
     )
-    vm = QemuVm.launch(spec, {}, run_dir=tmp_path / "run", capture_stdout=True)
+    vm = QemuVm.launch(
+        spec, {}, run_dir=tmp_path / "run", capture_stdout=True, ready_timeout=QEMU_READY
+    )
     try:
         assert vm.read_matches("disk0", 0x5A, 0, 4096)
         assert not vm.read_matches("disk0", 0x5A, 4096, 4096)
