@@ -640,7 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-SWEEP_EVERY = 5.0  # seconds between looks for dead sessions and a changed policy bundle
+SWEEP_EVERY = 5.0  # seconds between looks for dead sessions, a changed policy bundle and
+# a pulled card's VMs that are still to be stopped
 
 
 def _start_sweeper(launcher: Launcher, every: float = SWEEP_EVERY) -> Any:
@@ -660,6 +661,13 @@ def _start_sweeper(launcher: Launcher, every: float = SWEEP_EVERY) -> Any:
                 launcher.check_policy()  # a new signed bundle takes effect within `every`
             except Exception:
                 log.exception("policy check failed")
+            try:
+                stopped = launcher.retry_card_actions()  # a pulled card's VM whose stop failed
+            except Exception:
+                log.exception("retrying a pulled card's VM actions failed")
+            else:
+                if stopped:
+                    log.info("VMs of a pulled card stopped on retry: %s", ", ".join(stopped))
             if stop.wait(every):
                 return
 

@@ -9,7 +9,8 @@ The configured action (``launcher.card_removal``) applies to every VM the card o
   may use to lock the user's sessions).
 
 Fail closed: a VM whose pause fails is stopped instead; one that cannot be stopped either is
-reported with ``ok=False`` (and audited as an error) for the caller to escalate.
+reported with ``ok=False`` (audited as an error) and stays pending: ``retry()`` (svmmd's
+sweeper calls it every few seconds) stops it again until it is gone, and audits that once.
 
 Re-inserting the card resumes nothing by itself: ``on_inserted`` answers ``await_pin`` for
 the VMs the card had opened, and the launcher resumes them after a fresh PIN login with that
@@ -120,6 +121,9 @@ class CardRemovalPolicy:
         self._lock = threading.Lock()
         # card serial -> VM ids acted on at removal, until the card comes back
         self._removed: dict[str, tuple[str, ...]] = {}
+        # (card serial, VM id) -> (user, first failure) of the VMs whose stop failed:
+        # stopped again by retry() until gone
+        self._pending: dict[tuple[str, str], tuple[str, str]] = {}
 
     @classmethod
     def from_config(
@@ -141,6 +145,11 @@ class CardRemovalPolicy:
         with self._lock:
             return frozenset(self._removed)
 
+    def pending(self) -> frozenset[tuple[str, str]]:
+        """(card serial, VM id) of the VMs a removal could not stop yet."""
+        with self._lock:
+            return frozenset(self._pending)
+
     def handle(self, event: CardEvent) -> list[Action]:
         """``on_removed`` or ``on_inserted`` for a watcher event (fits ``on_event``)."""
         if event.kind is CardEventKind.REMOVED:
@@ -156,8 +165,36 @@ class CardRemovalPolicy:
             if not actions:
                 actions = [Action(ActionKind.NONE, serial, reason="no_vms")]
             self._removed[serial] = tuple(a.vm_id for a in actions if a.vm_id)
+            for a in actions:
+                if not a.ok:
+                    self._pending[(serial, a.vm_id)] = (a.user, a.detail)
         self._write("card_removed", actions, f"card {cause}; configured action {self.action.value}")
         return actions
+
+    def retry(self) -> list[Action]:
+        """Stop again every VM a removal could not stop. One that is stopped now, or gone
+        meanwhile, is audited once (``card_removed``, ``stopped_on_retry``); one that still
+        resists stays pending, logged by the caller, not audited again (bounded records)."""
+        done: list[Action] = []
+        with self._lock:
+            for serial, vm_id in sorted(self._pending):
+                user, first = self._pending[(serial, vm_id)]
+                vm = next(
+                    (v for v in self._registry.vms_opened_by(serial) if str(v.vm_id) == vm_id),
+                    None,
+                )
+                if vm is None:  # stopped by someone else, or exited: it no longer runs
+                    action = Action(ActionKind.STOP, serial, vm_id, user, reason="stopped_on_retry",
+                                    detail=f"gone; first failure: {first}")  # fmt: skip
+                else:
+                    action = self._stop(serial, vm, "stopped_on_retry", f"first failure: {first}")
+                    if not action.ok:
+                        continue
+                del self._pending[(serial, vm_id)]
+                done.append(action)
+        if done:
+            self._write("card_removed", done, "card removed; a failed stop retried")
+        return done
 
     def _apply(self, serial: str, vm: Any) -> Action:
         vm_id, user = str(vm.vm_id), str(vm.user)

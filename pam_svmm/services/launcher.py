@@ -636,6 +636,14 @@ def _card_of(record: VmRecord) -> CardRef | None:
     return CardRef(record.card_fingerprint, record.card_serial)
 
 
+def _attempt(failures: list[Exception], step: Callable[..., object], *args: Any, **kw: Any) -> None:
+    """Run one step of a card event; a failure is kept for later, the next step still runs."""
+    try:
+        step(*args, **kw)
+    except Exception as e:
+        failures.append(e)
+
+
 def _user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -815,21 +823,42 @@ class Launcher:
     def on_card_event(self, event: CardEvent) -> None:
         """A watched card left its reader (or came back). Removal: the keys its sessions
         hold are wiped first (nothing can start or resume without a new login), then its VMs
-        get the configured action. Re-insertion resumes nothing (await a PIN login)."""
+        get the configured action, then its dm-crypt mappings are suspended. Each step is
+        done whatever became of the one before: an audit record that cannot be written
+        (a full disk) never leaves a VM running; the first failure is raised at the end.
+        Re-insertion resumes nothing (await a PIN login)."""
+        failures: list[Exception] = []
         with self._lock:
             try:
                 if event.kind is CardEventKind.REMOVED:
-                    for k in self.keys.drop_card(event.serial):
+                    dropped = self.keys.drop_card(event.serial)
+                    _attempt(failures, self.card_policy.handle, event)
+                    _attempt(failures, self._dmcrypt_card_removed, event)  # after the pause
+                    for k in dropped:
                         card = CardRef(k.card_fingerprint, k.card_serial)
                         d = Decision(False, "card_removed", f"volume={k.volume}", user=k.user,
                                      card=card)  # fmt: skip
                         why = f"session={k.session}; card {event.reason}"
-                        self._audited("key_drop", Outcome.SUCCESS, d, 0, "card_watch", detail=why)
-                self.card_policy.handle(event)
-                if event.kind is CardEventKind.REMOVED:
-                    self._dmcrypt_card_removed(event)  # after the VMs are paused
+                        _attempt(failures, self._audited, "key_drop", Outcome.SUCCESS, d, 0,
+                                 "card_watch", detail=why)  # fmt: skip
+                else:
+                    self.card_policy.handle(event)
             finally:
                 self._sync_watch()
+        if failures:
+            raise failures[0]
+
+    def retry_card_actions(self) -> list[str]:
+        """Stop again the VMs a pulled card could not stop (svmmd's sweeper, every few
+        seconds): the IDs of those stopped now. One that still resists is logged."""
+        with self._lock:
+            try:
+                done = self.card_policy.retry()
+            finally:
+                self._sync_watch()
+        for serial, vm_id in sorted(self.card_policy.pending()):
+            log.error("VM %s of pulled card %s still runs: its stop failed again", vm_id, serial)
+        return [a.vm_id for a in done]
 
     def handle(self, uid: int, line: bytes) -> Reply:
         try:

@@ -1,11 +1,13 @@
-"""Stand-ins shared by the unit tests: pam_python's handle."""
+"""Stand-ins shared by the unit tests: pam_python's handle, the running VMs a card opened."""
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
+
+from pam_svmm.errors import SvmmError
 
 
 class PamError(Exception):
@@ -77,3 +79,29 @@ class FakePamh:
                 raise PamError(self.PAM_CONV_ERR)
             return SimpleNamespace(resp=self.answers.pop(0))
         return None
+
+
+@dataclass
+class FakeVm:
+    vm_id: str
+    user: str = "alice"
+    calls: list[str] = field(default_factory=list)
+    fail: frozenset[str] = frozenset()
+
+    def pause(self) -> None:
+        self.calls.append("pause")
+        if "pause" in self.fail:
+            raise SvmmError("QMP stop failed")
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+        if "stop" in self.fail:
+            raise RuntimeError("boom")
+
+
+@dataclass
+class FakeRegistry:
+    by_card: dict[str, list[FakeVm]] = field(default_factory=dict)
+
+    def vms_opened_by(self, card_serial: str) -> list[FakeVm]:
+        return list(self.by_card.get(card_serial, []))

@@ -3,47 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
 
 from pam_svmm.adapters.card_watch import CardEvent, CardEventKind
 from pam_svmm.domain.audit_record import AuditRecord, Outcome
-from pam_svmm.errors import ConfigError, SvmmError
+from pam_svmm.errors import ConfigError
 from pam_svmm.services.card_removal import (
     ActionKind,
     CardRemovalPolicy,
     RemovalAction,
 )
+from tests.unit.fakes import FakeRegistry, FakeVm
 
 NOW = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
-
-
-@dataclass
-class FakeVm:
-    vm_id: str
-    user: str = "alice"
-    calls: list[str] = field(default_factory=list)
-    fail: frozenset[str] = frozenset()
-
-    def pause(self) -> None:
-        self.calls.append("pause")
-        if "pause" in self.fail:
-            raise SvmmError("QMP stop failed")
-
-    def stop(self) -> None:
-        self.calls.append("stop")
-        if "stop" in self.fail:
-            raise RuntimeError("boom")
-
-
-@dataclass
-class FakeRegistry:
-    by_card: dict[str, list[FakeVm]] = field(default_factory=dict)
-
-    def vms_opened_by(self, card_serial: str) -> list[FakeVm]:
-        return list(self.by_card.get(card_serial, []))
 
 
 def make(action: str, registry: FakeRegistry) -> tuple[CardRemovalPolicy, list[AuditRecord]]:
@@ -207,3 +181,43 @@ def test_action_from_config():
     assert exc.value.key == "launcher.card_removal"
     with pytest.raises(ConfigError):
         CardRemovalPolicy("reboot", registry, print)
+
+
+def test_a_failed_stop_is_retried_until_the_vm_is_stopped(registry, vms):
+    a, b, _ = vms
+    a.fail = frozenset({"pause", "stop"})
+    policy, records = make("pause", registry)
+    policy.on_removed("CARD1")
+    assert policy.pending() == {("CARD1", "work")}
+    assert policy.retry() == [] and a.calls == ["pause", "stop", "stop"]
+    assert len(records) == 2  # a stop that fails again is not audited again
+    a.fail = frozenset()
+    done = policy.retry()
+    assert [(x.vm_id, x.reason, x.ok, x.user) for x in done] == [
+        ("work", "stopped_on_retry", True, "alice")
+    ]
+    assert policy.pending() == frozenset() and policy.retry() == []
+    assert [(r.event, r.vm, r.reason, r.outcome) for r in records[2:]] == [
+        ("card_removed", "work", "stopped_on_retry", Outcome.SUCCESS)
+    ]
+    assert "first failure: pause: QMP stop failed; stop: RuntimeError" in records[2].detail
+    assert b.calls == ["pause"]
+
+
+def test_a_pending_vm_that_is_gone_is_done_and_audited_once(registry, vms):
+    a, _, _ = vms
+    a.fail = frozenset({"pause", "stop"})
+    policy, records = make("stop", registry)
+    policy.on_removed("CARD1")
+    registry.by_card["CARD1"].remove(a)  # it exited, or a user's stop took it down
+    assert [(x.vm_id, x.reason) for x in policy.retry()] == [("work", "stopped_on_retry")]
+    assert "gone" in records[-1].detail and policy.pending() == frozenset()
+
+
+def test_a_pending_stop_survives_the_card_coming_back(registry, vms):
+    a, _, _ = vms
+    a.fail = frozenset({"pause", "stop"})
+    policy, _ = make("pause", registry)
+    policy.on_removed("CARD1")
+    policy.on_inserted("CARD1")
+    assert policy.pending() == {("CARD1", "work")}

@@ -1,0 +1,72 @@
+"""svmmd's side of a pulled card (Launcher.on_card_event, retry_card_actions): every step
+is done whatever became of the one before, and a VM a removal could not stop is stopped
+again until it is gone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pam_svmm.adapters.audit_log import AuditLog, AuditWriteError
+from pam_svmm.adapters.card_watch import CardEvent, CardEventKind
+from pam_svmm.services.card_removal import CardRemovalPolicy
+from pam_svmm.services.launcher import Launcher
+from tests.unit.fakes import FakeRegistry, FakeVm
+from tests.unit.launcher_fixtures import ALICE_UID, CARD, HOST, audit_records, make_launcher
+
+SERIAL = "1f2e"  # the token serial the keys were released with
+
+
+def _held(base: Path, vm: FakeVm) -> Launcher:
+    """A launcher holding alice's key for one volume, whose card opened ``vm``."""
+    launcher = make_launcher(base)
+    reply = launcher.hold_keys(
+        uid=ALICE_UID, user="alice", session="tty1:1", card_fingerprint=CARD.fingerprint,
+        card_serial=SERIAL, keys={"secret-data": bytearray(b"k" * 32)},
+    )  # fmt: skip
+    assert reply.ok, reply
+    launcher.card_policy = CardRemovalPolicy(
+        "pause", FakeRegistry({SERIAL: [vm]}), launcher.audit.write, host=HOST
+    )
+    return launcher
+
+
+def test_a_pulled_card_pauses_its_vms_even_when_nothing_can_be_audited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk under the audit log must not keep a pulled card's VM running: the key
+    drop's record failing used to end the event before the VMs got their action."""
+    vm = FakeVm("secret")
+    launcher = _held(tmp_path, vm)
+    try:
+
+        def disk_full(self: AuditLog, record: object) -> None:
+            raise AuditWriteError("audit log: No space left on device")
+
+        monkeypatch.setattr(AuditLog, "_write", disk_full)
+        with pytest.raises(AuditWriteError):
+            launcher.on_card_event(CardEvent(CardEventKind.REMOVED, SERIAL, "removed"))
+        assert vm.calls == ["pause"]
+        assert launcher.keys.card_serials() == set()  # wiped all the same
+    finally:
+        launcher.close()
+
+
+def test_a_vm_whose_stop_failed_is_stopped_by_the_next_sweep(tmp_path: Path) -> None:
+    vm = FakeVm("secret", fail=frozenset({"pause", "stop"}))
+    launcher = _held(tmp_path, vm)
+    try:
+        launcher.on_card_event(CardEvent(CardEventKind.REMOVED, SERIAL, "removed"))
+        assert launcher.retry_card_actions() == []  # still failing: kept, logged
+        vm.fail = frozenset()
+        assert launcher.retry_card_actions() == ["secret"]
+        assert vm.calls == ["pause", "stop", "stop", "stop"]
+        removed = [r for r in audit_records(tmp_path) if r["event"] == "card_removed"]
+        assert [(r["vm"], r["reason"], r["outcome"]) for r in removed] == [
+            ("secret", "stop_failed", "error"),
+            ("secret", "stopped_on_retry", "success"),
+        ]
+        assert launcher.retry_card_actions() == []
+    finally:
+        launcher.close()
