@@ -223,7 +223,9 @@ class CardAuthenticator:
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         random: Callable[[int], bytes] = os.urandom,
         host_credentials: tuple[x509.Certificate, Any] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``monotonic``: the clock the login's time budget runs on (tests advance it)."""
         from ..domain import pkcs11_uri
 
         self.config = config
@@ -237,6 +239,7 @@ class CardAuthenticator:
         self.now = now
         self.random = random
         self.host_credentials = host_credentials
+        self.monotonic = monotonic
 
     # --- public ---------------------------------------------------------------------------
 
@@ -250,7 +253,7 @@ class CardAuthenticator:
     ) -> LoginResult:
         """Run the pipeline. ``keep_card_session``: leave the card logged in and hand the
         session over in the result (the session phase releases volume keys with it)."""
-        deadline = Deadline(self.config.auth.login_timeout)
+        deadline = Deadline(self.config.auth.login_timeout, self.monotonic)
         at = self.now()
         token, candidates = self.select(request, at, deadline, attempt)
         chosen = candidates[0]
@@ -373,7 +376,7 @@ class CardAuthenticator:
     ) -> Iterator[Verdict]:
         """A verdict on every certificate of every login token (or of ``tokens``), in card
         order, lazily: the login stops at the first that passes, `svmm card list` shows all."""
-        deadline = deadline or Deadline(self.config.auth.login_timeout)
+        deadline = deadline or Deadline(self.config.auth.login_timeout, self.monotonic)
         for token in self._tokens(deadline) if tokens is None else tokens:
             deadline.check("reading certificates")
             card_certs = self.module.certificates(token, self.uri)
