@@ -16,6 +16,7 @@ from typing import Any
 
 from .domain.bounded import loads_toml
 from .domain.settings import (  # noqa: F401 - re-exported: the vocabulary the file is read into
+    DYNAMIC_UID_RANGE,
     EKU_NAMES,
     KEY_USAGE_NAMES,
     OID_ARC,
@@ -416,6 +417,14 @@ def _launcher(t: _Table) -> LauncherConfig:
         raise ConfigError(t.key("vm_uid_min"), f"{uid_min} is above vm_uid_max {uid_max}")
     if uid_min <= 65534 <= uid_max:
         raise ConfigError(t.key("vm_uid_max"), "the range must not contain nobody (65534)")
+    low, high = DYNAMIC_UID_RANGE
+    if uid_min <= high and low <= uid_max:
+        raise ConfigError(
+            t.key("vm_uid_min"),
+            f"{uid_min}-{uid_max} overlaps systemd's DynamicUser range {low}-{high}: a service "
+            f"could be given a running VM's uid and read its memory (default "
+            f"{d.vm_uid_min}-{d.vm_uid_max})",
+        )
     sock = t.path("socket", d.socket) or d.socket
     if len(os.fsencode(sock)) >= 108:
         raise ConfigError(t.key("socket"), "is too long for a unix socket (107 bytes at most)")

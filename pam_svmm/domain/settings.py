@@ -307,6 +307,11 @@ class NetworkBackend:
     bridge: str = ""  # bridge: the host bridge's interface name
 
 
+# systemd hands these uids to DynamicUser= services while they run (systemd.io/UIDS-GIDS): a
+# VM's uid there could be given to a service that would then read the VM's memory.
+DYNAMIC_UID_RANGE = (61184, 65519)
+
+
 @dataclass(frozen=True)
 class LauncherConfig:
     """The VM launcher service (svmmd)."""
@@ -314,9 +319,12 @@ class LauncherConfig:
     socket: Path = Path("/run/svmm/launcher.sock")  # in a root-owned 0755 folder; mode 0666
     # Every running VM's QEMU gets a uid of its own from this range (invariant 13), never a
     # shared account: one escaped guest must not read another VM's memory. Reserve it for
-    # svmm (no account may have these uids; they are skipped if one does).
-    vm_uid_min: int = 64600
-    vm_uid_max: int = 64855
+    # svmm (no account may have these uids; they are skipped if one does). The default lies
+    # where nothing else hands out ids: above 16-bit uids, below the subordinate ids useradd
+    # gives (SUB_UID_MIN 100000) and systemd's container ranges (524288), outside systemd's
+    # DynamicUser range and Debian's 60000-64999.
+    vm_uid_min: int = 70000
+    vm_uid_max: int = 70255
     run_dir: Path = Path("/run/svmm/vms")  # per-VM private folders (QMP socket, QEMU log)
     registry_dir: Path = Path("/run/svmm/registry")  # running VMs, root-only
     start_timeout: float = 10.0  # seconds until QEMU answers on QMP

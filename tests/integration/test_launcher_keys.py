@@ -149,7 +149,7 @@ def test_held_key_boots_the_vm_with_its_decrypted_disk(service: Running, base: P
     assert start["ok"], start
     assert start["data"]["volumes"] == [VOLUME]
     pid = start["data"]["pid"]
-    assert 64600 <= os.stat(f"/proc/{pid}").st_uid <= 64855  # the VM's own uid
+    assert 70000 <= os.stat(f"/proc/{pid}").st_uid <= 70255  # the VM's own uid
 
     # The key went through a pipe: not in QEMU's argv or environment.
     for what in ("cmdline", "environ"):

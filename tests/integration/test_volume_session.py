@@ -109,7 +109,7 @@ def test_session_keys_boot_the_vm_with_its_decrypted_disk(
         assert code == 0 and started["ok"], started
         assert started["data"]["volumes"] == ["web-disk"]
         pid = started["data"]["pid"]
-        assert 64600 <= os.stat(f"/proc/{pid}").st_uid <= 64855  # the VM's own uid
+        assert 70000 <= os.stat(f"/proc/{pid}").st_uid <= 70255  # the VM's own uid
         for what in ("cmdline", "environ"):
             assert b"web-disk.img" not in Path(f"/proc/{pid}/{what}").read_bytes()
 

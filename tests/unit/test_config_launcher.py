@@ -14,7 +14,9 @@ from pam_svmm.errors import ConfigError
 def test_launcher_defaults() -> None:
     lc = config.parse({}).launcher
     assert lc.socket == Path("/run/svmm/launcher.sock")
-    assert (lc.vm_uid_min, lc.vm_uid_max) == (64600, 64855)  # a uid per VM, never shared
+    assert (lc.vm_uid_min, lc.vm_uid_max) == (70000, 70255)  # a uid per VM, never shared
+    low, high = config.DYNAMIC_UID_RANGE  # never a uid systemd may give a service meanwhile
+    assert lc.vm_uid_max < low or lc.vm_uid_min > high
     assert lc.run_dir == Path("/run/svmm/vms") and lc.registry_dir == Path("/run/svmm/registry")
     assert lc.card_removal is config.CardRemovalAction.PAUSE
     assert lc.card_poll_interval == 1.0
@@ -49,7 +51,9 @@ card_poll_interval = 0.25
         ('[launcher]\nvm_user = "nobody"', "launcher.vm_user", "a uid of its own"),
         ("[launcher]\nvm_uid_min = 0", "launcher.vm_uid_min", "between"),
         ("[launcher]\nvm_uid_min = 70001\nvm_uid_max = 70000", "launcher.vm_uid_min", "above"),
-        ("[launcher]\nvm_uid_min = 65000\nvm_uid_max = 66000", "launcher.vm_uid_max", "nobody"),
+        ("[launcher]\nvm_uid_min = 65530\nvm_uid_max = 66000", "launcher.vm_uid_max", "nobody"),
+        ("[launcher]\nvm_uid_min = 64600\nvm_uid_max = 64855", "launcher.vm_uid_min", "Dynamic"),
+        ("[launcher]\nvm_uid_min = 60000\nvm_uid_max = 61184", "launcher.vm_uid_min", "Dynamic"),
         ('[launcher]\ncard_removal = "shred"', "launcher.card_removal", "'pause'"),
         ("[launcher]\ncard_poll_interval = 0", "launcher.card_poll_interval", "at least"),
         ("[launcher]\nquit_timeout = -1", "launcher.quit_timeout", "at least"),
