@@ -412,7 +412,9 @@ class Decision:
     vm: str = ""
     user: str = ""
     roles: tuple[str, ...] = ()
-    card: CardRef | None = None
+    # CardRef: the allowlist's card (certificate fingerprint and serial); CardFacts: a held
+    # key's card, known by certificate fingerprint and token serial
+    card: CardRef | CardFacts | None = None
     volumes: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
@@ -636,6 +638,13 @@ def _card_of(record: VmRecord) -> CardRef | None:
     return CardRef(record.card_fingerprint, record.card_serial)
 
 
+def _key_card(fingerprint: str, token_serial: str) -> CardFacts | None:
+    """The card a held key came from, as its records name it: the certificate's fingerprint
+    and the token's serial (a key's card is known by the token it was released from; the
+    certificate serial field stays for certificates)."""
+    return CardFacts(fingerprint=fingerprint, token_serial=token_serial) if fingerprint else None
+
+
 def _attempt(failures: list[Exception], step: Callable[..., object], *args: Any, **kw: Any) -> None:
     """Run one step of a card event; a failure is kept for later, the next step still runs."""
     try:
@@ -835,7 +844,7 @@ class Launcher:
                     _attempt(failures, self.card_policy.handle, event)
                     _attempt(failures, self._dmcrypt_card_removed, event)  # after the pause
                     for k in dropped:
-                        card = CardRef(k.card_fingerprint, k.card_serial)
+                        card = _key_card(k.card_fingerprint, k.card_serial)
                         d = Decision(False, "card_removed", f"volume={k.volume}", user=k.user,
                                      card=card)  # fmt: skip
                         why = f"session={k.session}; card {event.reason}"
@@ -916,7 +925,7 @@ class Launcher:
     def _hold(self, peer: int, r: Request, *, via: str = "socket") -> Reply:
         if peer != 0 or r.uid is None or r.session is None:  # parse_request saw to it
             raise _refuse("not_permitted", "hold_keys is root's only")
-        card = CardRef(r.card_fingerprint, r.card_serial) if r.card_fingerprint else None
+        card = _key_card(r.card_fingerprint, r.card_serial)
         # Audited first: a key whose hold is not on record is not held.
         for name in sorted(r.keys):
             d = Decision(True, "ok", f"volume={name}", user=r.user, card=card)
@@ -936,7 +945,7 @@ class Launcher:
         self._sync_watch()
         which = f"session={r.session}" if r.session is not None else "all sessions"
         for k in dropped:
-            card = CardRef(k.card_fingerprint, k.card_serial) if k.card_fingerprint else None
+            card = _key_card(k.card_fingerprint, k.card_serial)
             d = Decision(True, "ok", f"volume={k.volume}", user=k.user, card=card)
             self._audited("key_drop", Outcome.SUCCESS, d, peer, "drop_keys",
                           detail=f"for uid={r.uid}; session={k.session}")  # fmt: skip
@@ -1106,7 +1115,7 @@ class Launcher:
             # Each key on record as it left memory, as a logout or a pulled card has them:
             # every key_hold has its key_drop.
             for k in dropped:
-                card = CardRef(k.card_fingerprint, k.card_serial) if k.card_fingerprint else None
+                card = _key_card(k.card_fingerprint, k.card_serial)
                 kd = Decision(False, "session_lost", f"volume={k.volume}", user=k.user,
                               card=card)  # fmt: skip
                 why = f"for uid={uid}; session={k.session}; its process is gone"
@@ -1561,7 +1570,9 @@ class Launcher:
         *,
         detail: str = "",
     ) -> Reply:
-        card = CardFacts(fingerprint=d.card.fingerprint, serial=d.card.serial) if d.card else None
+        card = d.card
+        if isinstance(card, CardRef):
+            card = CardFacts(fingerprint=card.fingerprint, serial=card.serial)
         detail = "; ".join(x for x in (f"uid={uid}; op={op}", detail, d.message) if x)
         self.audit.write(
             AuditRecord(

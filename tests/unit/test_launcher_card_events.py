@@ -70,3 +70,18 @@ def test_a_vm_whose_stop_failed_is_stopped_by_the_next_sweep(tmp_path: Path) -> 
         assert launcher.retry_card_actions() == []
     finally:
         launcher.close()
+
+
+def test_key_records_name_the_token_serial_as_the_token_serial(tmp_path: Path) -> None:
+    """One name per meaning: a held key's card is known by its token's serial, which used
+    to be written into card.serial, the field that holds the certificate's serial."""
+    launcher = _held(tmp_path, FakeVm("secret"))
+    try:
+        launcher.on_card_event(CardEvent(CardEventKind.REMOVED, SERIAL, "removed"))
+    finally:
+        launcher.close()
+    keys = [r for r in audit_records(tmp_path) if r["event"] in ("key_hold", "key_drop")]
+    assert [r["event"] for r in keys] == ["key_hold", "key_drop"]
+    for r in keys:
+        assert r["card"]["token_serial"] == SERIAL and r["card"]["serial"] == "", r["card"]
+        assert r["card"]["fingerprint"] == CARD.fingerprint
