@@ -442,6 +442,33 @@ def share_service(svc: Any) -> None:
     svc.__dict__["_svmmd_shared"] = True
 
 
+# What svmmd takes from its configuration once, at start: a changed file's values for these
+# apply when svmmd restarts (its socket, the running VMs' folders, the held keys' sessions).
+RESTART_SECTIONS = ("audit", "launcher", "session", "volumes")
+
+
+def share_host(svc: Any, launcher: Any) -> None:
+    """svmmd decides with one audit trail and one policy service: the LoginService its PAM
+    calls use takes the launcher's (one chain, one flock holder, policy loads seen once).
+    A LoginService built from a file changed since svmmd started applies the new login
+    settings at once; what only a restart changes is logged, and the trail stays the one
+    svmmd writes until it restarts."""
+    mine, running = svc.config, launcher.config
+    changed = sorted(n for n in vars(running) if getattr(mine, n, None) != getattr(running, n))
+    later = [n for n in changed if n in RESTART_SECTIONS]
+    if later:
+        log.warning(
+            "the configuration file changed since svmmd started: logins apply it now, but "
+            "[%s] take effect when svmmd restarts (systemctl restart svmmd)",
+            "], [".join(later),
+        )
+    from ..services.policy import PolicyService
+
+    svc.__dict__.setdefault("audit", launcher.audit)
+    if "policy" not in changed and isinstance(launcher.policy, PolicyService):
+        svc.__dict__.setdefault("policy", launcher.policy)
+
+
 class PamResponder:
     """Runs pam/entry.py's calls for PAM applications connected to svmmd."""
 
@@ -519,6 +546,7 @@ class PamResponder:
                 return
             share_service(svc)
             if self._launcher is not None and getattr(svc, "local_launcher", True) is None:
+                share_host(svc, self._launcher)
                 svc.local_launcher = self._launcher
                 svc.prefork = True
 
