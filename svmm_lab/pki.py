@@ -274,16 +274,18 @@ class LabCA:
                 raise ValueError("the certificate request has no single common name")
             common_name = str(cns[0].value)
         try:
-            asked = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
-            asked = x509.SubjectAlternativeName([])
+            asked: list[x509.GeneralName] = list(
+                csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            )
+        except x509.ExtensionNotFound:  # (cryptography 51 refuses an empty SAN object)
+            asked = []
         if upn is None:
             upns = [
-                n.value for n in asked.get_values_for_type(x509.OtherName) if n.type_id == UPN_OID
+                n.value for n in asked if isinstance(n, x509.OtherName) and n.type_id == UPN_OID
             ]
             upn = asn1.decode_der(str, upns[0]) if upns else None
         if email is None:
-            emails = asked.get_values_for_type(x509.RFC822Name)
+            emails = [n.value for n in asked if isinstance(n, x509.RFC822Name)]
             email = emails[0] if emails else None
         return self.issue_user(common_name, csr.public_key(), upn=upn, email=email)
 
