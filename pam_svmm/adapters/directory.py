@@ -155,6 +155,13 @@ class _Server:
         return str(self.server.name)
 
 
+# Service connections kept open between calls, and for how long one is reused: svmmd's
+# logins run side by side, each on one connection for its call; an older one may have been
+# dropped by the server or a firewall, and a dead one would leave its server aside.
+MAX_IDLE = 8
+IDLE_REUSE = 120.0  # seconds
+
+
 class _OutOfTime(TimeoutError):
     """The call's total_timeout ran out."""
 
@@ -185,11 +192,16 @@ class DirectoryClient:
         self.role_base = config.role_groups_base or self.groups_base
         self._tls = self._make_tls()
         self._servers = [_Server(self._make_server(u)) for u in config.uris]
-        # The service connection, the server it is to and the running call's budget are
-        # each thread's own: svmmd's workers share this client, and an ldap3 Connection
-        # (or a call's deadline) shared by two threads would mix their requests. What is
-        # learnt of a server (left aside after a failure) is everyone's.
+        # The service connection in use, the server it is to and the running call's budget
+        # are each thread's own for the call: svmmd's workers share this client, and an
+        # ldap3 Connection (or a call's deadline) used by two threads at once would mix
+        # their requests. Between calls a connection waits in ``_idle`` for whichever
+        # thread calls next (svmmd's pool hands logins to any of its workers: a connection
+        # per thread cost most logins a TLS handshake and a bind). What is learnt of a
+        # server (left aside after a failure) is everyone's.
         self._local = threading.local()
+        self._idle: list[tuple[ldap3.Connection, _Server, float]] = []  # (conn, server, since)
+        self._idle_lock = threading.Lock()
 
     @property
     def _conn(self) -> ldap3.Connection | None:
@@ -225,10 +237,13 @@ class DirectoryClient:
 
     @property
     def server_in_use(self) -> str | None:
-        """The URI the service connection is open to (None: no connection)."""
-        if self._conn is None or self._conn.closed or self._conn_server is None:
-            return None
-        return self._conn_server.name
+        """The URI the service connection is open to: this thread's in a call, else the
+        one the next call takes (None: no connection)."""
+        if self._conn is not None and not self._conn.closed and self._conn_server is not None:
+            return self._conn_server.name
+        with self._idle_lock:
+            open_ = [server for conn, server, _since in self._idle if not conn.closed]
+        return open_[-1].name if open_ else None
 
     # --- connections ----------------------------------------------------------------------
 
@@ -325,9 +340,43 @@ class DirectoryClient:
                 f"({result.get('description')}: {result.get('message')})",
                 reason="directory_bind_failed",
             )
-        self.close()
+        self._drop()
         self._conn, self._conn_server = conn, target
         return conn
+
+    def _take_idle(self) -> None:
+        """At a call's start: this thread takes a waiting service connection, if any (the
+        newest; one idle longer than IDLE_REUSE is closed, not trusted to be alive)."""
+        if self._conn is not None:
+            return
+        now = time.monotonic()
+        stale = []
+        with self._idle_lock:
+            while self._idle:
+                conn, server, since = self._idle.pop()
+                if conn.closed or now - since > IDLE_REUSE:
+                    stale.append(conn)
+                    continue
+                self._conn, self._conn_server = conn, server
+                break
+            if stale:  # the older ones are staler still
+                stale += [c for c, _s, _t in self._idle]
+                self._idle.clear()
+        for conn in stale:
+            _close(conn)
+
+    def _give_back(self) -> None:
+        """At a call's end: the thread's service connection waits for the next call (at
+        most MAX_IDLE wait; one more is closed)."""
+        conn, server = self._conn, self._conn_server
+        self._conn = self._conn_server = None
+        if conn is None or server is None or conn.closed:
+            return
+        with self._idle_lock:
+            if len(self._idle) < MAX_IDLE:
+                self._idle.append((conn, server, time.monotonic()))
+                return
+        _close(conn)
 
     def _failover(
         self,
@@ -345,6 +394,7 @@ class DirectoryClient:
                 f"{what}: no directory server answered lately; {self._aside(now)}"
             )
         self._call = call
+        self._take_idle()
         try:
             for target in ready:
                 if call.left() <= 0:
@@ -354,15 +404,16 @@ class DirectoryClient:
                     return op((connect or self._service)(target))
                 except _UNREACHABLE as e:
                     if target is self._conn_server:
-                        self.close()
+                        self._drop()
                     target.last_error = _describe(e)
                     target.aside_until = time.monotonic() + self.config.retry_interval
                     call.tried.append(f"{target.name} ({target.last_error})")
                 except lexc.LDAPException as e:
-                    self.close()
+                    self._drop()
                     raise DirectoryUnavailable(f"{what}: {_describe(e)}") from None
         finally:
             self._call = None
+            self._give_back()
         untried = [s for s in self._servers if s not in ready]
         aside = f"; {self._aside(time.monotonic(), untried)}" if untried else ""
         raise DirectoryUnavailable(
@@ -376,11 +427,20 @@ class DirectoryClient:
         ]
         return "left aside: " + "; ".join(parts)
 
-    def close(self) -> None:
+    def _drop(self) -> None:
+        """Close this thread's service connection (a failed server's, or a replaced one)."""
         if self._conn is not None:
             _close(self._conn)
             self._conn = None
             self._conn_server = None
+
+    def close(self) -> None:
+        """Close this thread's service connection and every one waiting."""
+        self._drop()
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for conn, _server, _since in idle:
+            _close(conn)
 
     def __enter__(self) -> DirectoryClient:
         return self

@@ -37,9 +37,10 @@ own; one PAM application's calls run one at a time (a lock per transaction); eac
 into a card (svmmd's module handle or a login's card helper) holds that card's lock for the
 call only, never while waiting; with svmmd's own handle a card also stays with one login
 from C_Login until its session closes (a lease per token serial, waited for at most
-``CARD_WAIT``: then C_Login answers card_busy as before). The other
-collaborators (directory connections per thread, revocation and CRL caches, the audit
-log's flock) are safe to share: see ``SharedModule`` and adapters/directory.py.
+``CARD_WAIT``: then C_Login answers card_busy as before). The other collaborators (a
+directory connection is one call's at a time, then waits for the next call on any thread;
+revocation and CRL caches; the audit log's flock) are safe to share: see ``SharedModule``
+and adapters/directory.py.
 """
 
 from __future__ import annotations

@@ -470,6 +470,53 @@ def test_user_by_name(mapper: DirectoryMapper) -> None:
 # --- reliability --------------------------------------------------------------------------------
 
 
+def test_calls_on_other_threads_reuse_one_service_connection(
+    slapd: Slapd,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """svmmd hands each login to any of its workers: a connection per thread cost most
+    logins a TLS handshake and a bind. One call at a time, on eight threads: one connection;
+    two calls at once: two, both kept for the next calls."""
+    import threading
+
+    _, client, _ = build(slapd, tmp_path)
+    opened: list[int] = []
+    real_open = DirectoryClient._open
+
+    def counting_open(self: DirectoryClient, *args: Any, **kw: Any) -> Any:
+        opened.append(threading.get_ident())
+        return real_open(self, *args, **kw)
+
+    monkeypatch.setattr(DirectoryClient, "_open", counting_open)
+    try:
+        for _ in range(8):
+            t = threading.Thread(target=client.search_users, args=("(uid=alice)",))
+            t.start()
+            t.join(10)
+        assert len(opened) == 1 and client.server_in_use == slapd.uri
+
+        gate = threading.Barrier(2)
+        real_search = DirectoryClient._search
+
+        def meeting_search(self: DirectoryClient, *args: Any, **kw: Any) -> Any:
+            gate.wait(5)  # both calls hold a connection at once
+            return real_search(self, *args, **kw)
+
+        monkeypatch.setattr(DirectoryClient, "_search", meeting_search)
+        both = [threading.Thread(target=client.search_users, args=("(uid=bob)",)) for _ in "ab"]
+        for t in both:
+            t.start()
+        for t in both:
+            t.join(10)
+        assert len(opened) == 2
+        monkeypatch.setattr(DirectoryClient, "_search", real_search)
+        assert client.search_users("(uid=bob)") == [slapd.user_dn("bob")] and len(opened) == 2
+    finally:
+        client.close()
+    assert client.server_in_use is None
+
+
 def test_failover_first_uri_dead(fresh_slapd: Slapd, tmp_path: Path) -> None:  # noqa: F811
     from svmm_lab.lab import free_ports
 
