@@ -7,6 +7,8 @@ module (pinguard's ``removed`` marker empties the slot, as pulling the card out 
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,15 +25,21 @@ from svmm_lab.lab import Lab, Reader
 from svmm_lab.volumes import make_volume
 from tests.integration import ldap_fixtures
 from tests.integration.logins import PIN
-from tests.integration.test_volume_session import (  # noqa: F401
+from tests.integration.volume_session import (  # noqa: F401
     ALICE_UID,
     ROOT,
-    pytestmark,
     records,
     socket_dir,
     vm,
 )
 
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed"
+    ),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (svmmd, other uids)"),
+]
 slapd = ldap_fixtures.slapd
 INTERVAL = 0.2  # [launcher] card_poll_interval
 

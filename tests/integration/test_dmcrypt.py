@@ -30,7 +30,7 @@ from pam_svmm.domain.allowlist import VmAllowance
 from pam_svmm.errors import VolumeError
 from pam_svmm.services.dmcrypt import DmcryptVolumes, mapping_name, mapping_path
 from tests.integration import ldap_fixtures
-from tests.unit.test_dmcrypt_session import Login, allowlist
+from tests.unit.key_release_fixtures import Login, allowlist
 
 pytestmark = [
     pytest.mark.integration,
@@ -242,7 +242,7 @@ def socket_dir() -> Iterator[Path]:
 def _dm_service(lab: Any, slapd: Any, socket_dir: Path, *, volumes: bool) -> str:
     """A PAM service of the lab in dm-crypt mode (alice may boot vm-web: web-disk, and
     bank-a: bank-a-data)."""
-    from tests.integration.test_volume_session import ROOT
+    from tests.integration.volume_session import ROOT
 
     policy = (ROOT / "config" / "policy.example.toml").read_bytes()
     policy = policy.replace(b'"svmm-login"]', b'"svmm-login", "svmm-dmcrypt"]')
@@ -266,7 +266,7 @@ def _dm_service(lab: Any, slapd: Any, socket_dir: Path, *, volumes: bool) -> str
 
 @pytest.mark.skipif(DM, reason="this host has device-mapper (the refusal is for hosts without)")
 def test_session_open_says_dm_crypt_is_unavailable(lab: Any, slapd: Any, socket_dir: Path) -> None:
-    from tests.integration.test_login import PIN
+    from tests.integration.logins import PIN
 
     service = _dm_service(lab, slapd, socket_dir, volumes=False)
     before = len(lab.audit_records())
@@ -296,8 +296,8 @@ def test_a_card_session_opens_the_mapping_and_the_vm_reads_it(
     from pam_svmm.config import load
     from pam_svmm.daemon.server import bind_socket, serving
     from pam_svmm.services.launcher import Launcher
-    from tests.integration.test_login import PIN
-    from tests.integration.test_volume_session import vm
+    from tests.integration.logins import PIN
+    from tests.integration.volume_session import vm
 
     service = _dm_service(lab, slapd, socket_dir, volumes=True)
     cfg = load(lab.folder / f"{service}.toml")

@@ -29,8 +29,8 @@ from pam_svmm.config import (
 from pam_svmm.daemon.server import bind_socket
 from pam_svmm.services.launcher import Launcher
 from svmm_lab.userland import userland
-from tests.integration.test_launcher_keys import KEY, luks_template  # noqa: F401
-from tests.integration.test_launcher_service import NOBODY, Running, ask
+from tests.integration.launcher_service import NOBODY, Running, ask
+from tests.integration.launcher_volume import KEY, luks_template  # noqa: F401
 from tests.unit.launcher_fixtures import (
     CARD,
     LocalPolicy,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
@@ -19,12 +18,12 @@ from typing import Any
 import pytest
 
 from pam_svmm.adapters.allowlist_store import AllowlistStore
-from pam_svmm.adapters.qemu import LuksDisk, QemuVm, VmSpec
 from pam_svmm.adapters.vm_registry import proc_start_time
 from pam_svmm.config import VolumesConfig
 from pam_svmm.daemon.server import bind_socket
 from pam_svmm.services.launcher import Launcher
-from tests.integration.test_launcher_service import Running, ask
+from tests.integration.launcher_service import Running, ask
+from tests.integration.launcher_volume import CRYPTSETUP, KEY, luks_template  # noqa: F401
 from tests.unit.launcher_fixtures import (
     ALICE_UID,
     CARD,
@@ -35,9 +34,7 @@ from tests.unit.launcher_fixtures import (
 )
 
 QEMU = shutil.which("qemu-system-x86_64")
-CRYPTSETUP = shutil.which("cryptsetup")
 VOLUME = "secret-data"  # the "secret" VM's volume in the fixtures' policy
-KEY = "q7LDm1r0pZJ9b8vT2xHk4wYcN5sF6gA3eU0iO_-KjRQ"  # base64url text, like real passphrases
 WRONG = "Zz9vT2xHk4wYcN5sF6gA3eU0iO_-KjRQq7LDm1r0pZJ"
 
 pytestmark = [
@@ -46,30 +43,6 @@ pytestmark = [
     pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed"),
     pytest.mark.skipif(CRYPTSETUP is None, reason="cryptsetup not installed"),
 ]
-
-
-@pytest.fixture(scope="module")
-def luks_template() -> Iterator[Path]:
-    """One LUKS1 volume (made once: formatting is the slow part) whose plaintext holds 0x5a at
-    0..4095, written through QEMU's LUKS driver with the known key."""
-    d = Path(tempfile.mkdtemp(prefix="svmm-luks-", dir="/tmp"))
-    image = d / "template.img"
-    with open(image, "wb") as f:
-        f.truncate(16 << 20)
-    subprocess.run(
-        [CRYPTSETUP, "luksFormat", "--batch-mode", "--type", "luks1", "--key-file=-",
-         "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", str(image)],
-        input=KEY.encode(), check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    with QemuVm.launch(
-        VmSpec("prep", disks=(LuksDisk("disk0", image),)),
-        {"disk0": bytearray(KEY.encode())},
-        run_dir=d / "run",
-        capture_stdout=True,
-    ) as vm:
-        vm.write_pattern("disk0", 0x5A, 0, 4096)
-    yield image
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
@@ -81,7 +54,7 @@ def base() -> Iterator[Path]:
 
 
 @pytest.fixture
-def service(base: Path, luks_template: Path) -> Iterator[Running]:
+def service(base: Path, luks_template: Path) -> Iterator[Running]:  # noqa: F811
     volumes = base / "volumes"
     volumes.mkdir(mode=0o755)
     shutil.copyfile(luks_template, volumes / f"{VOLUME}.img")

@@ -16,6 +16,7 @@ import pytest
 from pam_svmm.adapters import luks
 from pam_svmm.adapters.luks import Cryptsetup, Pbkdf, SidecarTokens
 from pam_svmm.errors import VolumeError
+from tests.integration.cryptsetup_spy import cryptsetup_spy
 
 pytestmark = [
     pytest.mark.integration,
@@ -198,23 +199,6 @@ def test_dmcrypt_name_validated(cs: Cryptsetup, image: Path) -> None:
 # --- no key in argv or environment --------------------------------------------------------
 
 
-def _spy(tmp_path: Path) -> tuple[Path, Path]:
-    """A cryptsetup wrapper that saves its own /proc cmdline and environ, then execs the real
-    one (same argv, same environment: what it saw is what cryptsetup sees)."""
-    log = tmp_path / "spy"
-    log.mkdir()
-    real = shutil.which("cryptsetup")
-    script = tmp_path / "cryptsetup-spy"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'cat /proc/$$/cmdline > "{log}/$$.cmdline"\n'
-        f'cat /proc/$$/environ > "{log}/$$.environ"\n'
-        f'exec "{real}" "$@"\n'
-    )
-    script.chmod(0o700)
-    return script, log
-
-
 class _ProcPoller:
     """Reads every process's cmdline and environ in a loop while the test runs."""
 
@@ -252,7 +236,7 @@ class _ProcPoller:
 
 @pytest.fixture
 def spied(tmp_path: Path) -> Iterator[tuple[Cryptsetup, Path]]:
-    script, log = _spy(tmp_path)
+    script, log = cryptsetup_spy(tmp_path)
     yield Cryptsetup(binary=str(script), timeout=30), log
 
 

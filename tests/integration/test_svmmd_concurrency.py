@@ -35,7 +35,7 @@ from svmm_lab.stall import StallingOcspProxy, StallingTcpProxy, fronted_variant
 from svmm_lab.svmmd import SvmmdProcess
 from svmm_lab.userland import userland
 from tests.integration import ldap_fixtures
-from tests.integration.test_login import PIN
+from tests.integration.logins import PIN
 
 pytestmark = [
     pytest.mark.integration,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from svmm_lab.userland import userland
-from tests.integration.test_launcher_service import NOBODY, QEMU, Running, base, service
+from tests.integration.launcher_service import NOBODY, QEMU, Running, base, service
 from tests.unit import cli_schemas
 
 pytestmark = [

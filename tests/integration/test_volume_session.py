@@ -7,14 +7,10 @@ policy, LUKS1 volumes made by cryptsetup, svmmd as its own root process, QEMU as
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,10 +19,10 @@ from pam_svmm.daemon.server import bind_socket, serving
 from pam_svmm.services.launcher import Launcher
 from svmm_lab.directory import Slapd
 from svmm_lab.lab import Lab
-from svmm_lab.userland import userland
 from svmm_lab.volumes import make_volume
 from tests.integration import ldap_fixtures
-from tests.integration.test_login import PIN
+from tests.integration.logins import PIN
+from tests.integration.volume_session import ALICE_UID, ROOT, records, socket_dir, vm
 
 pytestmark = [
     pytest.mark.integration,
@@ -36,16 +32,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (svmmd, other uids)"),
 ]
 slapd = ldap_fixtures.slapd
-ROOT = Path(__file__).resolve().parents[2]
-ALICE_UID = 10001  # config/ldap/example-org.ldif
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="svmm-lab-", dir="/tmp"))
-    os.chmod(d, 0o755)  # noqa: S103 - root's folder; every user reaches the socket in it
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+__all__ = ["socket_dir"]  # fixtures
 
 
 @pytest.fixture
@@ -74,20 +61,6 @@ def service(lab: Lab, slapd: Slapd, socket_dir: Path) -> Iterator[tuple[str, Lau
         for running in list(launcher.registry.running()):
             launcher.registry.stop(running, quit_timeout=2, term_timeout=2, kill_timeout=2)
         launcher.close()
-
-
-def vm(socket_dir: Path, *args: str, uid: int = ALICE_UID) -> tuple[int, dict[str, Any]]:
-    p = subprocess.run(
-        userland().argv("-m", "pam_svmm.cli.main", "vm", "--socket",
-                        str(socket_dir / "launcher.sock"), "--json", *args),
-        capture_output=True, text=True, timeout=120, check=False,
-        user=uid, group=uid, extra_groups=[], env=userland().env(), cwd="/",
-    )  # fmt: skip
-    return p.returncode, json.loads(p.stdout) if p.stdout.strip() else {"stderr": p.stderr}
-
-
-def records(lab: Lab, since: int, event: str) -> list[dict[str, Any]]:
-    return [r for r in lab.audit_records()[since:] if r["event"] == event]
 
 
 def test_session_keys_boot_the_vm_with_its_decrypted_disk(

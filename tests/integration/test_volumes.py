@@ -20,6 +20,7 @@ from pam_svmm.adapters.token import Pkcs11Module, TokenInfo, TokenSession
 from pam_svmm.domain.custody import Custody
 from pam_svmm.errors import KeyReleaseFailed, SvmmError, VolumeError
 from pam_svmm.services.volumes import Card, Owner, Unlock, Volumes, luks_passphrase
+from tests.integration.cryptsetup_spy import cryptsetup_spy
 from tests.integration.softhsm import (  # noqa: F401
     USER_PIN,
     SoftHsm,
@@ -27,7 +28,6 @@ from tests.integration.softhsm import (  # noqa: F401
     self_signed,
     softhsm,
 )
-from tests.integration.test_luks import _spy
 from tests.unit import cli_schemas
 
 pytestmark = [
@@ -265,7 +265,7 @@ def test_luks1_sidecar_opens_in_qemu(
 
 
 def test_no_key_in_cryptsetup_argv_or_environ(cards: Cards, escrow: tuple, tmp_path: Path) -> None:
-    script, log = _spy(tmp_path)
+    script, log = cryptsetup_spy(tmp_path)
     vols = Volumes(Cryptsetup(binary=str(script), timeout=30), Pbkdf.fast())
     a, b = cards.make("a", "p256"), cards.make("b", "rsa")
     path = tmp_path / "v.img"

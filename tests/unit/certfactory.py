@@ -1,4 +1,4 @@
-"""Build small PKIs in memory for tests: a root CA, intermediates, and leaf certificates.
+"""Build small PKIs in memory for tests: a root CA, intermediates, leaf certificates, CRLs.
 
 Every certificate is made with `cryptography` and a fixed clock (``NOW``), so tests never
 depend on the wall clock. Keys are cached per (kind, slot): generating RSA keys is the slow
@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat import asn1
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
@@ -225,3 +225,46 @@ def pki(root_kind: str = "rsa2048", intermediate_kind: str = "p384") -> Pki:
         "Test Issuing CA", issuer=root, key_kind=intermediate_kind, slot=101, path_length=0
     )
     return Pki(root, inter)
+
+
+def make_crl(
+    issuer: Issued,
+    revoked: dict[int, x509.ReasonFlags | None],
+    *,
+    number: int | None = 1,
+    this_update=NOW - timedelta(hours=1),  # type: ignore[no-untyped-def]
+    next_update=NOW + timedelta(hours=1),  # type: ignore[no-untyped-def]
+    signer: Issued | None = None,
+    pem: bool = False,
+    number_critical: bool = False,
+    extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
+    entry_extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
+) -> bytes:
+    """A CRL; ``extensions`` / ``entry_extensions``: more (value, critical) pairs for the
+    CRL and for every entry."""
+    entries = []
+    for i, (serial, reason) in enumerate(revoked.items()):
+        b = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(NOW - timedelta(days=2, seconds=i))
+        )
+        if reason is not None:
+            b = b.add_extension(x509.CRLReason(reason), critical=False)
+        for value, critical in entry_extensions:
+            b = b.add_extension(value, critical=critical)
+        entries.append(b.build())
+    exts = []
+    if number is not None:
+        exts.append(x509.Extension(x509.CRLNumber.oid, number_critical, x509.CRLNumber(number)))
+    exts += [x509.Extension(v.oid, c, v) for v, c in extensions]
+    # The constructor takes the entries at once (add_revoked_certificate copies: quadratic).
+    builder = x509.CertificateRevocationListBuilder(
+        issuer_name=issuer.cert.subject,
+        last_update=this_update,
+        next_update=next_update,
+        extensions=exts,
+        revoked_certificates=entries,
+    )
+    crl = builder.sign((signer or issuer).key, hashes.SHA256())
+    return crl.public_bytes(serialization.Encoding.PEM if pem else serialization.Encoding.DER)

@@ -1,13 +1,18 @@
-"""Stand-ins shared by the unit tests: pam_python's handle, the running VMs a card opened."""
+"""Stand-ins shared by the unit tests: pam_python's handle, the running VMs a card opened, a
+policy source serving the example policy (or none)."""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from pam_svmm.errors import SvmmError
+from pam_svmm.domain.policy import CompiledPolicy
+from pam_svmm.errors import PolicyUnavailable, SvmmError
+
+POLICY = Path(__file__).resolve().parents[2] / "config" / "policy.example.toml"
 
 
 class PamError(Exception):
@@ -105,3 +110,22 @@ class FakeRegistry:
 
     def vms_opened_by(self, card_serial: str) -> list[FakeVm]:
         return list(self.by_card.get(card_serial, []))
+
+
+class StubPolicy:
+    """The policy source a SessionManager reads: ``compiled``, or PolicyUnavailable for None."""
+
+    host = "lab-host"
+
+    def __init__(self, compiled: CompiledPolicy | None) -> None:
+        self._compiled = compiled
+
+    @property
+    def compiled(self) -> CompiledPolicy:
+        assert self._compiled is not None
+        return self._compiled
+
+    def current(self, *, refresh: bool = False) -> StubPolicy:
+        if self._compiled is None:
+            raise PolicyUnavailable("no accepted policy: test")
+        return self

@@ -11,7 +11,7 @@ import pytest
 from pam_svmm.cli import nss as nss_cli
 from pam_svmm.cli.main import main
 from tests.unit import cli_schemas
-from tests.unit.test_nss_files import ALICE, BOB, GROUPS, Directory
+from tests.unit.nss_directory import ALICE, BOB, GROUPS, Directory
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the writer needs a root-owned folder")
 

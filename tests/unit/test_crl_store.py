@@ -6,14 +6,13 @@ import json
 import os
 import random
 import stat
-from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from certfactory import NOW, Issued, make_ca, make_leaf, pki
+from certfactory import NOW, make_ca, make_crl, make_leaf, pki
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 
 from pam_svmm.adapters import crl_store
 from pam_svmm.adapters.crl_store import CrlStore, index_name
@@ -23,49 +22,6 @@ from pam_svmm.errors import ConfigError, FetchError, RevocationUnknown
 P = pki("p256", "p256")
 ISSUER = P.intermediate
 MAX_SERIAL = (1 << 159) - 1  # the largest serial a 20-octet DER INTEGER holds
-
-
-def make_crl(
-    issuer: Issued,
-    revoked: dict[int, x509.ReasonFlags | None],
-    *,
-    number: int | None = 1,
-    this_update=NOW - timedelta(hours=1),  # type: ignore[no-untyped-def]
-    next_update=NOW + timedelta(hours=1),  # type: ignore[no-untyped-def]
-    signer: Issued | None = None,
-    pem: bool = False,
-    number_critical: bool = False,
-    extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
-    entry_extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
-) -> bytes:
-    """A CRL; ``extensions`` / ``entry_extensions``: more (value, critical) pairs for the
-    CRL and for every entry."""
-    entries = []
-    for i, (serial, reason) in enumerate(revoked.items()):
-        b = (
-            x509.RevokedCertificateBuilder()
-            .serial_number(serial)
-            .revocation_date(NOW - timedelta(days=2, seconds=i))
-        )
-        if reason is not None:
-            b = b.add_extension(x509.CRLReason(reason), critical=False)
-        for value, critical in entry_extensions:
-            b = b.add_extension(value, critical=critical)
-        entries.append(b.build())
-    exts = []
-    if number is not None:
-        exts.append(x509.Extension(x509.CRLNumber.oid, number_critical, x509.CRLNumber(number)))
-    exts += [x509.Extension(v.oid, c, v) for v, c in extensions]
-    # The constructor takes the entries at once (add_revoked_certificate copies: quadratic).
-    builder = x509.CertificateRevocationListBuilder(
-        issuer_name=issuer.cert.subject,
-        last_update=this_update,
-        next_update=next_update,
-        extensions=exts,
-        revoked_certificates=entries,
-    )
-    crl = builder.sign((signer or issuer).key, hashes.SHA256())
-    return crl.public_bytes(serialization.Encoding.PEM if pem else serialization.Encoding.DER)
 
 
 def leaf_with_serial(serial: int) -> x509.Certificate:

@@ -8,7 +8,6 @@ tests/integration/test_dmcrypt.py runs cryptsetup and dm for real where dm exist
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import subprocess
@@ -22,18 +21,18 @@ import pytest
 from pam_svmm import config
 from pam_svmm.adapters.luks import Cryptsetup
 from pam_svmm.adapters.qemu import LaunchFds, RawDisk, VmSpec, build_argv
-from pam_svmm.domain.allowlist import Allowlist, VmAllowance
+from pam_svmm.domain.allowlist import VmAllowance
 from pam_svmm.domain.audit_record import CardFacts, Outcome
 from pam_svmm.errors import VolumeError
 from pam_svmm.services.dmcrypt import DmcryptVolumes, mapping_name
-from tests.unit.test_key_release import Login, Volumes  # the login and the card: stand-ins
+from tests.unit.key_release_fixtures import (  # the clock, the allowlist, login and card
+    NOW,
+    VMS,
+    Login,
+    Volumes,
+    allowlist,
+)
 
-NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
-VMS = {
-    "vm-web": VmAllowance(("boot", "console"), ("web-disk",)),
-    "vm-db": VmAllowance(("boot",), ("db-disk", "db-logs")),
-    "vm-view": VmAllowance(("console",), ("secret-disk",)),  # no boot: never opened
-}
 ALL = ["db-disk", "db-logs", "web-disk"]
 
 
@@ -109,22 +108,6 @@ class KernelCryptsetup(Cryptsetup):
 
     def verbs(self) -> list[str]:
         return [" ".join(c[1:]) for c in self.calls if c[1] != "status"]
-
-
-def allowlist(vms: Mapping[str, VmAllowance] = VMS, *, user: str = "alice") -> Allowlist:
-    return Allowlist(
-        user=user,
-        uid=10001 if user == "alice" else 10002,
-        roles=("vm-users",),
-        card=None,
-        method="card",
-        sessions=("s1",),
-        policy_version=1,
-        host="h",
-        issued_at=NOW,
-        expires_at=NOW + dt.timedelta(hours=1),
-        vms=dict(vms),
-    )
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ import pytest
 
 from pam_svmm import config
 from pam_svmm.domain.allowlist import Allowlist, VmAllowance
-from pam_svmm.domain.audit_record import CardFacts, Outcome
+from pam_svmm.domain.audit_record import Outcome
 from pam_svmm.errors import VolumeError
 from pam_svmm.services.key_release import KeyRelease, volumes_to_release
+from tests.unit.key_release_fixtures import Login, Volumes  # the login and the card: stand-ins
 
 NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 
@@ -34,37 +35,6 @@ def allowlist(vms: dict[str, VmAllowance]) -> Allowlist:
         expires_at=NOW + dt.timedelta(hours=1),
         vms=vms,
     )
-
-
-@dataclass
-class Login:
-    method: str = "card"
-    card_session: Any = "logged-in session"
-    chain: tuple[Any, ...] = ("certificate",)
-    card_key_id: bytes = b"\x01"
-    card: CardFacts = field(
-        default_factory=lambda: CardFacts(
-            fingerprint="ab" * 32, token="alice ID card", token_serial="tok-alice"
-        )
-    )
-
-
-@dataclass
-class Volumes:
-    """The card's part: releases ``pass-<volume>``; records the buffers to check wiping."""
-
-    fail_on: str = ""
-    not_enrolled: tuple[str, ...] = ()
-    given: list[bytearray] = field(default_factory=list)
-
-    def release(self, path: Path, unlock: Any) -> bytearray:
-        if path.stem == self.fail_on:
-            raise VolumeError(f"{path.stem}: Invalid password", reason="volume_key_refused")
-        if path.stem in self.not_enrolled:
-            raise VolumeError(f"{path}: card ab is not enrolled", reason="card_not_enrolled")
-        secret = bytearray(f"pass-{path.stem}".encode())
-        self.given.append(secret)
-        return secret
 
 
 @dataclass

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,9 @@ from pam_svmm.adapters import nss_files
 from pam_svmm.adapters.nss_files import NssWriteError
 from pam_svmm.cli import nss as nss_cli
 from pam_svmm.cli.main import exit_code
-from pam_svmm.domain.identity import (
-    AccountState,
-    AccountStatus,
-    Identity,
-    PosixAccount,
-    PosixGroup,
-)
-from pam_svmm.errors import DirectoryUnavailable, SvmmError
+from pam_svmm.domain.identity import PosixAccount
+from pam_svmm.errors import SvmmError
+from tests.unit.nss_directory import ALICE, BOB, GROUPS, Directory
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="checks root ownership")
 FILES = {"passwd": "alice:*:10001:10001::/home/alice:/bin/bash\n", "group": "alice:*:10001:\n"}
@@ -155,41 +149,6 @@ def test_status_counts_entries_and_ages(tmp_path: Path) -> None:
 
 
 # --- the commands ------------------------------------------------------------------------
-
-
-class Directory:
-    """An in-memory IdentitySource (the real one is DirectoryClient against slapd)."""
-
-    def __init__(self, accounts: list[PosixAccount], groups: list[PosixGroup]) -> None:
-        self._accounts, self._groups = accounts, groups
-        self.fail_after: int | None = None
-
-    def accounts(self) -> Iterator[PosixAccount]:
-        for i, a in enumerate(self._accounts):
-            if self.fail_after is not None and i >= self.fail_after:
-                raise DirectoryUnavailable("no directory server answered (ldap://x)")
-            yield a
-
-    def groups(self) -> Iterator[PosixGroup]:
-        yield from self._groups
-
-    def user_by_name(self, name: str) -> Identity | None:
-        for a in self._accounts:
-            if a.name == name:
-                groups = tuple(g for g in self._groups if name in g.members or g.gid == a.gid)
-                return Identity(
-                    dn=f"uid={name},ou=people,dc=demo,dc=example",
-                    account=a,
-                    roles=("vm-users",),
-                    groups=groups,
-                    state=AccountState(AccountStatus.ACTIVE),
-                )
-        return None
-
-
-ALICE = PosixAccount("alice", 10001, 10001, "Alice", "/home/alice", "/bin/bash")
-BOB = PosixAccount("bob", 10002, 10002, "Bob", "/home/bob", "/bin/bash")
-GROUPS = [PosixGroup("alice", 10001), PosixGroup("vm-users", 20001, ("alice", "bob"))]
 
 
 @pytest.fixture

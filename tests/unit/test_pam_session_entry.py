@@ -20,8 +20,7 @@ from pam_svmm.errors import PolicyUnavailable
 from pam_svmm.pam import entry
 from pam_svmm.services.auth import LoginResult
 from pam_svmm.services.session import SessionManager
-from tests.unit.fakes import FakePamh
-from tests.unit.test_session_manager import POLICY, StubPolicy
+from tests.unit.fakes import POLICY, FakePamh, StubPolicy
 
 NOW = dt.datetime(2026, 3, 1, 9, 0, tzinfo=dt.UTC)
 

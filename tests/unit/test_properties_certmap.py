@@ -26,7 +26,7 @@ from pam_svmm.domain.certpolicy import parse_certificate
 from pam_svmm.domain.mapping import CertificateMapper, check_user
 from pam_svmm.errors import CertificateInvalid, UnknownUser, UserMismatch
 from tests.unit.certfactory import NOT_AFTER, NOT_BEFORE, UPN_OID
-from tests.unit.test_certmap import parse_filter
+from tests.unit.ldap_filters import parse_filter
 
 # cryptography warns of a CN longer than 64 characters (or empty): that is the point here.
 pytestmark = pytest.mark.filterwarnings("ignore:Attribute's length:UserWarning")

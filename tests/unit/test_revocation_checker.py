@@ -7,11 +7,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from certfactory import NOW, Issued, make_leaf, pki
+from certfactory import NOW, Issued, make_crl, make_leaf, pki
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
-from test_crl_store import make_crl
 
 from pam_svmm.adapters.crl_store import CrlStore
 from pam_svmm.config import RevocationConfig, RevocationMethod, RevocationRule

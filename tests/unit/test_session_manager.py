@@ -21,28 +21,11 @@ from pam_svmm.domain.audit_record import CardFacts
 from pam_svmm.domain.policy import CompiledPolicy, load_policy
 from pam_svmm.errors import PolicyUnavailable, SessionFailed
 from pam_svmm.services.session import SessionManager, SessionSubject
+from tests.unit.fakes import POLICY, StubPolicy
 
-POLICY = Path(__file__).resolve().parents[2] / "config" / "policy.example.toml"
 NOW = dt.datetime(2026, 3, 1, 9, 0, tzinfo=dt.UTC)
 CARD = CardFacts(fingerprint="ab" * 32, serial="1f2e")
 ALICE = SessionSubject("alice", 10001, ("vm-users",), CARD, "card")
-
-
-class StubPolicy:
-    host = "lab-host"
-
-    def __init__(self, compiled: CompiledPolicy | None) -> None:
-        self._compiled = compiled
-
-    @property
-    def compiled(self) -> CompiledPolicy:
-        assert self._compiled is not None
-        return self._compiled
-
-    def current(self, *, refresh: bool = False) -> StubPolicy:
-        if self._compiled is None:
-            raise PolicyUnavailable("no accepted policy: test")
-        return self
 
 
 def _manager(tmp_path: Path, compiled: CompiledPolicy | None = None) -> SessionManager:
