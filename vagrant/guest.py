@@ -65,6 +65,7 @@ PRODUCT_PATHS = (
     "tests",
     "vagrant/provision.sh",
     "pyproject.toml",
+    "constraints.txt",
     "README.md",
 )
 # What the Debian package is built from (debian/rules and its install lists name these).
@@ -75,6 +76,7 @@ PACKAGE_PATHS = (
     "man",
     "completion",
     "pyproject.toml",
+    "constraints.txt",
     "README.md",
     "LICENSE",
 )

@@ -176,7 +176,7 @@ phase_tests() {
   local build
   build=$(mktemp -d)
   cp -a "$SRC/pam_svmm" "$SRC/pyproject.toml" "$SRC/README.md" "$build/"
-  "$TEST_VENV/bin/pip" install -q "$build" "pytest>=8"
+  "$TEST_VENV/bin/pip" install -q -c "$SRC/constraints.txt" "$build" pytest
   rm -rf "$build"
   "$TEST_VENV/bin/python" -m compileall -q "$TEST_VENV/lib" >/dev/null
 }
