@@ -4,7 +4,6 @@ here; tests/integration/test_volume_session.py runs the real ones)."""
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,29 +11,15 @@ from typing import Any
 import pytest
 
 from pam_svmm import config
-from pam_svmm.domain.allowlist import Allowlist, VmAllowance
+from pam_svmm.domain.allowlist import VmAllowance
 from pam_svmm.domain.audit_record import Outcome
 from pam_svmm.errors import VolumeError
 from pam_svmm.services.key_release import KeyRelease, volumes_to_release
-from tests.unit.key_release_fixtures import Login, Volumes  # the login and the card: stand-ins
-
-NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
-
-
-def allowlist(vms: dict[str, VmAllowance]) -> Allowlist:
-    return Allowlist(
-        user="alice",
-        uid=10001,
-        roles=("vm-users",),
-        card=None,
-        method="card",
-        sessions=("s1",),
-        policy_version=1,
-        host="h",
-        issued_at=NOW,
-        expires_at=NOW + dt.timedelta(hours=1),
-        vms=vms,
-    )
+from tests.unit.key_release_fixtures import (  # the login and the card: stand-ins
+    Login,
+    Volumes,
+    allowlist,
+)
 
 
 @dataclass
