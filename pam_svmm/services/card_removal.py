@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -91,6 +92,20 @@ class Action:
     detail: str = ""
 
 
+# A VM whose stop failed at card removal is stopped again after RETRY_FIRST seconds, then
+# after twice as long each time, never more than RETRY_MAX apart.
+RETRY_FIRST = 5.0
+RETRY_MAX = 300.0
+
+
+@dataclass
+class _Pending:
+    user: str
+    first: str  # the first failure, as audited
+    wait: float  # seconds until the next try after this one fails
+    due: float  # monotonic time of the next try
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -111,6 +126,7 @@ class CardRemovalPolicy:
         host: str = "",
         service: str = "svmmd",
         clock: Callable[[], dt.datetime] = _now,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.action = RemovalAction.parse(action, "action")
         self._registry = registry
@@ -118,12 +134,13 @@ class CardRemovalPolicy:
         self._host = host
         self._service = service
         self._clock = clock
+        self._monotonic = monotonic
         self._lock = threading.Lock()
         # card serial -> VM ids acted on at removal, until the card comes back
         self._removed: dict[str, tuple[str, ...]] = {}
-        # (card serial, VM id) -> (user, first failure) of the VMs whose stop failed:
-        # stopped again by retry() until gone
-        self._pending: dict[tuple[str, str], tuple[str, str]] = {}
+        # (card serial, VM id) of the VMs whose stop failed -> who, why, and when to stop it
+        # again: retry() does until it is gone
+        self._pending: dict[tuple[str, str], _Pending] = {}
 
     @classmethod
     def from_config(
@@ -167,30 +184,38 @@ class CardRemovalPolicy:
             self._removed[serial] = tuple(a.vm_id for a in actions if a.vm_id)
             for a in actions:
                 if not a.ok:
-                    self._pending[(serial, a.vm_id)] = (a.user, a.detail)
+                    due = self._monotonic() + RETRY_FIRST
+                    self._pending[(serial, a.vm_id)] = _Pending(a.user, a.detail, RETRY_FIRST, due)
         self._write("card_removed", actions, f"card {cause}; configured action {self.action.value}")
         return actions
 
     def retry(self) -> list[Action]:
-        """Stop again every VM a removal could not stop. One that is stopped now, or gone
+        """Stop again the VMs a removal could not stop, each when it is due (5 s after the
+        failure, then twice as long each time, at most 5 min: a QEMU that cannot be stopped
+        must not keep the launcher busy with it). One that is stopped now, or gone
         meanwhile, is audited once (``card_removed``, ``stopped_on_retry``); one that still
         resists stays pending, logged by the caller, not audited again (bounded records)."""
         done: list[Action] = []
         with self._lock:
-            for serial, vm_id in sorted(self._pending):
-                user, first = self._pending[(serial, vm_id)]
+            now = self._monotonic()
+            for key in sorted(k for k, p in self._pending.items() if p.due <= now):
+                serial, vm_id = key
+                pending = self._pending[key]
+                first = f"first failure: {pending.first}"
                 vm = next(
                     (v for v in self._registry.vms_opened_by(serial) if str(v.vm_id) == vm_id),
                     None,
                 )
                 if vm is None:  # stopped by someone else, or exited: it no longer runs
-                    action = Action(ActionKind.STOP, serial, vm_id, user, reason="stopped_on_retry",
-                                    detail=f"gone; first failure: {first}")  # fmt: skip
+                    action = Action(ActionKind.STOP, serial, vm_id, pending.user,
+                                    reason="stopped_on_retry", detail=f"gone; {first}")  # fmt: skip
                 else:
-                    action = self._stop(serial, vm, "stopped_on_retry", f"first failure: {first}")
+                    action = self._stop(serial, vm, "stopped_on_retry", first)
                     if not action.ok:
+                        pending.wait = min(pending.wait * 2, RETRY_MAX)
+                        pending.due = self._monotonic() + pending.wait
                         continue
-                del self._pending[(serial, vm_id)]
+                del self._pending[key]
                 done.append(action)
         if done:
             self._write("card_removed", done, "card removed; a failed stop retried")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -20,9 +21,23 @@ from tests.unit.fakes import FakeRegistry, FakeVm
 NOW = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 
 
-def make(action: str, registry: FakeRegistry) -> tuple[CardRemovalPolicy, list[AuditRecord]]:
+class Ticks:
+    """The monotonic clock retries run on; tests move it."""
+
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(
+    action: str, registry: FakeRegistry, ticks: Ticks | None = None
+) -> tuple[CardRemovalPolicy, list[AuditRecord]]:
     records: list[AuditRecord] = []
-    policy = CardRemovalPolicy(action, registry, records.append, host="h1", clock=lambda: NOW)
+    policy = CardRemovalPolicy(
+        action, registry, records.append, host="h1", clock=lambda: NOW, monotonic=ticks or Ticks()
+    )
     return policy, records
 
 
@@ -186,12 +201,18 @@ def test_action_from_config():
 def test_a_failed_stop_is_retried_until_the_vm_is_stopped(registry, vms):
     a, b, _ = vms
     a.fail = frozenset({"pause", "stop"})
-    policy, records = make("pause", registry)
+    ticks = Ticks()
+    policy, records = make("pause", registry, ticks)
     policy.on_removed("CARD1")
     assert policy.pending() == {("CARD1", "work")}
+    assert policy.retry() == [] and a.calls == ["pause", "stop"]  # not due yet
+    ticks.t += 5
     assert policy.retry() == [] and a.calls == ["pause", "stop", "stop"]
     assert len(records) == 2  # a stop that fails again is not audited again
     a.fail = frozenset()
+    ticks.t += 9  # the next try is 10 s after the last failure
+    assert policy.retry() == [] and a.calls == ["pause", "stop", "stop"]
+    ticks.t += 1
     done = policy.retry()
     assert [(x.vm_id, x.reason, x.ok, x.user) for x in done] == [
         ("work", "stopped_on_retry", True, "alice")
@@ -204,12 +225,33 @@ def test_a_failed_stop_is_retried_until_the_vm_is_stopped(registry, vms):
     assert b.calls == ["pause"]
 
 
+def test_a_vm_that_cannot_be_stopped_is_tried_ever_less_often(registry, vms):
+    """Each stop attempt holds the launcher for its timeouts: a QEMU that never stops must
+    not take the launcher's whole time."""
+    a, _, _ = vms
+    a.fail = frozenset({"pause", "stop"})
+    ticks = Ticks()
+    policy, _ = make("pause", registry, ticks)
+    policy.on_removed("CARD1")
+    tries = []
+    for _ in range(3600):  # an hour, polled every second
+        ticks.t += 1
+        before = a.calls.count("stop")
+        policy.retry()
+        if a.calls.count("stop") > before:
+            tries.append(ticks.t - 100)
+    gaps = [b - a_ for a_, b in itertools.pairwise(tries)]
+    assert tries[:3] == [5, 15, 35] and max(gaps) == 300 and len(tries) < 20
+
+
 def test_a_pending_vm_that_is_gone_is_done_and_audited_once(registry, vms):
     a, _, _ = vms
     a.fail = frozenset({"pause", "stop"})
-    policy, records = make("stop", registry)
+    ticks = Ticks()
+    policy, records = make("stop", registry, ticks)
     policy.on_removed("CARD1")
     registry.by_card["CARD1"].remove(a)  # it exited, or a user's stop took it down
+    ticks.t += 5
     assert [(x.vm_id, x.reason) for x in policy.retry()] == [("work", "stopped_on_retry")]
     assert "gone" in records[-1].detail and policy.pending() == frozenset()
 

@@ -4,6 +4,7 @@ again until it is gone."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from tests.unit.launcher_fixtures import ALICE_UID, CARD, HOST, audit_records, m
 SERIAL = "1f2e"  # the token serial the keys were released with
 
 
-def _held(base: Path, vm: FakeVm) -> Launcher:
+def _held(base: Path, vm: FakeVm, ticks: Callable[[], float] = lambda: 0.0) -> Launcher:
     """A launcher holding alice's key for one volume, whose card opened ``vm``."""
     launcher = make_launcher(base)
     reply = launcher.hold_keys(
@@ -27,7 +28,7 @@ def _held(base: Path, vm: FakeVm) -> Launcher:
     )  # fmt: skip
     assert reply.ok, reply
     launcher.card_policy = CardRemovalPolicy(
-        "pause", FakeRegistry({SERIAL: [vm]}), launcher.audit.write, host=HOST
+        "pause", FakeRegistry({SERIAL: [vm]}), launcher.audit.write, host=HOST, monotonic=ticks
     )
     return launcher
 
@@ -55,11 +56,14 @@ def test_a_pulled_card_pauses_its_vms_even_when_nothing_can_be_audited(
 
 def test_a_vm_whose_stop_failed_is_stopped_by_the_next_sweep(tmp_path: Path) -> None:
     vm = FakeVm("secret", fail=frozenset({"pause", "stop"}))
-    launcher = _held(tmp_path, vm)
+    now = [0.0]
+    launcher = _held(tmp_path, vm, lambda: now[0])
     try:
         launcher.on_card_event(CardEvent(CardEventKind.REMOVED, SERIAL, "removed"))
+        now[0] = 5.0
         assert launcher.retry_card_actions() == []  # still failing: kept, logged
         vm.fail = frozenset()
+        now[0] = 15.0
         assert launcher.retry_card_actions() == ["secret"]
         assert vm.calls == ["pause", "stop", "stop", "stop"]
         removed = [r for r in audit_records(tmp_path) if r["event"] == "card_removed"]
