@@ -441,6 +441,9 @@ def _launcher(t: _Table) -> LauncherConfig:
         kill_timeout=t.number("kill_timeout", d.kill_timeout, minimum=0.1),
         card_removal=t.enum("card_removal", d.card_removal),
         card_poll_interval=t.number("card_poll_interval", d.card_poll_interval, minimum=0.05),
+        card_removal_locks_sessions=t.flag(
+            "card_removal_locks_sessions", d.card_removal_locks_sessions
+        ),
         on_last_logout=t.enum("on_last_logout", d.on_last_logout),
         on_session_lost=t.enum("on_session_lost", d.on_session_lost),
         on_grant_revoked=t.enum("on_grant_revoked", d.on_grant_revoked),

@@ -372,6 +372,17 @@ def scenario(g: Guest, report: Report, mode: str, debs: dict[str, str]) -> None:
                 flat = re.sub(r"\s+", " ", status)
                 n.append(f"status after the pull: {flat[:160]}")
                 check(re.search(r'"status":\s*"paused"', status), "vm-web not paused")
+                # ... and alice's logind session was locked (loginctl lock-session), after
+                # the VMs and the volumes.
+                locks = ""
+                deadline = time.monotonic() + 30
+                while '"outcome":"success"' not in locks and time.monotonic() < deadline:
+                    _, locks = root.run(
+                        'grep -h \'"event":"session_lock"\' /var/log/svmm/audit.jsonl | tail -n 2'
+                    )
+                    time.sleep(1)
+                n.append("session_lock: " + re.sub(r"\s+", " ", locks)[-200:])
+                check('"outcome":"success"' in locks, f"no session locked: {locks[-300:]}")
                 if dm:
                     # dm-crypt mode: the pulled card's volumes are suspended (luksSuspend:
                     # the key leaves the kernel); attr is L(ive), I(nactive), s(uspended), rw.

@@ -42,7 +42,7 @@ PACKAGES=(
   libnss-extrausers util-linux
   slapd ldap-utils
   cryptsetup-bin cryptsetup qemu-system-x86 qemu-utils
-  libpam-runtime sudo login passwd kmod
+  libpam-runtime libpam-systemd sudo login passwd kmod
   rsyslog rsyslog-gnutls
 )
 

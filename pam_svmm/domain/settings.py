@@ -336,6 +336,9 @@ class LauncherConfig:
     kill_timeout: float = 3.0
     card_removal: CardRemovalAction = CardRemovalAction.PAUSE
     card_poll_interval: float = 1.0  # seconds between slot polls
+    # A pulled card also locks the logind sessions it opened (loginctl lock-session), as
+    # pam_pkcs11's card event manager and SSSD do: the screen locker takes over.
+    card_removal_locks_sessions: bool = True
     on_last_logout: LastLogoutAction = LastLogoutAction.KEEP
     # A VM whose owner's last session died without closing (its PAM application crashed or
     # was killed, svmmd restarted): its grant is gone, so by default it is paused.

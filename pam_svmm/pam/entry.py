@@ -411,6 +411,10 @@ def pam_sm_open_session(pamh: Any, flags: int, argv: list[str]) -> int:
             "rhost": request.rhost,
             "logind_session": _env(pamh, "XDG_SESSION_ID"),
         }
+        if attempt is not None and attempt.card.token_serial:
+            # Pulling this card locks the session (launcher.card_removal_locks_sessions).
+            facts["token_serial"] = attempt.card.token_serial
+            facts["card_fingerprint"] = attempt.card.fingerprint
         try:
             try:
                 opened = manager.open(subject, sid, now=svc.now(), facts=facts)

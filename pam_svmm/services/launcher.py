@@ -727,6 +727,9 @@ class Launcher:
         )
         self._watch: CardWatch | None = None
         self._watched: set[str] = set()
+        # Token serials of the cards that opened live sessions (card_removal_locks_sessions):
+        # watched too, so pulling one locks its sessions; refreshed by sweep_sessions.
+        self._session_cards: set[str] = set()
         self._watch_lock = threading.Lock()
         # volumes.mode = "dm-crypt": the mappings PAM sessions opened (services/dmcrypt.py)
         self.dmcrypt: Any = None
@@ -823,6 +826,7 @@ class Launcher:
             wanted = self.keys.card_serials()
             wanted |= {r.token_serial for r in self.registry.running().values() if r.token_serial}
             wanted |= self._dmcrypt_card_serials()
+            wanted |= self._session_cards
             for serial in sorted(wanted - self._watched):
                 watch.watch(serial)
             for serial in sorted(self._watched - wanted):
@@ -843,6 +847,7 @@ class Launcher:
                     dropped = self.keys.drop_card(event.serial)
                     _attempt(failures, self.card_policy.handle, event)
                     _attempt(failures, self._dmcrypt_card_removed, event)  # after the pause
+                    _attempt(failures, self._lock_card_sessions, event)
                     for k in dropped:
                         card = _key_card(k.card_fingerprint, k.card_serial)
                         d = Decision(False, "card_removed", f"volume={k.volume}", user=k.user,
@@ -1196,7 +1201,82 @@ class Launcher:
             except OSError:
                 continue
             found |= {int(s) for n in names if is_uid_text(s := n.split(".")[0])}
-        return [uid for uid in sorted(found) if self.forget_dead_sessions(uid)]
+        gone = [uid for uid in sorted(found) if self.forget_dead_sessions(uid)]
+        self.refresh_session_cards()
+        return gone
+
+    def card_sessions(
+        self, serial: str | None = None
+    ) -> list[tuple[int, str, str, dict[str, Any]]]:
+        """(uid, user, session id, record) of every live session opened with a card: the
+        one of token serial ``serial``, or any."""
+        from ..adapters.allowlist_store import SessionRecords
+        from .session import session_alive
+
+        records = SessionRecords(self.config.session.state_dir)
+        try:
+            names = os.listdir(self.config.session.state_dir)
+        except OSError:
+            return []
+        out = []
+        for uid in sorted({int(s) for n in names if is_uid_text(s := n.split(".")[0])}):
+            try:
+                with records.locked(uid) as held:
+                    state = held.load()
+            except (SessionFailed, ConfigError) as e:
+                log.error("reading the sessions of uid %d: %s", uid, e.message)
+                continue
+            for sid, record in sorted(state.sessions.items()):
+                token = record.get("token_serial")
+                if token and (serial is None or token == serial) and session_alive(record):
+                    out.append((uid, state.user or _user_name(uid), sid, record))
+        return out
+
+    def refresh_session_cards(self) -> None:
+        """Watch the cards of live sessions, so that pulling one locks its sessions."""
+        if not self.config.launcher.card_removal_locks_sessions:
+            return
+        cards = {str(r["token_serial"]) for _u, _n, _s, r in self.card_sessions()}
+        if cards != self._session_cards:
+            self._session_cards = cards
+            self._sync_watch()
+
+    def _lock_card_sessions(self, event: CardEvent) -> None:
+        """Card removal: lock every logind session the card opened (loginctl), audited
+        ``session_lock`` for each; a session logind does not know of is an error record."""
+        from ..adapters import logind
+
+        if not self.config.launcher.card_removal_locks_sessions:
+            return
+        failure: SvmmError | None = None
+        for uid, user, sid, record in self.card_sessions(event.serial):
+            pid = record.get("pid")
+            found = logind.valid_session_id(record.get("logind_session"))
+            found = found or (logind.session_of_pid(pid) if isinstance(pid, int) else None)
+            why = f"session={sid}; logind session {found or '(none)'}; card {event.reason}"
+            fingerprint = record.get("card_fingerprint")
+            card = CardFacts(
+                fingerprint=fingerprint if isinstance(fingerprint, str) else "",
+                token_serial=event.serial,
+            )
+            try:
+                if found is None:
+                    raise logind.LockFailed(
+                        "the login process is in no logind session", reason="no_logind_session"
+                    )
+                logind.lock_session(found)
+            except logind.LockFailed as e:
+                d = Decision(False, e.reason, e.message, user=user, card=card)
+                outcome = Outcome.ERROR
+            else:
+                d = Decision(True, "locked", "", user=user, card=card)
+                outcome = Outcome.SUCCESS
+            try:
+                self._audited("session_lock", outcome, d, uid, "card_watch", detail=why)
+            except SvmmError as e:
+                failure = failure or e
+        if failure is not None:
+            raise failure
 
     def _list(self, uid: int) -> Reply:
         now = self.now()

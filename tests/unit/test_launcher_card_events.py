@@ -4,17 +4,29 @@ again until it is gone."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from pam_svmm.adapters import logind
+from pam_svmm.adapters.allowlist_store import SessionRecords
 from pam_svmm.adapters.audit_log import AuditLog, AuditWriteError
 from pam_svmm.adapters.card_watch import CardEvent, CardEventKind
+from pam_svmm.adapters.processes import start_time
 from pam_svmm.services.card_removal import CardRemovalPolicy
 from pam_svmm.services.launcher import Launcher
 from tests.unit.fakes import FakeRegistry, FakeVm
-from tests.unit.launcher_fixtures import ALICE_UID, CARD, HOST, audit_records, make_launcher
+from tests.unit.launcher_fixtures import (
+    ALICE_UID,
+    BOB_UID,
+    CARD,
+    HOST,
+    audit_records,
+    make_launcher,
+)
 
 SERIAL = "1f2e"  # the token serial the keys were released with
 
@@ -89,3 +101,91 @@ def test_key_records_name_the_token_serial_as_the_token_serial(tmp_path: Path) -
     for r in keys:
         assert r["card"]["token_serial"] == SERIAL and r["card"]["serial"] == "", r["card"]
         assert r["card"]["fingerprint"] == CARD.fingerprint
+
+
+# --- pulling a card locks the logind sessions it opened ------------------------------------
+
+
+def _card_session(base: Path, uid: int, user: str, sid: str, token: str, logind: str) -> None:
+    """A live session record as pam_sm_open_session writes one after a card login."""
+    with SessionRecords(base / "sessions").locked(uid) as held:
+        state = held.load()
+        state.user = user
+        state.sessions[sid] = {
+            "pid": os.getpid(),
+            "pid_start": start_time(os.getpid()),
+            "logind_session": logind,
+            "token_serial": token,
+            "card_fingerprint": CARD.fingerprint,
+        }
+        held.save(state)
+
+
+def test_a_pulled_card_locks_the_logind_sessions_it_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    locked: list[str] = []
+    monkeypatch.setattr(logind, "lock_session", locked.append)
+    launcher = _held(tmp_path, FakeVm("secret"))
+    _card_session(tmp_path, ALICE_UID, "alice", "tty1:1", SERIAL, "7")
+    _card_session(tmp_path, ALICE_UID, "alice", "pts1:2", SERIAL, "")  # found by its pid
+    _card_session(tmp_path, BOB_UID, "bob", "tty2:1", "other-card", "9")
+    monkeypatch.setattr(logind, "session_of_pid", lambda pid: "8")
+    try:
+        launcher.refresh_session_cards()
+        assert launcher._session_cards == {SERIAL, "other-card"}  # both watched
+        launcher.on_card_event(CardEvent(CardEventKind.REMOVED, SERIAL, "removed"))
+    finally:
+        launcher.close()
+    assert sorted(locked) == ["7", "8"]  # bob's session, of another card, stays
+    locks = [r for r in audit_records(tmp_path) if r["event"] == "session_lock"]
+    assert [(r["user"], r["outcome"], r["reason"]) for r in locks] == [
+        ("alice", "success", "locked")
+    ] * 2
+    assert {r["card"]["token_serial"] for r in locks} == {SERIAL}
+    assert all(r["card"]["fingerprint"] == CARD.fingerprint for r in locks)
+    assert "logind session 7" in " ".join(r["detail"] for r in locks)
+
+
+def test_a_session_logind_cannot_lock_is_an_error_record_and_the_vms_still_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(session_id: str) -> None:
+        raise logind.LockFailed(f"loginctl lock-session {session_id}: exit 1: no such session")
+
+    monkeypatch.setattr(logind, "lock_session", refuse)
+    monkeypatch.setattr(logind, "session_of_pid", lambda pid: None)
+    vm = FakeVm("secret")
+    launcher = _held(tmp_path, vm)
+    _card_session(tmp_path, ALICE_UID, "alice", "tty1:1", SERIAL, "7")
+    _card_session(tmp_path, ALICE_UID, "alice", "tty1:2", SERIAL, "")
+    try:
+        launcher.on_card_event(CardEvent(CardEventKind.REMOVED, SERIAL, "removed"))
+    finally:
+        launcher.close()
+    assert vm.calls == ["pause"]
+    locks = [r for r in audit_records(tmp_path) if r["event"] == "session_lock"]
+    assert sorted((r["outcome"], r["reason"]) for r in locks) == [
+        ("error", "no_logind_session"),
+        ("error", "session_lock_failed"),
+    ]
+
+
+def test_locking_sessions_can_be_switched_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    locked: list[str] = []
+    monkeypatch.setattr(logind, "lock_session", locked.append)
+    launcher = _held(tmp_path, FakeVm("secret"))
+    launcher.config = replace(
+        launcher.config,
+        launcher=replace(launcher.config.launcher, card_removal_locks_sessions=False),
+    )
+    _card_session(tmp_path, ALICE_UID, "alice", "tty1:1", SERIAL, "7")
+    try:
+        launcher.refresh_session_cards()
+        assert launcher._session_cards == set()
+        launcher.on_card_event(CardEvent(CardEventKind.REMOVED, SERIAL, "removed"))
+    finally:
+        launcher.close()
+    assert locked == []
