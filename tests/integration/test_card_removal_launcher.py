@@ -144,7 +144,21 @@ def test_card_removal_pauses_the_vm_and_wipes_its_keys_until_a_new_login(
             ]
             assert removed[0]["card"]["token_serial"] == serial
             assert "configured action pause" in removed[0]["detail"]
-            wiped = [r for r in records(lab, before, "key_drop") if r["reason"] == "card_removed"]
+            # The session the card opened is locked through logind: its record names the
+            # card (no logind runs where the suite does: then that is what it says).
+            deadline = time.monotonic() + 2
+            while not records(lab, before, "session_lock"):
+                assert time.monotonic() < deadline, "no session_lock record"
+                time.sleep(0.02)
+            (lock,) = records(lab, before, "session_lock")
+            assert (lock["user"], lock["card"]["token_serial"]) == ("alice", serial)
+            assert lock["reason"] in ("locked", "no_logind_session", "session_lock_failed")
+            # The keys were wiped first; their records come after the VMs' and sessions'.
+            deadline = time.monotonic() + 2
+            while len(wiped := [r for r in records(lab, before, "key_drop")
+                                if r["reason"] == "card_removed"]) < 2:  # fmt: skip
+                assert time.monotonic() < deadline, f"key_drop records: {wiped}"
+                time.sleep(0.02)
             assert sorted(r["detail"].split("volume=")[-1] for r in wiped) == [
                 "bank-a-data",
                 "web-disk",
