@@ -499,6 +499,14 @@ def test_svmmd_killed_during_a_vm_start_leaves_no_orphan_vm(host: Host) -> None:
         try:
             # A QEMU that cannot run cannot have answered QMP: the start is not finished.
             assert not registry.exists(), "the start finished before QEMU could be held"
+            # svmmd records the start (<vm>.starting) before it lets the gate shell exec
+            # QEMU; it needs nothing of the stopped child for that. Killed before it did, the
+            # shell would just see end of file and exit: no QEMU, nothing to audit, not this
+            # case (the fresh root's slower run once caught svmmd in that window).
+            wait_for(
+                "svmmd recording the start",
+                lambda: registry.with_name("vm-web.starting").exists(),
+            )
             host.kill()
         finally:
             os.kill(child, signal.SIGCONT)
@@ -510,11 +518,16 @@ def test_svmmd_killed_during_a_vm_start_leaves_no_orphan_vm(host: Host) -> None:
         assert code == 0 and listed["data"]["running"] == [], listed
         # The restarted svmmd stops the QEMU nobody answers for, and says so.
         wait_for("the orphaned QEMU gone", lambda: start_time(child) != started, SWEEP_TIMEOUT)
-        stops = wait_for(
-            "the unfinished start audited",
-            lambda: [r for r in host.records(event="vm_stop") if r["reason"] == "start_unfinished"],
-            SWEEP_TIMEOUT,
-        )
+        try:
+            stops = wait_for(
+                "the unfinished start audited",
+                lambda: [
+                    r for r in host.records(event="vm_stop") if r["reason"] == "start_unfinished"
+                ],
+                SWEEP_TIMEOUT,
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}; svmmd's log ends: {host.daemon.tail()}") from None
         assert stops[0]["vm"] == "vm-web" and stops[0]["user"] == "alice", stops
 
 
