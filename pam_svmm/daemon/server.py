@@ -663,7 +663,7 @@ def _start_sweeper(launcher: Launcher, every: float = SWEEP_EVERY) -> Any:
                 log.exception("policy check failed")
             try:
                 stopped = launcher.retry_card_actions()  # a pulled card's VM whose stop failed
-            except Exception:
+            except Exception:  # a bug: logged; a VM leaves the pending set only once stopped
                 log.exception("retrying a pulled card's VM actions failed")
             else:
                 if stopped:

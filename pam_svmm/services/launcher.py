@@ -646,11 +646,20 @@ def _key_card(fingerprint: str, token_serial: str) -> CardFacts | None:
 
 
 def _attempt(failures: list[Exception], step: Callable[..., object], *args: Any, **kw: Any) -> None:
-    """Run one step of a card event; a failure is kept for later, the next step still runs."""
+    """Run one step of a card event; a failure is kept for later, the next step still runs.
+    Catch-all on purpose: a pulled card's next step (pause the VMs, suspend the volumes,
+    lock the sessions) must not depend on the last one's audit record or a bug in it; the
+    caller logs every failure and raises the first, so none reads as a success."""
     try:
         step(*args, **kw)
     except Exception as e:
         failures.append(e)
+
+
+def _shown(error: Exception) -> str:
+    if isinstance(error, SvmmError):
+        return error.message
+    return f"internal error {type(error).__name__}"
 
 
 def _user_name(uid: int) -> str:
@@ -859,6 +868,10 @@ class Launcher:
                     self.card_policy.handle(event)
             finally:
                 self._sync_watch()
+        # Every step ran; none of these undoes what the others did. Each is logged (a
+        # record that could not be written, a bug), the first raised for the card watch.
+        for e in failures[1:]:
+            log.error("card %s %s: %s", event.serial, event.reason, _shown(e))
         if failures:
             raise failures[0]
 

@@ -198,12 +198,20 @@ def test_action_from_config():
         CardRemovalPolicy("reboot", registry, print)
 
 
+def unstoppable(
+    action: str, registry: FakeRegistry, vm: FakeVm
+) -> tuple[CardRemovalPolicy, list[AuditRecord], Ticks]:
+    """CARD1 pulled while ``vm`` (one of its VMs) resists both pause and stop."""
+    vm.fail = frozenset({"pause", "stop"})
+    ticks = Ticks()
+    policy, records = make(action, registry, ticks)
+    policy.on_removed("CARD1")
+    return policy, records, ticks
+
+
 def test_a_failed_stop_is_retried_until_the_vm_is_stopped(registry, vms):
     a, b, _ = vms
-    a.fail = frozenset({"pause", "stop"})
-    ticks = Ticks()
-    policy, records = make("pause", registry, ticks)
-    policy.on_removed("CARD1")
+    policy, records, ticks = unstoppable("pause", registry, a)
     assert policy.pending() == {("CARD1", "work")}
     assert policy.retry() == [] and a.calls == ["pause", "stop"]  # not due yet
     ticks.t += 5
@@ -229,10 +237,7 @@ def test_a_vm_that_cannot_be_stopped_is_tried_ever_less_often(registry, vms):
     """Each stop attempt holds the launcher for its timeouts: a QEMU that never stops must
     not take the launcher's whole time."""
     a, _, _ = vms
-    a.fail = frozenset({"pause", "stop"})
-    ticks = Ticks()
-    policy, _ = make("pause", registry, ticks)
-    policy.on_removed("CARD1")
+    policy, _, ticks = unstoppable("pause", registry, a)
     tries = []
     for _ in range(3600):  # an hour, polled every second
         ticks.t += 1
@@ -246,10 +251,7 @@ def test_a_vm_that_cannot_be_stopped_is_tried_ever_less_often(registry, vms):
 
 def test_a_pending_vm_that_is_gone_is_done_and_audited_once(registry, vms):
     a, _, _ = vms
-    a.fail = frozenset({"pause", "stop"})
-    ticks = Ticks()
-    policy, records = make("stop", registry, ticks)
-    policy.on_removed("CARD1")
+    policy, records, ticks = unstoppable("stop", registry, a)
     registry.by_card["CARD1"].remove(a)  # it exited, or a user's stop took it down
     ticks.t += 5
     assert [(x.vm_id, x.reason) for x in policy.retry()] == [("work", "stopped_on_retry")]

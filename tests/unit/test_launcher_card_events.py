@@ -4,6 +4,7 @@ again until it is gone."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import replace
@@ -45,8 +46,16 @@ def _held(base: Path, vm: FakeVm, ticks: Callable[[], float] = lambda: 0.0) -> L
     return launcher
 
 
+def _pull_and_close(launcher: Launcher) -> None:
+    """The card of SERIAL pulled out; then the launcher stops (wiping what it holds)."""
+    try:
+        launcher.on_card_event(CardEvent(CardEventKind.REMOVED, SERIAL, "removed"))
+    finally:
+        launcher.close()
+
+
 def test_a_pulled_card_pauses_its_vms_even_when_nothing_can_be_audited(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A full disk under the audit log must not keep a pulled card's VM running: the key
     drop's record failing used to end the event before the VMs got their action."""
@@ -58,10 +67,15 @@ def test_a_pulled_card_pauses_its_vms_even_when_nothing_can_be_audited(
             raise AuditWriteError("audit log: No space left on device")
 
         monkeypatch.setattr(AuditLog, "_write", disk_full)
-        with pytest.raises(AuditWriteError):
+        with (
+            caplog.at_level(logging.ERROR, logger="pam_svmm.services.launcher"),
+            pytest.raises(AuditWriteError),
+        ):
             launcher.on_card_event(CardEvent(CardEventKind.REMOVED, SERIAL, "removed"))
         assert vm.calls == ["pause"]
         assert launcher.keys.card_serials() == set()  # wiped all the same
+        # The card_removed record failed first (raised); the key_drop's is logged, not lost.
+        assert f"card {SERIAL} removed: audit log: No space left" in caplog.text
     finally:
         launcher.close()
 
@@ -92,10 +106,7 @@ def test_key_records_name_the_token_serial_as_the_token_serial(tmp_path: Path) -
     """One name per meaning: a held key's card is known by its token's serial, which used
     to be written into card.serial, the field that holds the certificate's serial."""
     launcher = _held(tmp_path, FakeVm("secret"))
-    try:
-        launcher.on_card_event(CardEvent(CardEventKind.REMOVED, SERIAL, "removed"))
-    finally:
-        launcher.close()
+    _pull_and_close(launcher)
     keys = [r for r in audit_records(tmp_path) if r["event"] in ("key_hold", "key_drop")]
     assert [r["event"] for r in keys] == ["key_hold", "key_drop"]
     for r in keys:
@@ -159,10 +170,7 @@ def test_a_session_logind_cannot_lock_is_an_error_record_and_the_vms_still_pause
     launcher = _held(tmp_path, vm)
     _card_session(tmp_path, ALICE_UID, "alice", "tty1:1", SERIAL, "7")
     _card_session(tmp_path, ALICE_UID, "alice", "tty1:2", SERIAL, "")
-    try:
-        launcher.on_card_event(CardEvent(CardEventKind.REMOVED, SERIAL, "removed"))
-    finally:
-        launcher.close()
+    _pull_and_close(launcher)
     assert vm.calls == ["pause"]
     locks = [r for r in audit_records(tmp_path) if r["event"] == "session_lock"]
     assert sorted((r["outcome"], r["reason"]) for r in locks) == [
