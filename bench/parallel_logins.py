@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -89,10 +90,54 @@ class Login:
     detail: str = ""
 
 
+def _machine_busy() -> float:
+    """CPU seconds every core spent not idle since boot (/proc/stat; idle and iowait left out)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of ``pid`` itself, and of its children it has waited for (card helpers)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    own, waited = fields[11:13], fields[13:15]
+    hz = os.sysconf("SC_CLK_TCK")
+    return sum(map(int, own)) / hz, sum(map(int, waited)) / hz
+
+
+def _clients_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """CPU seconds spent during a burst: the whole machine, the PAM applications, svmmd."""
+
+    machine: float
+    clients: float
+    svmmd: float
+    helpers: float
+
+    @staticmethod
+    def sample(svmmd_pid: int) -> Cpu:
+        return Cpu(_machine_busy(), _clients_cpu(), *_process_cpu(svmmd_pid))
+
+    def __sub__(self, other: Cpu) -> Cpu:
+        return Cpu(
+            self.machine - other.machine,
+            self.clients - other.clients,
+            self.svmmd - other.svmmd,
+            self.helpers - other.helpers,
+        )
+
+
 @dataclass(frozen=True)
 class Burst:
     logins: tuple[Login, ...]
     wall: float
+    cpu: Cpu | None = None
 
     @property
     def ok(self) -> int:
@@ -124,6 +169,22 @@ class Burst:
             "wall": self.wall,
             "throughput": self.throughput,
             "failures": sorted(set(failed))[:5],
+            **({} if self.cpu is None else self._cpu_doc(self.cpu)),
+        }
+
+    def _cpu_doc(self, cpu: Cpu) -> dict[str, float]:
+        n = len(self.logins)
+        per = cpu.machine / n
+        return {
+            "cpu_ms_per_login": 1000 * per,
+            "clients_cpu_ms_per_login": 1000 * cpu.clients / n,
+            "svmmd_cpu_ms_per_login": 1000 * cpu.svmmd / n,
+            "helpers_cpu_ms_per_login": 1000 * cpu.helpers / n,
+            "other_cpu_ms_per_login": 1000
+            * (cpu.machine - cpu.clients - cpu.svmmd - cpu.helpers)
+            / n,
+            # what this machine could do at best if logins cost what they cost here
+            "cpu_ceiling_per_s": (os.cpu_count() or 1) / per if per > 0 else 0.0,
         }
 
 
@@ -184,10 +245,12 @@ class Bench:
         return env
 
     def burst(self, n: int, users: tuple[str, ...]) -> Burst:
+        pid = self.svmmd.proc.pid if self.svmmd.proc else 0
+        before = Cpu.sample(pid)
         start = time.monotonic()
         with ThreadPoolExecutor(max_workers=n) as pool:
             logins = tuple(pool.map(lambda i: self.login(users[i % len(users)]), range(n)))
-        return Burst(logins, time.monotonic() - start)
+        return Burst(logins, time.monotonic() - start, Cpu.sample(pid) - before)
 
     def hung(
         self, kind: str, others: int, users: tuple[str, ...], baseline: Burst
@@ -242,14 +305,32 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, objec
 
 
 def table(result: dict[str, object], serial: float | None) -> str:
-    lines = [f"{'N':>4} {'ok':>5} {'p50 s':>7} {'p99 s':>7} {'max s':>7} {'logins/s':>9}"]
+    lines = [
+        f"{'N':>4} {'ok':>5} {'p50 s':>7} {'p99 s':>7} {'max s':>7} {'logins/s':>9}"
+        f" {'cpu ms':>7} {'client':>7} {'svmmd':>7} {'helper':>7} {'other':>7} {'ceiling/s':>9}"
+    ]
     sizes = result["sizes"]
     assert isinstance(sizes, dict)
     for n, s in sizes.items():
+        cpu = (
+            f" {s['cpu_ms_per_login']:7.0f} {s['clients_cpu_ms_per_login']:7.0f}"
+            f" {s['svmmd_cpu_ms_per_login']:7.0f} {s['helpers_cpu_ms_per_login']:7.0f}"
+            f" {s['other_cpu_ms_per_login']:7.0f}"
+            f" {s['cpu_ceiling_per_s']:9.2f}"
+            if "cpu_ms_per_login" in s
+            else ""
+        )
         lines.append(
             f"{n:>4} {s['ok']:>5} {s['p50']:7.2f} {s['p99']:7.2f} {s['max']:7.2f} "
-            f"{s['throughput']:9.2f}" + (f"  failures: {s['failures']}" if s["failures"] else "")
+            f"{s['throughput']:9.2f}{cpu}"
+            + (f"  failures: {s['failures']}" if s["failures"] else "")
         )
+    lines.append(
+        "cpu ms: CPU time per login over the burst (the whole machine: every process and"
+        " the kernel); client: the PAM applications; svmmd: svmmd itself; helper: its card"
+        " helpers; other: slapd, the OCSP responder, the proxies, the bench; ceiling/s:"
+        " CPUs / cpu per login, the most this machine can do at that cost"
+    )
     hung = result["hung"]
     assert isinstance(hung, dict)
     for kind, h in hung.items():

@@ -100,6 +100,7 @@ class LoginService:
         self.prefork = False
         self._spare: tuple[float, Any] | None = None
         self._spare_lock = threading.Lock()
+        self._spare_starting = False  # one spare at a time: logins together start one each
 
     # Collaborators are built on first use: a login needs all of them, `svmm card list`
     # needs only the module, and nothing is loaded at import time.
@@ -230,15 +231,24 @@ class LoginService:
         )
 
     def _start_spare(self) -> None:
+        """Start the next login's helper, unless one is ready or being started: logins that
+        arrive together each start their own, and one spare behind them is enough."""
+        with self._spare_lock:
+            if self._spare is not None or self._spare_starting:
+                return
+            self._spare_starting = True
+
         def start() -> None:
+            helper = None
             try:
                 helper = self._new_helper()
             except SvmmError:
-                return  # the login that needs it starts its own and says why
-            with self._spare_lock:
-                old, self._spare = self._spare, (time.monotonic(), helper)
-            if old is not None:
-                old[1].close()
+                pass  # the login that needs it starts its own and says why
+            finally:
+                with self._spare_lock:  # nobody else sets a spare while this one starts
+                    self._spare_starting = False
+                    if helper is not None:
+                        self._spare = (time.monotonic(), helper)
 
         threading.Thread(target=start, name="svmm-card-spare", daemon=True).start()
 

@@ -1,0 +1,101 @@
+"""svmmd's spare card helper: logins side by side start one helper each, never two.
+
+A login takes the helper started ahead of it and has the next one started. When logins
+arrive together, each found no spare and (before this test) each also started one, every
+new spare closing the one before it unused: two card helper starts per login under load,
+measured by bench/parallel_logins.py as twice the helper CPU of a lone login.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from pam_svmm import config as config_mod
+from pam_svmm.services import login as login_mod
+from pam_svmm.services.login import LoginService
+
+
+class FakeHelper:
+    started = 0
+    lock = threading.Lock()
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        time.sleep(0.02)  # a start takes a while; logins arrive meanwhile
+        with FakeHelper.lock:
+            FakeHelper.started += 1
+        self.closed = False
+
+    def alive(self) -> bool:
+        return not self.closed
+
+    def close(self, *, wait: bool = False) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def svc(monkeypatch: pytest.MonkeyPatch) -> LoginService:
+    import pam_svmm.adapters.card_helper as card_helper
+
+    FakeHelper.started = 0
+    monkeypatch.setattr(card_helper, "CardHelper", FakeHelper)
+    s = LoginService(config_mod.parse({}), card_helper=True)
+    s.prefork = True
+    return s
+
+
+def _settle(svc: LoginService) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(
+        t.name == "svmm-card-spare" for t in threading.enumerate()
+    ):
+        time.sleep(0.01)
+
+
+def test_logins_side_by_side_start_at_most_one_spare(svc: LoginService) -> None:
+    n = 20
+    barrier = threading.Barrier(n)
+    taken: list[Any] = []
+
+    def login() -> None:
+        barrier.wait()
+        taken.append(svc.login_module())
+
+    threads = [threading.Thread(target=login) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _settle(svc)
+    assert len({id(h) for h in taken}) == n  # never one helper for two logins
+    assert FakeHelper.started <= n + 1  # each login's own, plus one spare ahead
+    svc.close_spare()
+
+
+def test_a_lone_login_still_leaves_a_spare_for_the_next(svc: LoginService) -> None:
+    first = svc.login_module()
+    _settle(svc)
+    assert svc._spare is not None
+    spare = svc._spare[1]
+    second = svc.login_module()
+    assert second is spare and second is not first
+    _settle(svc)
+    assert FakeHelper.started == 3  # first, the spare taken by second, the next spare
+    svc.close_spare()
+
+
+def test_an_old_spare_is_closed_not_used(
+    svc: LoginService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc.login_module()
+    _settle(svc)
+    assert svc._spare is not None
+    old = svc._spare[1]
+    monkeypatch.setattr(login_mod, "SPARE_MAX_AGE", 0.0)
+    fresh = svc.login_module()
+    assert fresh is not old and old.closed
+    _settle(svc)
+    svc.close_spare()
