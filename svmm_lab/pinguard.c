@@ -21,8 +21,14 @@
  *   removed=1       token pulled out: slot lists with tokenPresent omit it, slot calls answer
  *                   CKR_TOKEN_NOT_PRESENT and session calls CKR_DEVICE_REMOVED.
  *
- * One mutex serialises state-file read-modify-write (and the C_Login it brackets); that is
- * enough for a single process, which is all the lab needs. Files are replaced atomically.
+ * One mutex serialises state-file read-modify-write (and the C_Login it brackets) within a
+ * process; files are replaced atomically.
+ *
+ * The reader: SoftHSM2's file store is not safe for several processes at once (C_Login
+ * rewrites the token's file, and another process reading it meanwhile answers
+ * CKR_GENERAL_ERROR), while a real card sits behind pcscd, which gives one process at a
+ * time the reader. So every call that reaches the token store holds an exclusive flock(2)
+ * on <state folder>/.reader.lock for the call (none without a state folder).
  */
 #define _GNU_SOURCE
 #include <ctype.h>
@@ -34,6 +40,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -365,6 +372,65 @@ GUARDED(SignInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k),
 GUARDED(Sign, (CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR s, CK_ULONG_PTR sl),
         (h, d, dl, s, sl))
 
+/* ---- the reader: one process at a time in the token store ------------------------- */
+
+static int reader_lock(void)
+{
+    char path[PATH_MAX];
+    const char *dir = state_dir();
+    if (dir == NULL || snprintf(path, sizeof path, "%s/.reader.lock", dir) >= (int)sizeof path)
+        return -1;
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT)
+        fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd >= 0)
+        while (flock(fd, LOCK_EX) != 0 && errno == EINTR)
+            ;
+    return fd;
+}
+
+#define LOCKED(name, params, call)                   \
+    static CK_RV locked_##name params                \
+    {                                                \
+        int fd = reader_lock();                      \
+        CK_RV lrv = call;                            \
+        if (fd >= 0)                                 \
+            close(fd);                               \
+        return lrv;                                  \
+    }
+
+LOCKED(Initialize, (CK_VOID_PTR a), real->C_Initialize(a))
+LOCKED(Finalize, (CK_VOID_PTR a), real->C_Finalize(a))
+LOCKED(GetSlotList, (CK_BBOOL p, CK_SLOT_ID_PTR l, CK_ULONG_PTR c), guard_GetSlotList(p, l, c))
+LOCKED(GetSlotInfo, (CK_SLOT_ID s, CK_SLOT_INFO_PTR i), guard_GetSlotInfo(s, i))
+LOCKED(GetTokenInfo, (CK_SLOT_ID s, CK_TOKEN_INFO_PTR i), guard_GetTokenInfo(s, i))
+LOCKED(GetMechanismList, (CK_SLOT_ID s, CK_MECHANISM_TYPE_PTR l, CK_ULONG_PTR c),
+       guard_GetMechanismList(s, l, c))
+LOCKED(OpenSession, (CK_SLOT_ID s, CK_FLAGS f, CK_VOID_PTR a, CK_NOTIFY n,
+                     CK_SESSION_HANDLE_PTR h), guard_OpenSession(s, f, a, n, h))
+LOCKED(CloseSession, (CK_SESSION_HANDLE h), real->C_CloseSession(h))
+LOCKED(Login, (CK_SESSION_HANDLE h, CK_USER_TYPE w, CK_UTF8CHAR_PTR p, CK_ULONG l),
+       guard_Login(h, w, p, l))
+LOCKED(Logout, (CK_SESSION_HANDLE h), real->C_Logout(h))
+LOCKED(FindObjectsInit, (CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n),
+       guard_FindObjectsInit(h, t, n))
+LOCKED(FindObjects, (CK_SESSION_HANDLE h, CK_OBJECT_HANDLE_PTR o, CK_ULONG m, CK_ULONG_PTR n),
+       guard_FindObjects(h, o, m, n))
+LOCKED(FindObjectsFinal, (CK_SESSION_HANDLE h), real->C_FindObjectsFinal(h))
+LOCKED(GetAttributeValue, (CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_PTR t,
+                           CK_ULONG n), guard_GetAttributeValue(h, o, t, n))
+LOCKED(SignInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k),
+       guard_SignInit(h, m, k))
+LOCKED(Sign, (CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR s, CK_ULONG_PTR sl),
+       guard_Sign(h, d, dl, s, sl))
+LOCKED(DecryptInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k),
+       real->C_DecryptInit(h, m, k))
+LOCKED(Decrypt, (CK_SESSION_HANDLE h, CK_BYTE_PTR e, CK_ULONG el, CK_BYTE_PTR d,
+                 CK_ULONG_PTR dl), real->C_Decrypt(h, e, el, d, dl))
+LOCKED(DeriveKey, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE b,
+                   CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR k),
+       real->C_DeriveKey(h, m, b, t, n, k))
+
 /* ---- entry point ------------------------------------------------------------------- */
 
 EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out)
@@ -392,17 +458,25 @@ EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out)
         } else {
             guard = *real;
             guard.C_GetFunctionList = C_GetFunctionList;
-            guard.C_GetSlotList = guard_GetSlotList;
-            guard.C_GetSlotInfo = guard_GetSlotInfo;
-            guard.C_GetTokenInfo = guard_GetTokenInfo;
-            guard.C_GetMechanismList = guard_GetMechanismList;
-            guard.C_OpenSession = guard_OpenSession;
-            guard.C_Login = guard_Login;
-            guard.C_FindObjectsInit = guard_FindObjectsInit;
-            guard.C_FindObjects = guard_FindObjects;
-            guard.C_GetAttributeValue = guard_GetAttributeValue;
-            guard.C_SignInit = guard_SignInit;
-            guard.C_Sign = guard_Sign;
+            guard.C_Initialize = locked_Initialize;
+            guard.C_Finalize = locked_Finalize;
+            guard.C_GetSlotList = locked_GetSlotList;
+            guard.C_GetSlotInfo = locked_GetSlotInfo;
+            guard.C_GetTokenInfo = locked_GetTokenInfo;
+            guard.C_GetMechanismList = locked_GetMechanismList;
+            guard.C_OpenSession = locked_OpenSession;
+            guard.C_CloseSession = locked_CloseSession;
+            guard.C_Login = locked_Login;
+            guard.C_Logout = locked_Logout;
+            guard.C_FindObjectsInit = locked_FindObjectsInit;
+            guard.C_FindObjects = locked_FindObjects;
+            guard.C_FindObjectsFinal = locked_FindObjectsFinal;
+            guard.C_GetAttributeValue = locked_GetAttributeValue;
+            guard.C_SignInit = locked_SignInit;
+            guard.C_Sign = locked_Sign;
+            guard.C_DecryptInit = locked_DecryptInit;
+            guard.C_Decrypt = locked_Decrypt;
+            guard.C_DeriveKey = locked_DeriveKey;
         }
     }
     if (rv == CKR_OK)

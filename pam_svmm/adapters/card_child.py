@@ -12,6 +12,7 @@ socketpair it was given and ends when the other end closes; nothing else reaches
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -166,6 +167,49 @@ def serve(sock: socket.socket, refusal: str = "") -> None:
         child.close()
 
 
+def forker(control: socket.socket, refusal: str) -> int:
+    """svmmd's forker: each descriptor svmmd sends on ``control`` is one login's socket,
+    served by a child forked from here. This process has imported the card code once, so a
+    login's helper costs a fork and the module's C_Initialize rather than an interpreter and
+    its imports; it never loads a PKCS#11 module, so a child starts with no card state of
+    another login's (nor of this process's: there is none). The children are not svmmd's:
+    each sends svmmd a pidfd of itself, by which svmmd watches and kills it."""
+    with contextlib.suppress(ImportError):
+        import PyKCS11  # noqa: F401  - once here, instead of in every child
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps them; svmmd has pidfds
+    while True:
+        try:
+            _, fds, _, _ = socket.recv_fds(control, 1, 1)
+        except OSError:
+            return 1
+        if not fds:
+            return 0  # svmmd hung up
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                control.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                code = _forked(socket.socket(fileno=fds[0]), refusal)
+            finally:
+                os._exit(code)  # never back into the forker's loop
+        os.close(fds[0])
+
+
+def _forked(sock: socket.socket, refusal: str) -> int:
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        socket.send_fds(sock, [card_wire.PID_MESSAGE.pack(os.getpid())], [pidfd])
+    finally:
+        os.close(pidfd)
+    try:
+        serve(sock, refusal)
+    except (card_wire.WireError, OSError):
+        return 1
+    return 0
+
+
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's ^C is the PAM app's to handle
     fd = int(sys.argv[-1])
@@ -178,6 +222,8 @@ def main() -> int:
         seccomp.install()  # before any vendor code is loaded
     except seccomp.SeccompUnavailable as e:
         refusal = str(e)  # fail closed: no filter, no card access
+    if sys.argv[-2:-1] == ["forker"]:
+        return forker(sock, refusal)
     try:
         serve(sock, refusal)
     except card_wire.WireError:

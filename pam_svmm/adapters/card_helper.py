@@ -22,9 +22,12 @@ the part of ``Pkcs11Module`` and ``TokenSession`` that logging in and releasing 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pwd
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -37,7 +40,7 @@ from ..domain.pkcs11_uri import Pkcs11Uri
 from ..domain.signing import SignatureScheme
 from ..errors import ConfigError, PinTries, TokenError
 from . import card_wire
-from .card_wire import WireError
+from .card_wire import PID_MESSAGE, WireError
 from .token import CardCertificate, TokenInfo
 
 PYTHON = "/usr/bin/python3"  # the interpreter pam_python embeds; the venv is made from it
@@ -62,7 +65,7 @@ def helper_env(
     return env
 
 
-def helper_argv(fd: int, user: str | None = None) -> list[str]:
+def helper_argv(fd: int, user: str | None = None, *, forker: bool = False) -> list[str]:
     drop = [SETPRIV, "--no-new-privs"]
     if os.geteuid() != 0:
         # A screen locker running as its user: that user has no capabilities to drop (and
@@ -77,7 +80,8 @@ def helper_argv(fd: int, user: str | None = None) -> list[str]:
             raise ConfigError("pkcs11.helper_user", f"no user {user!r} on this host") from None
         drop += [f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups"]
     paths = [p for p in sys.path if p and os.path.isabs(p)]
-    return [*drop, PYTHON, "-I", "-S", "-c", _BOOT, json.dumps(paths), str(fd)]
+    mode = ["forker"] if forker else []
+    return [*drop, PYTHON, "-I", "-S", "-c", _BOOT, json.dumps(paths), *mode, str(fd)]
 
 
 def _token(doc: Any) -> TokenInfo:
@@ -128,6 +132,116 @@ def _uri(uri: Pkcs11Uri | None) -> dict[str, Any] | None:
     return None if uri is None else asdict(uri)
 
 
+class ForkedHelper:
+    """A helper forked by svmmd's forker: not this process's child, so it is watched and
+    killed through its pidfd (which names that process, never a later one with its pid)."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self._pidfd: int | None = pidfd
+        self._fd_lock = threading.Lock()
+
+    def poll(self) -> int | None:
+        return None if not self._exited(0) else 0
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._exited(timeout):
+            raise subprocess.TimeoutExpired("card helper", timeout or 0)
+        return 0
+
+    def kill(self) -> None:
+        with self._fd_lock:
+            if self._pidfd is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def _exited(self, timeout: float | None) -> bool:
+        with self._fd_lock:
+            fd = self._pidfd
+        if fd is None:
+            return True
+        if not select.select([fd], [], [], timeout)[0]:  # a pidfd reads ready once it exits
+            return False
+        with self._fd_lock:
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
+        return True
+
+
+class HelperForker:
+    """svmmd's card helper forker (card_child.forker): one process started like a helper
+    (the same setpriv, user, environment and seccomp filter) that has imported the card
+    code and forks each login's helper. A login's helper then costs a fork and the module's
+    C_Initialize, not an interpreter and its imports (bench/parallel_logins.py prints the
+    helpers' CPU per login). Each helper is still a process of its own that loads the module
+    afresh, so nothing of one login's card state reaches another's. A forker that died is
+    started again at the next login."""
+
+    def __init__(self, *, pass_environment: tuple[str, ...] = (), user: str | None = None):
+        self._env = helper_env(pass_environment)
+        self._user = user
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._control: socket.socket | None = None
+
+    def fork(self, theirs: socket.socket) -> None:
+        """Have a helper forked to serve ``theirs`` (one end of a login's socketpair)."""
+        with self._lock:
+            for _ in range(2):
+                if self._control is None or self._proc is None or self._proc.poll() is not None:
+                    self._stop()
+                    self._start()
+                assert self._control is not None
+                try:
+                    socket.send_fds(self._control, [b"F"], [theirs.fileno()])
+                    return
+                except OSError:
+                    self._stop()
+            raise OSError(errno.EPIPE, "its forker went away")
+
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._proc = subprocess.Popen(
+                helper_argv(theirs.fileno(), self._user, forker=True),
+                env=self._env,
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                close_fds=True,
+                cwd="/",
+            )
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._control = ours
+
+    def _stop(self) -> None:
+        control, proc = self._control, self._proc
+        self._control = self._proc = None
+        if control is not None:
+            control.close()  # it sees end of file and exits; its helpers run on
+        if proc is not None:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    @property
+    def pid(self) -> int | None:
+        with self._lock:
+            return None if self._proc is None else self._proc.pid
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+
 class CardHelper:
     """One helper process with one PKCS#11 module loaded. Close it (or use ``with``)."""
 
@@ -138,29 +252,38 @@ class CardHelper:
         pass_environment: tuple[str, ...] = (),
         user: str | None = None,
         timeout: float = 30.0,
+        forker: HelperForker | None = None,
     ) -> None:
+        """``forker``: fork the helper from it (svmmd) instead of starting a process; it
+        was started with its own ``pass_environment`` and ``user``, and these are unused."""
         self.path = path
         self.timeout = timeout
         self._lock = threading.Lock()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock: socket.socket | None = ours
+        self._proc: subprocess.Popen[bytes] | ForkedHelper
         try:
-            self._proc = subprocess.Popen(
-                helper_argv(theirs.fileno(), user),
-                env=helper_env(pass_environment),
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                close_fds=True,
-                cwd="/",
-            )
+            if forker is None:
+                self._proc = subprocess.Popen(
+                    helper_argv(theirs.fileno(), user),
+                    env=helper_env(pass_environment),
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    close_fds=True,
+                    cwd="/",
+                )
+            else:
+                forker.fork(theirs)
         except OSError as e:
             ours.close()
             raise TokenError(f"cannot start the card helper: {e.strerror}",
                              reason="card_helper_failed") from None  # fmt: skip
         finally:
             theirs.close()
+        if forker is not None:
+            self._proc = self._forked(ours)
         try:
             info = self._call({"op": "open", "path": path}, timeout=START_TIMEOUT)
             version = _list(info["version"])
@@ -173,6 +296,24 @@ class CardHelper:
         except BaseException:
             self.close()
             raise
+
+    def _forked(self, sock: socket.socket) -> ForkedHelper:
+        """The forked helper's first message: its pid and a pidfd of itself."""
+        sock.settimeout(START_TIMEOUT)
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, PID_MESSAGE.size, 1)
+        except OSError as e:
+            data, fds = b"", []
+            why = f"({e.strerror or e})"
+        else:
+            why = "(it went away)"
+        if len(data) != PID_MESSAGE.size or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            sock.close()
+            self._sock = None
+            raise TokenError(f"cannot start the card helper {why}", reason="card_helper_failed")
+        return ForkedHelper(PID_MESSAGE.unpack(data)[0], fds[0])
 
     @property
     def pid(self) -> int:

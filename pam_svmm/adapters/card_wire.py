@@ -30,6 +30,7 @@ from ..errors import (
 
 MAX_MESSAGE = 4 << 20  # a card's certificates are kilobytes; anything near this is hostile
 _LEN = struct.Struct(">I")
+PID_MESSAGE = struct.Struct("=q")  # a forked helper's first message: its pid, with a pidfd
 ERRORS: dict[str, type[SvmmError]] = {
     cls.__name__: cls
     for cls in (

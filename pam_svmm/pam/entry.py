@@ -88,6 +88,8 @@ def _service_for(key: tuple[str, int], path: Any) -> Any:
     svc = _services.get(key)
     if svc is None:
         svc = LoginService(config_mod.load(path), card_helper=True)
+        for old in _services.values():
+            old.close_spare()  # svmmd: the helper it started ahead, and its forker
         _services.clear()
         _services[key] = svc
     return svc

@@ -101,6 +101,7 @@ class LoginService:
         self._spare: tuple[float, Any] | None = None
         self._spare_lock = threading.Lock()
         self._spare_starting = False  # one spare at a time: logins together start one each
+        self._forker: Any = None  # svmmd's card helper forker, started at the first login
 
     # Collaborators are built on first use: a login needs all of them, `svmm card list`
     # needs only the module, and nothing is loaded at import time.
@@ -220,14 +221,23 @@ class LoginService:
         return self._new_helper()
 
     def _new_helper(self) -> Any:
-        from ..adapters.card_helper import CardHelper
+        from ..adapters.card_helper import CardHelper, HelperForker
 
         p = self.config.pkcs11
+        forker = None
+        if self.prefork:  # svmmd: forked from one process that has the card code imported
+            with self._spare_lock:
+                if self._forker is None:
+                    self._forker = HelperForker(
+                        pass_environment=p.pass_environment, user=p.helper_user
+                    )
+                forker = self._forker
         return CardHelper(
             p.module,
             pass_environment=p.pass_environment,
             user=p.helper_user,
             timeout=self.config.auth.login_timeout,
+            forker=forker,
         )
 
     def _start_spare(self) -> None:
@@ -253,10 +263,14 @@ class LoginService:
         threading.Thread(target=start, name="svmm-card-spare", daemon=True).start()
 
     def close_spare(self) -> None:
+        """Close the helper started ahead and the forker (logins under way keep theirs)."""
         with self._spare_lock:
             spare, self._spare = self._spare, None
+            forker, self._forker = self._forker, None
         if spare is not None:
             spare[1].close()
+        if forker is not None:
+            forker.close()
 
     def authenticator(self, module: Any = None) -> CardAuthenticator:
         return CardAuthenticator(

@@ -12,14 +12,15 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pam_svmm.adapters.card_helper import BASE_ENV, CardHelper
+from pam_svmm.adapters.card_helper import BASE_ENV, CardHelper, HelperForker
 from pam_svmm.adapters.token import Pkcs11Module
 from pam_svmm.errors import PinIncorrect, TokenError
 from svmm_lab.lab import Lab, Reader
@@ -98,6 +99,37 @@ def _status(pid: int) -> dict[str, str]:
     return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
 
 
+Start = Callable[..., CardHelper]
+
+
+@pytest.fixture(params=["spawned", "forked"])
+def start(request: pytest.FixtureRequest) -> Iterator[Start]:
+    """A helper of its own (the PAM process, the CLI), or forked by svmmd's forker: each
+    property below holds for both."""
+    forkers: list[HelperForker] = []
+
+    def make(path: str, *, pass_environment: tuple[str, ...] = (), **kw: object) -> CardHelper:
+        if request.param == "spawned":
+            return CardHelper(path, pass_environment=pass_environment, **kw)  # type: ignore[arg-type]
+        forkers.append(HelperForker(pass_environment=pass_environment))
+        return CardHelper(path, forker=forkers[-1], **kw)  # type: ignore[arg-type]
+
+    yield make
+    for f in forkers:
+        f.close()
+
+
+def _gone(pid: int, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 @pytest.fixture
 def card(softhsm: SoftHsm) -> Iterator[SoftHsm]:
     key = ec.generate_private_key(ec.SECP256R1())
@@ -107,12 +139,12 @@ def card(softhsm: SoftHsm) -> Iterator[SoftHsm]:
 
 
 def test_the_helper_has_no_capabilities_and_only_the_products_environment(
-    card: SoftHsm, monkeypatch: pytest.MonkeyPatch
+    card: SoftHsm, monkeypatch: pytest.MonkeyPatch, start: Start
 ) -> None:
     monkeypatch.setenv("OPENSC_CONF", "/home/mallory/opensc.conf")
     monkeypatch.setenv("PCSCLITE_CSOCK_NAME", "/home/mallory/pcscd.comm")
     passed = tuple(card.env())
-    with CardHelper(str(card.module_path), pass_environment=passed) as helper:
+    with start(str(card.module_path), pass_environment=passed) as helper:
         assert [t.label for t in helper.tokens()] == ["alice"]
         pid = helper.pid  # setpriv execs the interpreter in place: the same pid
         status = _status(pid)
@@ -123,8 +155,8 @@ def test_the_helper_has_no_capabilities_and_only_the_products_environment(
     assert names == set(BASE_ENV) | set(passed)
 
 
-def test_a_wrong_and_a_right_pin_through_the_helper(card: SoftHsm) -> None:
-    with CardHelper(str(card.module_path), pass_environment=tuple(card.env())) as helper:
+def test_a_wrong_and_a_right_pin_through_the_helper(card: SoftHsm, start: Start) -> None:
+    with start(str(card.module_path), pass_environment=tuple(card.env())) as helper:
         (token,) = helper.tokens()
         (cert,) = helper.certificates(token)
         with helper.session(token) as s:
@@ -151,8 +183,8 @@ def test_one_application_logged_in_is_card_busy_never_a_success(card: SoftHsm) -
             assert not second.logged_in
 
 
-def test_a_helper_that_dies_is_a_refusal(card: SoftHsm) -> None:
-    with CardHelper(str(card.module_path), pass_environment=tuple(card.env())) as helper:
+def test_a_helper_that_dies_is_a_refusal(card: SoftHsm, start: Start) -> None:
+    with start(str(card.module_path), pass_environment=tuple(card.env())) as helper:
         (token,) = helper.tokens()
         os.kill(helper.pid, signal.SIGKILL)
         with pytest.raises(TokenError) as e:
@@ -162,16 +194,15 @@ def test_a_helper_that_dies_is_a_refusal(card: SoftHsm) -> None:
             helper.tokens()  # and stays refused: the helper is not silently replaced
 
 
-def test_a_helper_that_hangs_is_cut_off_at_its_timeout(card: SoftHsm) -> None:
-    with CardHelper(str(card.module_path), pass_environment=tuple(card.env()),
-                    timeout=1.0) as helper:  # fmt: skip
+def test_a_helper_that_hangs_is_cut_off_at_its_timeout(card: SoftHsm, start: Start) -> None:
+    with start(str(card.module_path), pass_environment=tuple(card.env()),
+               timeout=1.0) as helper:  # fmt: skip
         os.kill(helper.pid, signal.SIGSTOP)
         with pytest.raises(TokenError) as e:
             helper.tokens()
         assert e.value.reason == "card_helper_failed"
         assert "in time" in e.value.message
-    with pytest.raises(ProcessLookupError):
-        os.kill(helper.pid, 0)  # killed and reaped, not left stopped
+    assert _gone(helper.pid)  # killed and reaped, not left stopped
 
 
 PLANTED_MODULE_C = """
@@ -182,7 +213,7 @@ __attribute__((constructor)) static void planted(void) {
 """
 
 
-def test_a_module_that_runs_a_program_cannot_in_the_helper(tmp_path: Path) -> None:
+def test_a_module_that_runs_a_program_cannot_in_the_helper(tmp_path: Path, start: Start) -> None:
     """A module (or a driver it loads) that starts a program as root: in-process it would;
     in the helper execve fails (seccomp), and loading it is a refusal."""
     marker = tmp_path / "ran"
@@ -195,12 +226,12 @@ def test_a_module_that_runs_a_program_cannot_in_the_helper(tmp_path: Path) -> No
     assert marker.exists()  # the probe: loaded in a plain process, it runs its program
     marker.unlink()
     with pytest.raises(TokenError):
-        CardHelper(str(lib))
+        start(str(lib))
     assert not marker.exists(), "the planted module ran a program from the card helper"
 
 
-def test_the_helper_runs_under_its_seccomp_filter(card: SoftHsm) -> None:
-    with CardHelper(str(card.module_path), pass_environment=tuple(card.env())) as helper:
+def test_the_helper_runs_under_its_seccomp_filter(card: SoftHsm, start: Start) -> None:
+    with start(str(card.module_path), pass_environment=tuple(card.env())) as helper:
         assert helper.tokens()
         assert _status(helper.pid)["Seccomp"] == "2"  # SECCOMP_MODE_FILTER
 
@@ -269,3 +300,47 @@ def test_svmmd_takes_a_prestarted_helper_and_never_shares_one(card: SoftHsm) -> 
         first.close()
         second.close()
         svc.close_spare()
+
+
+def test_forked_helpers_are_processes_of_their_own_and_the_card_checks_each_pin(
+    card: SoftHsm,
+) -> None:
+    """svmmd's forker: each login's helper is a new process that loads the module afresh,
+    so one logged in never answers "already logged in" (or success) for another's PIN; the
+    forker itself never loads a module."""
+    forker = HelperForker(pass_environment=tuple(card.env()))
+    try:
+        with (
+            CardHelper(str(card.module_path), forker=forker) as first,
+            CardHelper(str(card.module_path), forker=forker) as second,
+        ):
+            assert len({first.pid, second.pid, forker.pid, os.getpid()}) == 4
+            (token,) = first.tokens()
+            with first.session(token) as s1, second.session(token) as s2:
+                s1.login(USER_PIN)
+                with pytest.raises(PinIncorrect):
+                    s2.login("000000")
+            maps = Path(f"/proc/{forker.pid}/maps").read_text()
+            assert str(card.module_path.resolve().name) not in maps
+            assert "libsofthsm2" not in maps
+            assert (
+                str(card.module_path.resolve().name) in Path(f"/proc/{first.pid}/maps").read_text()
+            )
+    finally:
+        forker.close()
+
+
+def test_a_forker_that_died_is_started_again(card: SoftHsm) -> None:
+    forker = HelperForker(pass_environment=tuple(card.env()))
+    try:
+        with CardHelper(str(card.module_path), forker=forker) as helper:
+            old = forker.pid
+            assert old is not None
+            os.kill(old, signal.SIGKILL)
+            assert [t.label for t in helper.tokens()] == ["alice"]  # a helper outlives it
+        with CardHelper(str(card.module_path), forker=forker) as helper:
+            assert [t.label for t in helper.tokens()] == ["alice"]
+            assert forker.pid not in (None, old)
+        assert _gone(old)  # reaped when the next login found it dead
+    finally:
+        forker.close()
