@@ -7,14 +7,12 @@ chosen one and turns errors into a message on stderr and an exit code.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
+import importlib
 import os
 import sys
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import config as config_mod
 from ..errors import AuditTampered, AuthFailed, ConfigError, PinLocked, SvmmError, Undecided
 
 # The ONE table from errors to exit codes (first match wins).
@@ -39,9 +37,25 @@ DISTRIBUTION = "pam_svmm"
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
+# Each command group's modules, in the order they register (certmap adds to cert's group).
+# `svmm vm start` imports only cli/vm.py: a user's command at the shell pays for its own
+# group, not for the certificate, policy and directory code of the others.
+MODULES = ("cert", "certmap", "card", "crl", "doctor", "lab", "nss", "audit", "policy",
+           "volume", "vm")  # fmt: skip
+GROUPS: dict[str, tuple[str, ...]] = {
+    "cert": ("cert", "certmap"), "card": ("card",), "crl": ("crl",), "doctor": ("doctor",),
+    "lab": ("lab",), "id": ("nss",), "nss": ("nss",), "audit": ("audit",),
+    "policy": ("policy",), "volume": ("volume",), "vm": ("vm",),
+}  # fmt: skip
+ENV_VAR = "SVMM_CONFIG"  # config.ENV_VAR, without importing the configuration reader
+
+
 def version() -> str:
     """The installed distribution's version; in a checkout that is not installed, the one
     pyproject.toml declares."""
+    import importlib.metadata
+    import tomllib
+
     try:
         return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
@@ -59,28 +73,55 @@ def exit_code(error: BaseException) -> int:
     return EXIT_INTERNAL
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import audit, card, cert, certmap, crl, doctor, lab, nss, policy, vm, volume
+class _Version(argparse.Action):
+    """--version, reading the version only when asked."""
 
+    def __init__(self, option_strings: Sequence[str], dest: str, **kw: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        parser.exit(message=f"svmm {version()}\n")
+
+
+def chosen_group(argv: Sequence[str]) -> str | None:
+    """The command group argv names (None: none, or one we do not know: help and errors
+    need the whole parser)."""
+    rest = list(argv)
+    while rest:
+        word = rest.pop(0)
+        if word == "--config":
+            rest = rest[1:]
+        elif word.startswith("--config="):
+            continue
+        elif word.startswith("-"):
+            return None
+        else:
+            return word if word in GROUPS else None
+    return None
+
+
+def build_parser(group: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``group``: register only that command group's modules."""
     parser = argparse.ArgumentParser(
         prog="svmm", description="Smart-card identity for a secure VMM host."
     )
     parser.add_argument(
         "--config", help="configuration file (default: $SVMM_CONFIG or /etc/svmm/svmm.toml)"
     )
-    parser.add_argument("--version", action="version", version=f"svmm {version()}")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
-    for module in (cert, certmap, card, crl, doctor, lab, nss, audit, policy, volume, vm):
-        module.register(sub)
+    for name in GROUPS.get(group or "", MODULES):
+        importlib.import_module(f"{__package__}.{name}").register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(chosen_group(argv))
     args = parser.parse_args(argv)
     # The command runs with its caller's rights, so the caller may choose the file; the PAM
     # module and svmmd never read the environment for it (config.resolve_path).
-    args.config = args.config or os.environ.get(config_mod.ENV_VAR) or None
+    args.config = args.config or os.environ.get(ENV_VAR) or None
     try:
         code = int(args.func(args) or EXIT_OK)
         sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
