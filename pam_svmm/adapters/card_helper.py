@@ -253,12 +253,18 @@ class CardHelper:
         user: str | None = None,
         timeout: float = 30.0,
         forker: HelperForker | None = None,
+        wait: bool = True,
     ) -> None:
         """``forker``: fork the helper from it (svmmd) instead of starting a process; it
-        was started with its own ``pass_environment`` and ``user``, and these are unused."""
+        was started with its own ``pass_environment`` and ``user``, and these are unused.
+        ``wait=False``: return once the process is started and asked to load the module;
+        its answer is read at the first call (a PAM process starts its login's helper
+        first, and the helper's interpreter start and imports overlap its own)."""
         self.path = path
         self.timeout = timeout
         self._lock = threading.Lock()
+        self._open_lock = threading.Lock()
+        self._opening = True
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock: socket.socket | None = ours
         self._proc: subprocess.Popen[bytes] | ForkedHelper
@@ -284,18 +290,29 @@ class CardHelper:
             theirs.close()
         if forker is not None:
             self._proc = self._forked(ours)
-        try:
-            info = self._call({"op": "open", "path": path}, timeout=START_TIMEOUT)
-            version = _list(info["version"])
-            self.library_manufacturer = str(info["manufacturer"])
-            self.library_description = str(info["description"])
-            self.library_version: tuple[int, int] = (int(version[0]), int(version[1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            self.close()
-            raise WireError("the card helper sent a malformed module description") from None
-        except BaseException:
-            self.close()
-            raise
+        with contextlib.suppress(OSError):  # a helper already gone: its answer says so
+            card_wire.send(ours, {"op": "open", "path": path})
+        if wait:
+            self._finish_open()
+
+    def _finish_open(self) -> None:
+        """Read the answer to "open" (once; every call waits for it)."""
+        with self._open_lock:
+            if not self._opening:
+                return
+            self._opening = False
+            try:
+                info = self._exchange(None, START_TIMEOUT)
+                version = _list(info["version"])
+                self.library_manufacturer = str(info["manufacturer"])
+                self.library_description = str(info["description"])
+                self.library_version: tuple[int, int] = (int(version[0]), int(version[1]))
+            except (KeyError, TypeError, IndexError, ValueError):
+                self.close()
+                raise WireError("the card helper sent a malformed module description") from None
+            except BaseException:
+                self.close()
+                raise
 
     def _forked(self, sock: socket.socket) -> ForkedHelper:
         """The forked helper's first message: its pid and a pidfd of itself."""
@@ -350,13 +367,20 @@ class CardHelper:
             self._proc.wait()
 
     def _call(self, request: dict[str, Any], *, timeout: float | None = None) -> Any:
+        if self._opening:
+            self._finish_open()
+        return self._exchange(request, timeout)
+
+    def _exchange(self, request: dict[str, Any] | None, timeout: float | None) -> Any:
+        """Send ``request`` (None: nothing) and read the answer."""
         with self._lock:
             sock = self._sock
             if sock is None:
                 raise WireError("the card helper is closed")
             sock.settimeout(self.timeout if timeout is None else timeout)
             try:
-                card_wire.send(sock, request)
+                if request is not None:
+                    card_wire.send(sock, request)
                 reply = card_wire.recv(sock)
             except TimeoutError:
                 reply, why = None, "did not answer in time"
@@ -365,7 +389,8 @@ class CardHelper:
             else:
                 why = "went away"
             finally:
-                request.pop("pin", None)
+                if request is not None:
+                    request.pop("pin", None)
         if reply is None:
             self._abandon()
             raise WireError(f"the card helper {why}")

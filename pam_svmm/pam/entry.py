@@ -71,7 +71,11 @@ class ModuleArgs:
         return cls(config=cfg)
 
 
-def _service(args: ModuleArgs) -> Any:
+def _service(args: ModuleArgs, *, early: bool = False) -> Any:
+    """The LoginService of this configuration file. ``early`` (pam_sm_authenticate): in a
+    PAM process, start the login's card helper as soon as the configuration is read, so
+    the helper's interpreter start and imports overlap this process's imports of the login
+    code (svmmd keeps its helpers ready instead: ``prefork``)."""
     path = config_mod.resolve_path(args.config)
     try:
         mtime = path.stat().st_mtime_ns
@@ -79,20 +83,46 @@ def _service(args: ModuleArgs) -> Any:
         mtime = 0
     key = (str(path), mtime)
     with _services_lock:  # svmmd's workers call this side by side: one service per config
-        return _service_for(key, path)
+        return _service_for(key, path, early)
 
 
-def _service_for(key: tuple[str, int], path: Any) -> Any:
-    from ..services.login import LoginService
-
+def _service_for(key: tuple[str, int], path: Any, early: bool = False) -> Any:
     svc = _services.get(key)
-    if svc is None:
-        svc = LoginService(config_mod.load(path), card_helper=True)
-        for old in _services.values():
-            old.close_spare()  # svmmd: the helper it started ahead, and its forker
-        _services.clear()
-        _services[key] = svc
+    if svc is not None:
+        if early and not svc.prefork and svc._early is None:
+            svc.adopt_helper(_start_helper(svc.config))
+        return svc
+    cfg = config_mod.load(path)
+    helper = _start_helper(cfg) if early else None
+    from ..services.login import LoginService  # the login code: most of a login's imports
+
+    svc = LoginService(cfg, card_helper=True)
+    if helper is not None:
+        svc.adopt_helper(helper)
+    for old in _services.values():
+        old.close_spare()  # svmmd: the helper it started ahead, and its forker
+    _services.clear()
+    _services[key] = svc
     return svc
+
+
+def _start_helper(cfg: Any) -> Any:
+    """A login's card helper, started without waiting for it to load the module (None:
+    the login starts its own, and says why if it cannot)."""
+    from ..adapters.card_helper import CardHelper
+    from ..errors import SvmmError
+
+    p = cfg.pkcs11
+    try:
+        return CardHelper(
+            p.module,
+            pass_environment=p.pass_environment,
+            user=p.helper_user,
+            timeout=cfg.auth.login_timeout,
+            wait=False,
+        )
+    except SvmmError:
+        return None
 
 
 class PamPrompter:
@@ -199,8 +229,9 @@ def _tell_user(pamh: Any, error: BaseException) -> None:
 
 
 def pam_sm_authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
+    svc = None
     try:
-        svc = _service(ModuleArgs.parse(argv))
+        svc = _service(ModuleArgs.parse(argv), early=True)
         prompter = PamPrompter(pamh)
         request = _request(pamh, svc)
         try:
@@ -225,6 +256,9 @@ def pam_sm_authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
         _log_failure("authenticate", error)
         _tell_user(pamh, error)
         return _code(pamh, error)
+    finally:
+        if svc is not None:
+            svc.close_early()  # started for this login, and not taken (it failed before)
 
 
 def pam_sm_setcred(pamh: Any, flags: int, argv: list[str]) -> int:

@@ -102,6 +102,19 @@ class LoginService:
         self._spare_lock = threading.Lock()
         self._spare_starting = False  # one spare at a time: logins together start one each
         self._forker: Any = None  # svmmd's card helper forker, started at the first login
+        self._early: Any = None  # a PAM process's helper, started before its imports
+
+    def adopt_helper(self, helper: Any) -> None:
+        """The next login's card helper, started early by the PAM process (pam/entry.py)."""
+        old, self._early = self._early, helper
+        if old is not None:
+            old.close()
+
+    def close_early(self) -> None:
+        """A helper started early that no login took (the call failed before the card)."""
+        early, self._early = self._early, None
+        if early is not None:
+            early.close()
 
     # Collaborators are built on first use: a login needs all of them, `svmm card list`
     # needs only the module, and nothing is loaded at import time.
@@ -208,6 +221,11 @@ class LoginService:
         """The card access of one login: a new helper process, or this process's module."""
         if not self.card_helper:
             return self.module
+        early, self._early = self._early, None
+        if early is not None:
+            if early.alive():
+                return early
+            early.close()
         if not self.prefork:
             return self._new_helper()
         with self._spare_lock:

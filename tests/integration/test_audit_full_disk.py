@@ -215,7 +215,7 @@ def test_a_login_on_a_full_disk_is_never_a_success(
     card = Card(user, error)
     svc.authenticator = lambda *a, **k: card  # type: ignore[method-assign]
     svc.login_module = lambda: None  # type: ignore[attr-defined]  # no PKCS#11 module here
-    monkeypatch.setattr(entry, "_service", lambda args: svc)
+    monkeypatch.setattr(entry, "_service", lambda args, **_: svc)
     svc.audit.write(record(0))
     filler = small_fs / "filler"
     fill(filler)

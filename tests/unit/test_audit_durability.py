@@ -375,7 +375,7 @@ def login_service(
 
 
 def authenticate(monkeypatch: pytest.MonkeyPatch, svc: LoginService, user: str) -> int:
-    monkeypatch.setattr(entry, "_service", lambda args: svc)
+    monkeypatch.setattr(entry, "_service", lambda args, **_: svc)
     entry._logins.clear()
     return entry.pam_sm_authenticate(FakePamh(user, tty="tty1"), 0, ["shim.py"])
 

@@ -21,6 +21,9 @@ class FakeService:
     result_user: str = "alice"
     calls: list[Any] = field(default_factory=list)
 
+    def close_early(self) -> None:
+        self.calls.append(("close_early",))
+
     def host_name(self) -> str:
         return "host"
 
@@ -41,7 +44,7 @@ class FakeService:
 @pytest.fixture
 def service(monkeypatch: pytest.MonkeyPatch) -> FakeService:
     svc = FakeService()
-    monkeypatch.setattr(entry, "_service", lambda args: svc)
+    monkeypatch.setattr(entry, "_service", lambda args, **_: svc)
     entry._logins.clear()
     return svc
 

@@ -59,7 +59,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[FakeService,
     )
     svc = FakeService(cfg)
     manager = SessionManager(cfg, policy=StubPolicy(load_policy(POLICY.read_bytes())))
-    monkeypatch.setattr(entry, "_service", lambda args: svc)
+    monkeypatch.setattr(entry, "_service", lambda args, **_: svc)
     monkeypatch.setattr(entry, "_session_manager", lambda s: manager)
     entry._logins.clear()
     entry._sessions.clear()
