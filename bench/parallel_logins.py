@@ -205,7 +205,7 @@ class Burst:
 class Bench:
     """The lab, slapd, the stalling proxies and svmmd; torn down by ``close``."""
 
-    def __init__(self, workdir: Path, log: Callable[[str], None]) -> None:
+    def __init__(self, workdir: Path, log: Callable[[str], None], crl_entries: int = 0) -> None:
         self.workdir = workdir
         self.log = log
         self._stack = contextlib.ExitStack()
@@ -213,6 +213,9 @@ class Bench:
         crl_port, ocsp_port = free_ports(2)
         log(f"building the lab (CA, cards of {', '.join(c.name for c in CARDS)})")
         self.lab.build(crl_port=crl_port, ocsp_port=ocsp_port, cards=CARDS, venv=Path(sys.prefix))
+        if crl_entries:
+            log(f"padding the intermediate CA's CRL with {crl_entries} revoked serials")
+            self.lab.ca.publish(extra_revoked=crl_entries)
         self._stack.enter_context(self.lab.responders())
         self.slapd = Slapd(workdir / "slapd", ca=self.lab.ca)
         self.slapd.start()
@@ -223,7 +226,12 @@ class Bench:
         sock_dir = Path(tempfile.mkdtemp(prefix="svmm-par-", dir=WORK_ROOT))
         os.chmod(sock_dir, 0o755)  # noqa: S103 - root's folder; every user reaches the socket
         self._stack.callback(shutil.rmtree, sock_dir, True)
-        self.service, toml = fronted_variant(self.lab, self.slapd, self.ocsp, self.ldap, sock_dir)
+        # With a padded CRL, svmmd checks revocation by that CRL alone (fetched, verified and
+        # indexed at the first login), so the CRL is what it holds.
+        methods = ("crl",) if crl_entries else ("ocsp", "crl")
+        self.service, toml = fronted_variant(
+            self.lab, self.slapd, self.ocsp, self.ldap, sock_dir, methods=methods
+        )
         env = {"PYTHONPATH": str(REPO), **self.lab.insert(*(c.name for c in CARDS)).env}
         self.svmmd = SvmmdProcess(toml, sock_dir / "launcher.sock", env, workdir / "svmmd.log")
         self.svmmd.start()
@@ -287,20 +295,83 @@ class Bench:
             "ratio_max": max(during.seconds()) / max(baseline.seconds()),
         }
 
+    def svmmd_memory(self) -> dict[str, int]:
+        """svmmd's VmRSS and VmHWM (KiB), and its card helpers' summed VmRSS."""
+        assert self.svmmd.proc is not None
+        pid = self.svmmd.proc.pid
+        out = {k: _status_kib(pid, k) for k in ("VmRSS", "VmHWM")}
+        helpers = 0
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and entry.name != str(pid):
+                with contextlib.suppress(OSError):
+                    if b"card_child" in (entry / "cmdline").read_bytes() or _ppid(entry) == pid:
+                        helpers += _status_kib(int(entry.name), "VmRSS")
+        out["helpers_VmRSS"] = helpers
+        return out
+
+    def hold(self, n: int, users: tuple[str, ...]) -> dict[str, object]:
+        """``n`` logins whose sessions stay open at once (svm-pamclient session mode waits
+        for a line before closing), svmmd's memory with them all open, then all closed."""
+        procs = []
+        for i in range(n):
+            p = subprocess.Popen(
+                [*PRIVATE_TMP, str(self.client), self.service, users[i % len(users)], "session"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                env=self._env(),
+            )
+            assert p.stdin is not None
+            p.stdin.write(PIN + "\n")
+            p.stdin.flush()
+            procs.append(p)
+        opened = 0
+        for p in procs:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            with contextlib.suppress(ValueError):
+                opened += json.loads(line).get("session_open") == 0
+        memory = self.svmmd_memory()
+        closed = 0
+        for p in procs:
+            out, _ = p.communicate("\n", timeout=180)
+            with contextlib.suppress(RuntimeError):
+                r = _report(out, p.returncode, "")
+                closed += r.session_close == 0
+        return {"held": n, "opened": opened, "closed": closed, "memory_kib": memory}
+
     def close(self) -> None:
         self._stack.close()
 
 
+def _status_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _ppid(proc: Path) -> int:
+    return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, object]:
     workdir = Path(tempfile.mkdtemp(prefix="svmm-parallel-", dir=WORK_ROOT))
-    bench = Bench(workdir, log)
+    bench = Bench(workdir, log, args.crl_entries)
+    memory: dict[str, object] = {}
     try:
         users = USERS[: args.users]
         others = tuple(u for u in users if u != "bob") or ("alice",)
+        memory["started"] = bench.svmmd_memory()
         for user in (*USERS, "alice"):  # warm-up, and the bench works at all
             first = bench.login(user)
             if not first.ok:
                 raise RuntimeError(f"{user} cannot log in: {first.detail}; {bench.svmmd.tail()}")
+        memory["warm"] = bench.svmmd_memory()
+        if args.held:
+            log(f"{args.held} sessions held open at once")
+            memory["held"] = bench.hold(args.held, users)
         sizes: dict[str, object] = {}
         for n in args.sizes:
             log(f"N = {n} ({', '.join(users)} in turn)")
@@ -311,7 +382,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, objec
             baseline = bench.burst(args.others, others)
             during = bench.hung(kind, args.others, others, baseline)
             hung[kind] = {"baseline": baseline.summary(), **during}
-        return {"sizes": sizes, "hung": hung, "users": list(users), "workdir": str(workdir)}
+        return {
+            "sizes": sizes,
+            "hung": hung,
+            "users": list(users),
+            "workdir": str(workdir),
+            "crl_entries": args.crl_entries,
+            "memory": memory,
+        }
     finally:
         bench.close()
         if not args.keep:
@@ -354,6 +432,25 @@ def table(result: dict[str, object], serial: float | None) -> str:
             f"{b['p50']:.2f} s unhung: ratio {h['ratio_p50']:.2f} (max {h['ratio_max']:.2f}; "
             f"goal <= 1.5); bob's own login {h['hung_login']['seconds']:.1f} s"
         )
+    memory = result.get("memory")
+    if isinstance(memory, dict) and memory:
+        crl = result.get("crl_entries") or 0
+        what = f"CRL of {crl} extra entries" if crl else "OCSP, no CRL"
+        for phase in ("started", "warm"):
+            m = memory.get(phase)
+            if isinstance(m, dict):
+                lines.append(
+                    f"svmmd memory, {phase} ({what}): VmRSS {m['VmRSS']} KiB, VmHWM"
+                    f" {m['VmHWM']} KiB; card helpers {m['helpers_VmRSS']} KiB"
+                )
+        held = memory.get("held")
+        if isinstance(held, dict):
+            m = held["memory_kib"]
+            lines.append(
+                f"svmmd memory with {held['opened']}/{held['held']} sessions open ({what}):"
+                f" VmRSS {m['VmRSS']} KiB, VmHWM {m['VmHWM']} KiB; card helpers"
+                f" {m['helpers_VmRSS']} KiB; closed after: {held['closed']}"
+            )
     big = sizes.get("100")
     if isinstance(big, dict):
         goal = "every login succeeds" if big["ok"] == big["n"] else "NOT every login succeeded"
@@ -373,6 +470,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--users", type=int, default=len(USERS), help="people (cards) taking turns")
     p.add_argument("--hung", default="ocsp,directory", help="hung variants (commas; none: '')")
     p.add_argument("--serial", type=float, help="the old svmmd's logins/s at N=100, to compare")
+    p.add_argument("--held", type=int, default=0, help="sessions held open at once (memory)")
+    p.add_argument(
+        "--crl-entries", type=int, default=0, help="revocation by the CA's CRL, padded to this"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     args = p.parse_args(argv)

@@ -214,6 +214,7 @@ def fronted_variant(
     search_timeout: float = 15.0,
     fetch_timeout: float = 10.0,
     login_timeout: float = 60.0,
+    methods: tuple[str, ...] = ("ocsp", "crl"),
 ) -> tuple[str, Path]:
     """A lab PAM service (daemon=required) whose svmmd asks OCSP through ``ocsp`` and the
     directory through ``ldap``; the full login with a signed policy (allowlist written at
@@ -235,7 +236,7 @@ def fronted_variant(
 [revocation]
 end_entity = "require"
 ca = "require"
-methods = ["ocsp", "crl"]
+methods = [{", ".join(f'"{m}"' for m in methods)}]
 cache_dir = "{lab.cache_dir}"
 fetch_timeout = {fetch_timeout:g}
 ocsp_responder = "{ocsp.url}"

@@ -281,6 +281,28 @@ def refused(g: Guest, user: str, pin: str | None, *, reason: str) -> Callable[[l
     return play
 
 
+def display_manager(g: Guest, notes: list[str]) -> None:
+    """lightdm's own /etc/pam.d/lightdm stack (pam_nologin, its nopasswdlogin group rule,
+    common-auth with pam_svmm, pam_loginuid, common-session): a greeter cannot run here (no
+    X server under TCG), so pamtester drives the service the greeter would; a wrong PIN
+    first, then the right one."""
+    dm = "pamtester -v lightdm alice authenticate"
+    start = g.audit_lines()
+    code, out = g.root.run(f"printf '%s\\n' {WRONG_PIN} | {dm}", timeout=120)
+    notes.append(f"wrong PIN: exit {code}")
+    check(code != 0, "lightdm accepted a wrong PIN")
+    code, out = g.root.run(
+        f"printf '%s\\n' {PIN} | {dm} acct_mgmt open_session close_session", timeout=120
+    )
+    notes.append(out.strip()[-160:])
+    recs = [r for r in g.audit_since(start) if r.get("service") == "lightdm"]
+    notes.append(f"audit: {summary(recs)}; {summary(recs, 'session_open')}")
+    check(code == 0, f"pamtester lightdm exit {code}")
+    auth = [r.get("outcome") for r in recs if r.get("event") == "auth"]
+    check(auth[:1] != ["success"] and "success" in auth, f"lightdm auth records {auth}")
+    check(any(r.get("event") == "session_open" for r in recs), "no lightdm session audited")
+
+
 # --- the scenario -------------------------------------------------------------------------
 
 
@@ -444,6 +466,9 @@ def scenario(g: Guest, report: Report, mode: str, debs: dict[str, str]) -> None:
         refused(g, "mallory", PIN, reason="revoked")(n)
 
     g.reader("alice")
+    with report.step("display manager: lightdm's PAM service with alice's card (pamtester)") as n:
+        display_manager(g, n)
+
     with report.step("svmm audit verify passes") as n:
         code, out = root.run(f"{SVMM} audit verify")
         n.append(out.strip()[-200:])

@@ -169,7 +169,11 @@ phase_tests() {
   # PAM harness (its logins run against the lab's service files, not the system's).
   say "tests: $TEST_VENV (pytest and the product), the lab's PAM harness"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    libpam-wrapper libnss-wrapper
+    libpam-wrapper libnss-wrapper lightdm pcscd libccid
+  # A display manager's own PAM service (/etc/pam.d/lightdm), driven with pamtester: the
+  # guest has no X server, so the greeter itself never starts (masked, not left failing).
+  # pcscd and the CCID driver: the reader stack a USB card reader needs (QEMU's usb-ccid).
+  systemctl mask lightdm.service >/dev/null 2>&1 || ln -sf /dev/null /etc/systemd/system/lightdm.service
   if [ ! -x "$TEST_VENV/bin/python" ]; then
     /usr/bin/python3 -m venv "$TEST_VENV"
   fi

@@ -80,7 +80,8 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
 
     def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
-        parser.exit(message=f"svmm {version()}\n")
+        print(f"svmm {version()}")  # on stdout, as argparse's own "version" action
+        parser.exit()
 
 
 def chosen_group(argv: Sequence[str]) -> str | None:
