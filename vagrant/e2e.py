@@ -281,6 +281,86 @@ def refused(g: Guest, user: str, pin: str | None, *, reason: str) -> Callable[[l
     return play
 
 
+OPENSC = "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"
+
+
+def reader_stack(g: Guest, vm: guest.Vm, report: Report) -> None:
+    """alice's card in QEMU's USB CCID reader (svmm_lab/ccid.py): pcscd, the CCID driver and
+    OpenSC's PKCS#11 module in the guest, svmmd configured for them (not SoftHSM2). A wrong
+    PIN is refused by the card, the login, sudo, then the card pulled out of the reader by
+    QMP (device_del: the guest sees a USB device go) and put back (device_add)."""
+    c, root = g.console, g.root
+    if not vm.card_device:
+        with report.step("PC/SC: QEMU's USB CCID reader holds alice's emulated card"):
+            check(False, "no emulated card: the image has no ccid-card files, or no certutil")
+        return
+    with report.step("PC/SC: pcscd sees QEMU's USB CCID reader, OpenSC reads alice's card") as n:
+        out = ""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            _, out = root.run(f"pkcs11-tool --module {OPENSC} -L 2>&1", timeout=60)
+            if "token label" in out:
+                break
+            time.sleep(2)
+        n.append(re.sub(r"\s+", " ", out)[:200])
+        check("token label" in out, "OpenSC sees no card in the reader")
+        _, certs = root.run(f"pkcs11-tool --module {OPENSC} -O --type cert 2>&1", timeout=60)
+        n.append(f"certificates on the card: {certs.count('Certificate Object')}")
+        check(certs.count("Certificate Object") == 3, "not the card's three certificates")
+    root.check(f"cp {CONFIG} /root/svmm.toml.softhsm")
+    root.check(
+        f"sed -i '0,/^module = /s|^module = .*|module = \"{OPENSC}\"|' {CONFIG} && "
+        "systemctl restart svmmd.service",
+        timeout=120,
+    )
+    try:
+        with report.step("PC/SC: a wrong PIN is refused by the card, audited") as n:
+            refused(g, "alice", WRONG_PIN, reason="pin")(n)
+        with report.step("PC/SC: alice logs in with the card in the reader", fatal=False) as n:
+            start = g.audit_lines()
+            ok, said = c.login("alice", PIN)
+            n.append(f"console: {said}")
+            check(ok, "alice not logged in with the reader's card")
+            auth = [r for r in g.audit_since(start) if r.get("event") == "auth"]
+            n.append(f"audit: {summary(auth)}")
+            check(auth and auth[-1].get("outcome") == "success", "no auth success audited")
+        if not c.at_prompt:
+            with report.step("PC/SC: sudo -u bob with the reader's card") as n:
+                code, out, asked = c.interactive("sudo -u bob id -un", PIN)
+                n.append(f"asked PIN: {asked}; out: {out.strip()[-120:]}")
+                check(asked and code == 0 and out.strip().endswith("bob"), f"exit {code}")
+            with report.step("PC/SC: the card pulled from the reader locks alice's session") as n:
+                start = g.audit_lines()
+                t0 = time.monotonic()
+                answer = vm.qmp("device_del", {"id": "ccid-card"})
+                check("return" in answer, f"device_del: {answer}")
+                locked: list[dict[str, object]] = []
+                while not locked and time.monotonic() - t0 < 60:
+                    locked = [
+                        r
+                        for r in g.audit_since(start)
+                        if r.get("event") == "session_lock" and r.get("outcome") == "success"
+                    ]
+                    time.sleep(0.5)
+                n.append(f"removal -> session locked (audited): {time.monotonic() - t0:.1f} s")
+                check(locked, "no session_lock after the card was pulled")
+            with report.step("PC/SC: the card put back is read again") as n:
+                args = dict(kv.split("=", 1) for kv in vm.card_device.split(",")[1:])
+                answer = vm.qmp("device_add", {"driver": "ccid-card-emulated", **args})
+                check("return" in answer, f"device_add: {answer}")
+                out = ""
+                deadline = time.monotonic() + 60
+                while "token label" not in out and time.monotonic() < deadline:
+                    _, out = root.run(f"pkcs11-tool --module {OPENSC} -L 2>&1", timeout=60)
+                    time.sleep(1)
+                check("token label" in out, "the card put back is not seen")
+            c.logout()
+    finally:
+        root.check(
+            f"cp /root/svmm.toml.softhsm {CONFIG} && systemctl restart svmmd.service", timeout=120
+        )
+
+
 def display_manager(g: Guest, notes: list[str]) -> None:
     """lightdm's own /etc/pam.d/lightdm stack (pam_nologin, its nopasswdlogin group rule,
     common-auth with pam_svmm, pam_loginuid, common-session): a greeter cannot run here (no
@@ -306,7 +386,7 @@ def display_manager(g: Guest, notes: list[str]) -> None:
 # --- the scenario -------------------------------------------------------------------------
 
 
-def scenario(g: Guest, report: Report, mode: str, debs: dict[str, str]) -> None:
+def scenario(g: Guest, report: Report, mode: str, debs: dict[str, str], vm: guest.Vm) -> None:
     c, root = g.console, g.root
     alice = UIDS["alice"]
     allowlist = f"/run/svmm/allowlist/{alice}.json"
@@ -466,6 +546,8 @@ def scenario(g: Guest, report: Report, mode: str, debs: dict[str, str]) -> None:
         refused(g, "mallory", PIN, reason="revoked")(n)
 
     g.reader("alice")
+    reader_stack(g, vm, report)
+
     with report.step("display manager: lightdm's PAM service with alice's card (pamtester)") as n:
         display_manager(g, n)
 
@@ -755,7 +837,7 @@ def run_e2e(args: argparse.Namespace) -> int:
             with report.step("root control shell on ttyS1", fatal=True):
                 g.root.setup(120)
             debs = json.loads((image / "debs.json").read_text())
-            if not args.dm_tests_only:
+            if not (args.dm_tests_only or args.reader_only):
                 package_installed(g, report, debs)
             with report.step("device-mapper: modprobe dm_crypt, /dev/mapper/control") as n:
                 code, out = g.root.run(
@@ -779,8 +861,11 @@ def run_e2e(args: argparse.Namespace) -> int:
             t1 = time.monotonic()
             if args.dm_tests_only:
                 dm_tests(g, report)
+            elif args.reader_only:
+                g.reader("alice")
+                reader_stack(g, vm, report)
             else:
-                scenario(g, report, mode, debs)
+                scenario(g, report, mode, debs, vm)
             timings.add("scenario", time.monotonic() - t1)
         except Exception as e:
             print(f"e2e: stopped: {type(e).__name__}: {e}", flush=True)
@@ -814,6 +899,11 @@ def main(argv: list[str] | None = None) -> int:
         "--dm-tests-only",
         action="store_true",
         help="after boot, run only the device-mapper tests (pytest) in the guest",
+    )
+    p.add_argument(
+        "--reader-only",
+        action="store_true",
+        help="after boot, run only the PC/SC reader steps (QEMU's emulated CCID card)",
     )
     p.add_argument(
         "--root-cmd",

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # svmm_lab.ccid: the emulated card's NSS database
+
+from svmm_lab import ccid  # noqa: E402
+
 PROVISION = HERE / "provision.sh"
 DEFAULT_CACHE = Path(os.environ.get("SVMM_E2E_CACHE", "/var/cache/svmm-e2e"))
 SUITE = "bookworm"
@@ -85,6 +91,7 @@ UPGRADE_SUFFIX = "+e2e1"  # the second build's version: V+e2e1 sorts after V (dp
 GUEST_E2E = "/opt/svmm-e2e"
 GUEST_SRC = f"{GUEST_E2E}/src"  # where the repository is copied inside the guest
 GUEST_DEBS = f"{GUEST_E2E}/debs"  # the two .debs and debs.json
+CCID_CARD = "/var/lib/svmm/ccid-card"  # provision.sh's emulated card files, moved out
 HOST_CA = "/etc/ssl/certs/ca-certificates.crt"
 BUILD_CA = "/root/.svmm-build-ca.crt"  # the host's CA bundle, for pip in the chroot only
 
@@ -482,6 +489,11 @@ class Guest:
             finish_chroot(work)
             out.mkdir()
             shutil.copy(self.deb_dir / "debs.json", out / "debs.json")
+            # The CCID card's keys belong on the host running QEMU (its NSS database),
+            # not on the guest's disk.
+            card = work / CCID_CARD.lstrip("/")
+            if card.is_dir():
+                shutil.move(str(card), out / "ccid-card")
             with self.timings.stage("disk image"):
                 self._kernel(work, out)
                 make_ext4(work, out / "disk.img")
@@ -605,6 +617,7 @@ def qemu_argv(
     kvm: bool,
     memory_mb: int = 2048,
     cpus: int = 2,
+    extra: Sequence[str] = (),
 ) -> list[str]:
     """QEMU for the guest: direct kernel boot, a virtio disk, serial ports on sockets, no
     network (the guest is offline), no display."""
@@ -635,7 +648,7 @@ def qemu_argv(
             "-serial",
             f"chardev:ser{i}",
         ]
-    return argv
+    return argv + list(extra)
 
 
 class Vm:
@@ -647,7 +660,39 @@ class Vm:
         self.kvm = kvm_usable(image_dir) if kvm is None else kvm
         self.overlay = workdir / "overlay.qcow2"
         self.sockets = [workdir / "ttyS0.sock", workdir / "ttyS1.sock"]
+        self.qmp_socket = workdir / "qmp.sock"
+        self.card_device = ""  # the CCID card's -device (and device_add) text; "": none
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _card_reader(self) -> list[str]:
+        """A USB CCID reader holding alice's emulated card (svmm_lab/ccid.py), when the image
+        carries the card's files and this host has NSS's tools."""
+        bundle = self.image_dir / "ccid-card"
+        if not (bundle / ccid.MANIFEST).exists() or shutil.which("certutil") is None:
+            return []
+        db = self.workdir / "nssdb"
+        shutil.rmtree(db, ignore_errors=True)
+        nicknames = ccid.nss_database(bundle, db)
+        self.card_device = ccid.card_device(db, nicknames)
+        return ccid.qemu_devices(db, nicknames)
+
+    def qmp(self, command: str, arguments: dict[str, object] | None = None) -> dict[str, object]:
+        """One QMP command on the guest's monitor: its answer ("return" or "error")."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(str(self.qmp_socket))
+            f = s.makefile("rw")
+            f.readline()  # the greeting
+            for cmd in ({"execute": "qmp_capabilities"}, {"execute": command}):
+                if cmd["execute"] == command and arguments:
+                    cmd["arguments"] = arguments
+                f.write(json.dumps(cmd) + "\n")
+                f.flush()
+                while True:
+                    answer = json.loads(f.readline())
+                    if "return" in answer or "error" in answer:
+                        break
+            return dict(answer)
 
     def __enter__(self) -> Vm:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -666,7 +711,9 @@ class Vm:
                 str(self.overlay),
             ]
         )
-        argv = qemu_argv(self.image_dir, self.overlay, self.sockets, kvm=self.kvm)
+        extra = ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+        extra += self._card_reader()
+        argv = qemu_argv(self.image_dir, self.overlay, self.sockets, kvm=self.kvm, extra=extra)
         (self.workdir / "qemu.argv").write_text(json.dumps(argv, indent=1))
         with (self.workdir / "qemu.log").open("wb") as qlog:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog)

@@ -187,6 +187,9 @@ phase_tests() {
 
 phase_guest() {
   say "test guest: serial login on ttyS0, root shell on ttyS1, dm_crypt at boot"
+  # alice's card for QEMU's emulated USB CCID reader: its keys go to an NSS database on the
+  # host that runs the guest (vagrant/guest.py moves them out of the image), never stay here.
+  /usr/local/bin/svmm-lab ccid-card --dir "$DEMO" --out /var/lib/svmm/ccid-card alice
   echo svmm-guest > /etc/hostname
   printf '127.0.0.1 localhost\n127.0.1.1 svmm-guest\n' > /etc/hosts
   printf '/dev/vda / ext4 rw,errors=remount-ro 0 1\n' > /etc/fstab

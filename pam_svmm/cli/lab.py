@@ -46,6 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     rd.add_argument("--pull", metavar="CARD", help="pull this card out (the launcher notices)")
     rd.add_argument("--back", metavar="CARD", help="put a pulled card back")
     rd.set_defaults(func=reader)
+    cc = s.add_parser(
+        "ccid-card",
+        help="a demo card for QEMU's emulated CCID reader (PKCS#12 files for its NSS database)",
+    )
+    cc.add_argument("--dir", type=Path, default=Path("/var/lib/svmm/demo"))
+    cc.add_argument("--out", type=Path, required=True, help="folder for the card's files")
+    cc.add_argument("holder", help="the directory user the card is for")
+    cc.set_defaults(func=ccid_card)
     sh = s.add_parser("shell", help="run a command with some demo cards inserted")
     sh.add_argument("--dir", type=Path, default=Path(".lab"))
     sh.add_argument(
@@ -146,6 +154,14 @@ def reader(args: argparse.Namespace) -> int:
         set_removed(lab, args.pull or args.back, removed=bool(args.pull))
     else:
         set_reader(lab, args.cards)
+    return 0
+
+
+def ccid_card(args: argparse.Namespace) -> int:
+    issue = lab_module("ccid").issue
+
+    manifest = issue(args.dir, args.holder, args.out)
+    print(", ".join(c["nickname"] for c in manifest["certs"]))
     return 0
 
 
