@@ -30,6 +30,7 @@ TEST_ONLY = {
     "libpam-wrapper", "libnss-wrapper", "libpam-pkcs11",
     "shellcheck", "git", "debootstrap", "e2fsprogs", "systemd", "mount",
     "debhelper", "lintian", "groff-base", "strace",
+    "libnss3-tools",  # the host that runs the e2e guest: its emulated card's NSS database
 }  # fmt: skip
 
 
