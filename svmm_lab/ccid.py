@@ -93,7 +93,7 @@ def nss_database(bundle: Path, db: Path, pin: str = "123456") -> list[str]:
 def qemu_devices(db: Path, nicknames: list[str], *, card_id: str = "ccid-card") -> list[str]:
     """QEMU arguments: a USB controller, a CCID reader on it, and the card in the reader."""
     return [
-        "-device", "qemu-xhci,id=svmm-usb",
+        "-device", "piix3-usb-uhci,id=svmm-usb",  # USB 1.1: usb-ccid is a full-speed device
         "-device", "usb-ccid,id=svmm-ccid,bus=svmm-usb.0",
         "-device", card_device(db, nicknames, card_id=card_id),
     ]  # fmt: skip

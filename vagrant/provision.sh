@@ -190,6 +190,17 @@ phase_guest() {
   # alice's card for QEMU's emulated USB CCID reader: its keys go to an NSS database on the
   # host that runs the guest (vagrant/guest.py moves them out of the image), never stay here.
   /usr/local/bin/svmm-lab ccid-card --dir "$DEMO" --out /var/lib/svmm/ccid-card alice
+  # QEMU's usb-ccid says it has a PIN pad (bPINSupport) but its emulated card cannot take
+  # a PIN from one: OpenSC is told to ignore reader PIN pads, as sites do for such readers.
+  cat > /etc/opensc/opensc.conf <<'EOF'
+app default {
+	reader_driver pcsc {
+		enable_pinpad = false;
+	}
+	framework pkcs15 {
+	}
+}
+EOF
   echo svmm-guest > /etc/hostname
   printf '127.0.0.1 localhost\n127.0.1.1 svmm-guest\n' > /etc/hosts
   printf '/dev/vda / ext4 rw,errors=remount-ro 0 1\n' > /etc/fstab

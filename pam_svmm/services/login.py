@@ -23,7 +23,7 @@ from ..adapters.audit_log import AuditLog
 from ..config import Config
 from ..domain import mapping
 from ..domain.audit_record import AuditRecord, CardFacts, Outcome
-from ..errors import AuthFailed, PinLocked, SvmmError, Undecided
+from ..errors import AuthFailed, NoCard, PinLocked, SvmmError, Undecided
 from .auth import Attempt, CardAuthenticator, LoginRequest, LoginResult, Prompter, load_pem_bundle
 
 if TYPE_CHECKING:
@@ -38,6 +38,18 @@ if TYPE_CHECKING:
 
 
 SPARE_MAX_AGE = 60.0  # seconds a pre-started card helper waits; older ones start afresh
+
+
+class _Watched:
+    """A prompter that remembers whether the login used it (asked a PIN, said anything)."""
+
+    def __init__(self, prompter: Prompter) -> None:
+        self._prompter = prompter
+        self.used = False
+
+    def __getattr__(self, name: str) -> Any:
+        self.used = True
+        return getattr(self._prompter, name)
 
 
 def load_intermediates(folder: Path | None) -> list[x509.Certificate]:
@@ -234,6 +246,7 @@ class LoginService:
         if spare is not None:
             started, helper = spare
             if time.monotonic() - started < SPARE_MAX_AGE and helper.alive():
+                helper.started_ahead = True  # card_login: what it saw may be stale
                 return helper
             helper.close()
         return self._new_helper()
@@ -279,6 +292,13 @@ class LoginService:
                         self._spare = (time.monotonic(), helper)
 
         threading.Thread(target=start, name="svmm-card-spare", daemon=True).start()
+
+    def drop_spare(self) -> None:
+        """Close the helper started ahead (it loaded the module before a card change)."""
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare[1].close()
 
     def close_spare(self) -> None:
         """Close the helper started ahead and the forker (logins under way keep theirs)."""
@@ -350,12 +370,29 @@ class LoginService:
         """Authenticate with the card; write one audit record whatever happens."""
         attempt = Attempt(user=request.pam_user or "")
         helper = None
+        keep = self.config.volumes.enabled
         try:
             module = self.login_module()
             helper = module if self.card_helper else None
-            result = self.authenticator(module).authenticate(
-                request, prompter, attempt, keep_card_session=self.config.volumes.enabled
-            )
+            watched = _Watched(prompter)
+            try:
+                result = self.authenticator(module).authenticate(
+                    request, watched, attempt, keep_card_session=keep
+                )
+            except NoCard:
+                # A helper started ahead (svmmd's spare) loaded the module before the reader
+                # last changed: to it a card swapped in since is "removed" (OpenSC answers
+                # CKR_DEVICE_REMOVED). Nothing was asked yet: once more, with a helper
+                # started now; a card really absent is "no card" again.
+                if helper is None or watched.used or not getattr(helper, "started_ahead", False):
+                    raise
+                helper.close()
+                self.drop_spare()
+                attempt = Attempt(user=request.pam_user or "")
+                module = helper = self.login_module()
+                result = self.authenticator(module).authenticate(
+                    request, prompter, attempt, keep_card_session=keep
+                )
         except BaseException as e:
             if helper is not None:
                 helper.close()

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from pam_svmm import config as config_mod
+from pam_svmm.domain.audit_record import Outcome
 from pam_svmm.services import login as login_mod
 from pam_svmm.services.login import LoginService
 
@@ -97,5 +99,69 @@ def test_an_old_spare_is_closed_not_used(
     monkeypatch.setattr(login_mod, "SPARE_MAX_AGE", 0.0)
     fresh = svc.login_module()
     assert fresh is not old and old.closed
+    _settle(svc)
+    svc.close_spare()
+
+
+class _Result:
+    card_session = None
+    notes = ()
+
+
+def _login(svc: LoginService, monkeypatch: pytest.MonkeyPatch, fail_when: Any) -> list[Any]:
+    """card_login with an authenticator that raises NoCard when ``fail_when(module)``."""
+    from pam_svmm.errors import NoCard
+    from pam_svmm.services.auth import LoginRequest
+
+    seen: list[Any] = []
+
+    class Auth:
+        def __init__(self, module: Any) -> None:
+            self.module = module
+
+        def authenticate(self, request: Any, prompter: Any, attempt: Any, **_: Any) -> Any:
+            seen.append(self.module)
+            if fail_when(self.module, prompter):
+                raise NoCard("the card was removed (CKR_DEVICE_REMOVED from slot 0)")
+            return _Result()
+
+    monkeypatch.setattr(svc, "authenticator", Auth)
+    monkeypatch.setattr(svc, "audit_event", lambda *a, **k: seen.append(a[3]))
+    prompter = SimpleNamespace(ask_secret=lambda prompt: "123456")
+    svc.card_login(LoginRequest(service="login", pam_user="alice", host="h"), prompter=prompter)
+    return seen
+
+
+def test_a_card_swapped_since_the_spare_started_is_read_by_a_helper_started_now(
+    svc: LoginService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """svmmd's spare loaded the module before the card was swapped: OpenSC answers it
+    CKR_DEVICE_REMOVED. Before any prompt, the login tries once more with a new helper."""
+    svc.login_module().close()
+    _settle(svc)
+    assert svc._spare is not None
+    spare = svc._spare[1]
+    seen = _login(svc, monkeypatch, lambda m, p: getattr(m, "started_ahead", False))
+    assert seen[0] is spare and spare.closed
+    assert seen[1] is not spare and not getattr(seen[1], "started_ahead", False)
+    assert seen[2:] == [Outcome.SUCCESS]  # one audit record, for the login that counted
+    _settle(svc)
+    svc.close_spare()
+
+
+def test_no_second_try_once_the_person_was_asked(
+    svc: LoginService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pam_svmm.errors import NoCard
+
+    svc.login_module().close()
+    _settle(svc)
+
+    def asked_then_gone(module: Any, prompter: Any) -> bool:
+        prompter.ask_secret  # noqa: B018 - the PIN prompt was reached
+        return True
+
+    with pytest.raises(NoCard):
+        _login(svc, monkeypatch, asked_then_gone)
     _settle(svc)
     svc.close_spare()
