@@ -366,7 +366,7 @@ def reader_stack(g: Guest, vm: guest.Vm, report: Report) -> None:
                 check("token label" in out, "the card put back is not seen")
                 # svmmd's helper started ahead saw the card before it was pulled; the
                 # login after it must read the card that is in the reader now.
-                code, out, asked = c.interactive("sudo -u bob id -un", PIN)
+                code, out, asked = c.interactive("sudo -k -u bob id -un", PIN)  # -k: ask again
                 n.append(f"sudo after re-insertion: asked PIN: {asked}; {out.strip()[-60:]}")
                 check(asked and code == 0 and out.strip().endswith("bob"), f"sudo exit {code}")
             c.logout()
