@@ -493,6 +493,17 @@ class PamResponder:
         self._wiring = threading.Lock()  # finding (or building) the LoginService
         self._held: dict[str, _Held] = {}
         self._swept = float("-inf")
+        if launcher is not None:
+            launcher.card_listeners.append(self._card_changed)
+
+    def _card_changed(self) -> None:
+        """A card left or came back: the helper started ahead for the next login loaded
+        the module before, and may hold the card that left (OpenSC then answers that login
+        CKR_DEVICE_REMOVED after its PIN); the next login starts one afresh."""
+        for svc in list(getattr(self._entry, "_services", {}).values()):
+            drop = getattr(svc, "drop_spare", None)
+            if drop is not None:
+                drop()
 
     def serve(self, uid: int, pid: int, channel: Channel) -> None:
         """One PAM call on a connection whose MAGIC was read (the caller's uid and pid are

@@ -735,6 +735,8 @@ class Launcher:
             config, CardVms(self), self.audit.write, host=policy.host, service=SERVICE
         )
         self._watch: CardWatch | None = None
+        # Called first at each card event (svmmd: drop the card helper started ahead).
+        self.card_listeners: list[Callable[[], object]] = []
         self._watched: set[str] = set()
         # Token serials of the cards that opened live sessions (card_removal_locks_sessions):
         # watched too, so pulling one locks its sessions; refreshed by sweep_sessions.
@@ -850,6 +852,9 @@ class Launcher:
         (a full disk) never leaves a VM running; the first failure is raised at the end.
         Re-insertion resumes nothing (await a PIN login)."""
         failures: list[Exception] = []
+        for listener in list(self.card_listeners):
+            # svmmd's logins: a card helper started ahead saw the reader before this event.
+            _attempt(failures, listener)
         with self._lock:
             try:
                 if event.kind is CardEventKind.REMOVED:

@@ -197,3 +197,38 @@ def test_locking_sessions_can_be_switched_off(
     finally:
         launcher.close()
     assert locked == []
+
+
+def test_every_card_event_first_tells_svmmd_s_logins_even_if_a_listener_fails(
+    tmp_path: Path,
+) -> None:
+    """svmmd's card helper started ahead for the next login saw the reader before the event
+    (a swapped card is "removed" to it, after the PIN): the PAM responder drops it."""
+    from pam_svmm.daemon.pam_responder import PamResponder
+    from pam_svmm.pam import entry
+
+    launcher = make_launcher(tmp_path)
+    calls: list[str] = []
+
+    def broken() -> None:
+        calls.append("broken")
+        raise RuntimeError("a listener that fails")
+
+    class Svc:
+        def drop_spare(self) -> None:
+            calls.append("dropped")
+
+    launcher.card_listeners.append(broken)
+    PamResponder(None, launcher=launcher)  # registers itself
+    saved = dict(entry._services)
+    entry._services.clear()
+    entry._services[("x", 0)] = Svc()
+    try:
+        for kind in (CardEventKind.REMOVED, CardEventKind.INSERTED):
+            with pytest.raises(RuntimeError):
+                launcher.on_card_event(CardEvent(kind, SERIAL, kind.value))
+    finally:
+        entry._services.clear()
+        entry._services.update(saved)
+        launcher.close()
+    assert calls == ["broken", "dropped"] * 2
