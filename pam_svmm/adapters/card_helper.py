@@ -232,6 +232,11 @@ class HelperForker:
                 proc.kill()
                 proc.wait()
 
+    def restart(self) -> None:
+        """Stop this forker (it is started again at the next fork)."""
+        with self._lock:
+            self._stop()
+
     @property
     def pid(self) -> int | None:
         with self._lock:
@@ -265,31 +270,18 @@ class CardHelper:
         self._lock = threading.Lock()
         self._open_lock = threading.Lock()
         self._opening = True
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock: socket.socket | None = ours
+        self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | ForkedHelper
-        try:
-            if forker is None:
-                self._proc = subprocess.Popen(
-                    helper_argv(theirs.fileno(), user),
-                    env=helper_env(pass_environment),
-                    pass_fds=(theirs.fileno(),),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    close_fds=True,
-                    cwd="/",
-                )
-            else:
-                forker.fork(theirs)
-        except OSError as e:
-            ours.close()
-            raise TokenError(f"cannot start the card helper: {e.strerror}",
-                             reason="card_helper_failed") from None  # fmt: skip
-        finally:
-            theirs.close()
-        if forker is not None:
-            self._proc = self._forked(ours)
+        if forker is None:
+            ours = self._spawn(pass_environment, user)
+        else:
+            try:
+                ours = self._fork(forker)
+            except TokenError:
+                # The forker died after it was last seen alive (the descriptor went down
+                # with it): once more, from a forker started again.
+                forker.restart()
+                ours = self._fork(forker)
         with contextlib.suppress(OSError):  # a helper already gone: its answer says so
             card_wire.send(ours, {"op": "open", "path": path})
         if wait:
@@ -314,6 +306,42 @@ class CardHelper:
                 self.close()
                 raise
 
+    def _spawn(self, pass_environment: tuple[str, ...], user: str | None) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._proc = subprocess.Popen(
+                helper_argv(theirs.fileno(), user),
+                env=helper_env(pass_environment),
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                close_fds=True,
+                cwd="/",
+            )
+        except OSError as e:
+            ours.close()
+            raise TokenError(f"cannot start the card helper: {e.strerror}",
+                             reason="card_helper_failed") from None  # fmt: skip
+        finally:
+            theirs.close()
+        self._sock = ours
+        return ours
+
+    def _fork(self, forker: HelperForker) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            forker.fork(theirs)
+        except OSError as e:
+            ours.close()
+            raise TokenError(f"cannot start the card helper: {e.strerror}",
+                             reason="card_helper_failed") from None  # fmt: skip
+        finally:
+            theirs.close()
+        self._proc = self._forked(ours)  # closes ours when it fails
+        self._sock = ours
+        return ours
+
     def _forked(self, sock: socket.socket) -> ForkedHelper:
         """The forked helper's first message: its pid and a pidfd of itself."""
         sock.settimeout(START_TIMEOUT)
@@ -328,7 +356,6 @@ class CardHelper:
             for fd in fds:
                 os.close(fd)
             sock.close()
-            self._sock = None
             raise TokenError(f"cannot start the card helper {why}", reason="card_helper_failed")
         return ForkedHelper(PID_MESSAGE.unpack(data)[0], fds[0])
 

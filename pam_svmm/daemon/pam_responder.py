@@ -498,12 +498,11 @@ class PamResponder:
 
     def _card_changed(self) -> None:
         """A card left or came back: the helper started ahead for the next login loaded
-        the module before, and may hold the card that left (OpenSC then answers that login
-        CKR_DEVICE_REMOVED after its PIN); the next login starts one afresh."""
+        the module before (LoginService.card_changed)."""
         for svc in list(getattr(self._entry, "_services", {}).values()):
-            drop = getattr(svc, "drop_spare", None)
-            if drop is not None:
-                drop()
+            changed = getattr(svc, "card_changed", None)
+            if changed is not None:
+                changed()
 
     def serve(self, uid: int, pid: int, channel: Channel) -> None:
         """One PAM call on a connection whose MAGIC was read (the caller's uid and pid are

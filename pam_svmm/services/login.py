@@ -110,11 +110,12 @@ class LoginService:
         # Inside svmmd: keep one card helper started ahead of the next login (its interpreter
         # start and module load, ~70 ms here, are then off that login's path).
         self.prefork = False
-        self._spare: tuple[float, Any] | None = None
+        self._spare: tuple[float, Any, int] | None = None
         self._spare_lock = threading.Lock()
         self._spare_starting = False  # one spare at a time: logins together start one each
         self._forker: Any = None  # svmmd's card helper forker, started at the first login
         self._early: Any = None  # a PAM process's helper, started before its imports
+        self._card_generation = 0  # card events seen (card_changed); a spare is of one
 
     def adopt_helper(self, helper: Any) -> None:
         """The next login's card helper, started early by the PAM process (pam/entry.py)."""
@@ -244,8 +245,9 @@ class LoginService:
             spare, self._spare = self._spare, None
         self._start_spare()
         if spare is not None:
-            started, helper = spare
-            if time.monotonic() - started < SPARE_MAX_AGE and helper.alive():
+            started, helper, generation = spare
+            fresh = generation == self._card_generation and helper.alive()
+            if fresh and time.monotonic() - started < SPARE_MAX_AGE:
                 helper.started_ahead = True  # card_login: what it saw may be stale
                 return helper
             helper.close()
@@ -281,6 +283,7 @@ class LoginService:
 
         def start() -> None:
             helper = None
+            generation = self._card_generation  # before the module is loaded
             try:
                 helper = self._new_helper()
             except SvmmError:
@@ -289,7 +292,7 @@ class LoginService:
                 with self._spare_lock:  # nobody else sets a spare while this one starts
                     self._spare_starting = False
                     if helper is not None:
-                        self._spare = (time.monotonic(), helper)
+                        self._spare = (time.monotonic(), helper, generation)
 
         threading.Thread(target=start, name="svmm-card-spare", daemon=True).start()
 
@@ -299,6 +302,14 @@ class LoginService:
             spare, self._spare = self._spare, None
         if spare is not None:
             spare[1].close()
+
+    def card_changed(self) -> None:
+        """A card left a reader or came back (svmmd's card watch): the helper started ahead
+        loaded the module before, and may hold the card that left (OpenSC then answers its
+        login CKR_DEVICE_REMOVED after the PIN). The next login closes it and starts its own;
+        not here and now: closing it means a C_Finalize while the reader is going away."""
+        with self._spare_lock:
+            self._card_generation += 1
 
     def close_spare(self) -> None:
         """Close the helper started ahead and the forker (logins under way keep theirs)."""

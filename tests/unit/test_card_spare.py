@@ -165,3 +165,24 @@ def test_no_second_try_once_the_person_was_asked(
         _login(svc, monkeypatch, asked_then_gone)
     _settle(svc)
     svc.close_spare()
+
+
+def test_a_spare_started_before_a_card_event_is_not_handed_out(svc: LoginService) -> None:
+    """svmmd's card watch saw a card leave or come back (LoginService.card_changed): the
+    spare loaded the module before it. The next login closes it and gets a helper started
+    now; the spare is not closed at the event itself (the reader is going away then)."""
+    svc.login_module().close()
+    _settle(svc)
+    assert svc._spare is not None
+    stale = svc._spare[1]
+    svc.card_changed()
+    assert not stale.closed
+    got = svc.login_module()
+    assert got is not stale and stale.closed
+    assert not getattr(got, "started_ahead", False)
+    _settle(svc)
+    assert svc._spare is not None
+    nxt = svc._spare[1]
+    assert svc.login_module() is nxt  # a spare started after the event is fine
+    _settle(svc)
+    svc.close_spare()

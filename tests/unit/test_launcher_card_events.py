@@ -203,7 +203,7 @@ def test_every_card_event_first_tells_svmmd_s_logins_even_if_a_listener_fails(
     tmp_path: Path,
 ) -> None:
     """svmmd's card helper started ahead for the next login saw the reader before the event
-    (a swapped card is "removed" to it, after the PIN): the PAM responder drops it."""
+    (a swapped card is "removed" to it, after the PIN): the PAM responder tells its services."""
     from pam_svmm.daemon.pam_responder import PamResponder
     from pam_svmm.pam import entry
 
@@ -215,8 +215,8 @@ def test_every_card_event_first_tells_svmmd_s_logins_even_if_a_listener_fails(
         raise RuntimeError("a listener that fails")
 
     class Svc:
-        def drop_spare(self) -> None:
-            calls.append("dropped")
+        def card_changed(self) -> None:
+            calls.append("told")
 
     launcher.card_listeners.append(broken)
     PamResponder(None, launcher=launcher)  # registers itself
@@ -231,4 +231,4 @@ def test_every_card_event_first_tells_svmmd_s_logins_even_if_a_listener_fails(
         entry._services.clear()
         entry._services.update(saved)
         launcher.close()
-    assert calls == ["broken", "dropped"] * 2
+    assert calls == ["broken", "told"] * 2
