@@ -313,6 +313,11 @@ def reader_stack(g: Guest, vm: guest.Vm, report: Report) -> None:
         "systemctl restart svmmd.service",
         timeout=120,
     )
+    # A fresh login prompt: login(1) gives up on its own prompt after LOGIN_TIMEOUT (60 s),
+    # and the steps above may have left one that old; a name typed as it quits is lost.
+    root.check("systemctl restart serial-getty@ttyS0.service")
+    c.at_prompt = False
+    c.wait_prompt()
     try:
         with report.step("PC/SC: a wrong PIN is refused by the card, audited") as n:
             # libcacard answers a wrong PIN "conditions of use not satisfied" (6985), not

@@ -59,6 +59,7 @@ from typing import Any, Protocol
 
 from ..adapters.processes import start_time
 from ..adapters.token import TokenSession
+from ..errors import ConversationFailed
 from ..pam.shim import ENV_NAMES, ITEMS, encode, read_frame
 
 PROTOCOL = "svmm-pam/1"
@@ -99,8 +100,9 @@ _NAMES = {v: k for k, v in PAM_CODES.items()}
 STYLES = {"PAM_PROMPT_ECHO_OFF": 1, "PAM_PROMPT_ECHO_ON": 2, "PAM_ERROR_MSG": 3, "PAM_TEXT_INFO": 4}
 
 
-class ProtocolError(Exception):
-    """The client broke the protocol or went away mid-call."""
+class ProtocolError(ConversationFailed):
+    """The client broke the protocol or went away mid-call: to the login under way, its
+    conversation failed (audited as such, "undecided", never as an internal error)."""
 
 
 class RemotePamError(Exception):

@@ -51,3 +51,15 @@ def test_svmmd_logins_share_the_launchers_audit_trail_and_policy(
     finally:
         entry._services.clear()
         launcher.close()
+
+
+def test_a_pam_application_gone_mid_login_is_audited_as_a_failed_conversation() -> None:
+    """The e2e guest's console login that quit while svmmd asked its PIN was audited
+    "error: internal:ProtocolError"; the person's application went away, nothing broke."""
+    from pam_svmm.daemon.pam_responder import ProtocolError
+    from pam_svmm.domain.audit_record import Outcome
+    from pam_svmm.services.login import outcome_of, reason_of
+
+    gone = ProtocolError("the PAM client went away: [Errno 32] Broken pipe")
+    assert outcome_of(gone) is Outcome.UNDECIDED
+    assert reason_of(gone) == "conversation_failed"
