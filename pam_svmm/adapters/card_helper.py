@@ -132,6 +132,30 @@ def _uri(uri: Pkcs11Uri | None) -> dict[str, Any] | None:
     return None if uri is None else asdict(uri)
 
 
+def start_helper_process(
+    env: dict[str, str], user: str | None, *, forker: bool = False
+) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """A helper (or the forker) process, and our end of the socketpair it serves."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        proc = subprocess.Popen(
+            helper_argv(theirs.fileno(), user, forker=forker),
+            env=env,
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+            cwd="/",
+        )
+    except OSError:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return proc, ours
+
+
 class ForkedHelper:
     """A helper forked by svmmd's forker: not this process's child, so it is watched and
     killed through its pidfd (which names that process, never a later one with its pid)."""
@@ -201,24 +225,7 @@ class HelperForker:
             raise OSError(errno.EPIPE, "its forker went away")
 
     def _start(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._proc = subprocess.Popen(
-                helper_argv(theirs.fileno(), self._user, forker=True),
-                env=self._env,
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                close_fds=True,
-                cwd="/",
-            )
-        except OSError:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        self._control = ours
+        self._proc, self._control = start_helper_process(self._env, self._user, forker=True)
 
     def _stop(self) -> None:
         control, proc = self._control, self._proc
@@ -307,24 +314,11 @@ class CardHelper:
                 raise
 
     def _spawn(self, pass_environment: tuple[str, ...], user: str | None) -> socket.socket:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._proc = subprocess.Popen(
-                helper_argv(theirs.fileno(), user),
-                env=helper_env(pass_environment),
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                close_fds=True,
-                cwd="/",
-            )
+            self._proc, ours = start_helper_process(helper_env(pass_environment), user)
         except OSError as e:
-            ours.close()
             raise TokenError(f"cannot start the card helper: {e.strerror}",
                              reason="card_helper_failed") from None  # fmt: skip
-        finally:
-            theirs.close()
         self._sock = ours
         return ours
 
